@@ -1,0 +1,5 @@
+"""`python -m hepml_dist` runs the `hepml` command line."""
+
+from hepml_dist.cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""Spec of the input data: where the shards are, what the model sees, how batches are formed."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from hepml_dist.spec.base import Section
+
+# Named input representations and the number of per-constituent (or per-object) channels they produce.
+# The vectorised builders live in hepml_dist.data.features; a test checks both lists agree.
+FEATURE_SETS: dict[str, int] = {
+    "part_full": 17,  # ParT JetClass "full": kinematics, particle ID, trajectory displacement
+    "part_kinpid": 13,
+    "part_kin": 7,
+    "sophon_full": 17,  # as part_full, with pT and E of the jet scaled to pT = 500 GeV
+    "tau_cand": 17,  # the 17 FCC-ee tau-candidate features of MultiParTau
+    "omnijet_tokens": 1,  # token ids from a trained OmniJet tokenizer
+    "omnijet_constituents": 3,  # (log pT - 1.8, 3 Delta eta, 3 Delta phi), tokenizer input
+    "mlpf_elements": 17,  # CLIC tracks and clusters
+    "aot_objects": 6,  # jets/leptons: E, pT, eta, phi, mass, b-tag
+}
+
+
+class InputsSpec(Section):
+    """What one example looks like to the model."""
+
+    features: str = "part_full"
+    """Named feature set (see FEATURE_SETS); decides the builder and the number of input channels."""
+    max_length: int = Field(128, ge=1)
+    """Constituents, objects or elements kept per example (longer ones are truncated, pT-ordered)."""
+    event_features: list[str] = Field(default_factory=list)
+    """Event-level feature names fed alongside the objects (AOT: e.g. ht, met)."""
+    pad_to_multiple: int | None = Field(None, ge=1)
+    """Pad each batch's length up to a multiple of this (fewer kernel shapes); None pads to max_length."""
+
+
+class ReweightGroup(Section):
+    """A group of classes flattened together in the reweighting variables."""
+
+    name: str
+    """Group name, for logs and plots."""
+    labels: list[int] = Field(min_length=1)
+    """Class indices in the group."""
+    weight: float = Field(gt=0.0)
+    """Relative share of the group in the sampled (or weighted) training data."""
+
+
+class ReweightSpec(Section):
+    """Flatten each class group in two variables (Sophon: jet pT and soft-drop mass) to decorrelate the tagger."""
+
+    variables: list[str] = Field(default_factory=lambda: ["jet_pt", "jet_sdmass"], min_length=2, max_length=2)
+    """The two per-example variables to flatten in."""
+    bins: dict[str, list[float]]
+    """Bin edges for each variable."""
+    groups: list[ReweightGroup] = Field(min_length=1)
+    """Class groups and their relative weights; classes in no group get weight 0."""
+    mode: Literal["sample", "loss_weight"] = "sample"
+    """`sample`: rejection sampling in the loader; `loss_weight`: per-example weights in the loss."""
+    threshold_percentile: float = Field(10.0, ge=0.0, le=100.0)
+    """Percentile of populated bins used as the reference count (caps weights of sparse bins)."""
+
+
+class DataSpec(Section):
+    """Shards, inputs and batching."""
+
+    train: str | list[str]
+    """Training shards: a dataset split directory, a glob, or a brace pattern (`shard-{000..099}.tar`)."""
+    val: str | list[str] | None = None
+    """Validation shards (same forms as `train`)."""
+    test: str | list[str] | None = None
+    """Test shards (same forms as `train`)."""
+    inputs: InputsSpec = Field(default_factory=InputsSpec)
+    """Per-example model inputs."""
+    batch_size: int = Field(512, ge=1)
+    """Examples per batch on each worker (the global batch is this times the number of workers)."""
+    shuffle_buffer: int = Field(8192, ge=0)
+    """Examples held in the shuffle buffer of each loader process (0 = no shuffling beyond shard order)."""
+    loader_workers: int = Field(2, ge=0)
+    """DataLoader processes per training worker."""
+    steps_per_epoch: int | None = Field(None, ge=1)
+    """Batches per epoch on every rank; None derives it from the dataset manifest."""
+    val_steps: int | None = Field(None, ge=1)
+    """Validation batches per evaluation on every rank; None uses the whole validation split."""
+    on_corrupt: Literal["raise", "skip"] = "raise"
+    """What a corrupt shard does: stop with an error naming it, or skip it and count it."""
+    reweight: ReweightSpec | None = None
+    """Mass-decorrelating reweighting (Sophon); None trains on the natural mixture."""

@@ -1,0 +1,219 @@
+"""Loading job files: YAML parsing, `extends` inheritance, `--set` overrides, validation and error reporting.
+
+Every problem is reported as `file: path.to.field: message`, all at once, so a user fixes a job in one pass.
+"""
+
+import copy
+import difflib
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from hepml_dist.spec.job import MODEL_FAMILIES, JobSpec
+from hepml_dist.spec.rules import check_rules
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a job: which file, which field, and what to do."""
+
+    source: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.path}: {self.message}"
+
+
+class SpecError(Exception):
+    """A job file (or override) that cannot be turned into a valid JobSpec."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML mapping with yaml.safe_load, turning syntax errors into a Problem with line and column."""
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError([Problem(source, "(file)", "no such file; check the path")]) from None
+    except OSError as err:
+        raise SpecError([Problem(source, "(file)", f"cannot read: {err.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
+        what = getattr(err, "problem", None) or str(err)
+        raise SpecError([Problem(source, where, f"YAML syntax error: {what}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError([Problem(source, "(top level)", f"a job file must be a mapping of sections, not a {type(data).__name__}")])
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Override wins; mappings merge key by key, everything else (lists included) is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_extends(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a job file and, recursively, the files it `extends` (paths relative to the file)."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(p.name for p in (*chain, path))
+        raise SpecError([Problem(str(chain[-1]), "extends", f"cyclic extends: {cycle}")])
+    data = read_yaml(path)
+    bases = data.pop("extends", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise SpecError([Problem(str(path), "extends", "must be a file name or a list of file names")])
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_path = (path.parent / base).resolve()
+        if not base_path.is_file():
+            raise SpecError([Problem(str(path), "extends", f"base job {base!r} not found (looked for {base_path})")])
+        merged = deep_merge(merged, resolve_extends(base_path, (*chain, path)))
+    return deep_merge(merged, data)
+
+
+def _models_in(annotation: Any) -> Iterable[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+    for arg in typing.get_args(annotation):
+        yield from _models_in(arg)
+
+
+def _suggest(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+            continue
+        # Drop the tags pydantic adds for union members (the model family, 'literal[...]', 'list[...]').
+        if i > 0 and loc[i - 1] == "model" and item in MODEL_FAMILIES:
+            continue
+        if "[" in item or item in ("str", "int", "float", "bool"):
+            continue
+        parts.append(("." if parts else "") + item)
+    return "".join(parts) or "(top level)"
+
+
+def _section_at(keys: Sequence[Any], data: Any) -> type[BaseModel] | None:
+    """The spec section a key path leads to (following model.family for the model union), or None."""
+    model: type[BaseModel] | None = JobSpec
+    node = data
+    for key in keys:
+        if model is None or not isinstance(key, str) or key not in model.model_fields:
+            return None
+        annotation = model.model_fields[key].annotation
+        node = node.get(key) if isinstance(node, dict) else None
+        candidates = list(_models_in(annotation))
+        if model is JobSpec and key == "model":
+            family = node.get("family") if isinstance(node, dict) else None
+            candidates = [m for m in candidates if m.model_fields["family"].default == family] or candidates[:1]
+        is_container = typing.get_origin(annotation) in (list, dict)
+        model = candidates[0] if len(candidates) == 1 and not is_container else None
+    return model
+
+
+def _message(err: dict[str, Any], data: Any) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        name = str(err["loc"][-1])
+        keys = [k for k in err["loc"][:-1] if not (isinstance(k, str) and (k in MODEL_FAMILIES or "[" in k))]
+        section = _section_at(keys, data)
+        return f"unknown field {name!r}{_suggest(name, section.model_fields if section else [])}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "union_tag_invalid":
+        return f"unknown model family {err['input'].get('family')!r}; use one of {', '.join(MODEL_FAMILIES)}"
+    if kind == "union_tag_not_found":
+        return f"model.family is missing; use one of {', '.join(MODEL_FAMILIES)}"
+    return err["msg"]
+
+
+def parse_spec(data: dict[str, Any], source: str = "<spec>") -> JobSpec:
+    """Validate a mapping into a JobSpec, then apply the cross-field rules; raise SpecError with every problem."""
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as err:
+        problems: dict[str, Problem] = {}
+        for e in err.errors():
+            path = _format_loc(tuple(e["loc"]))
+            # Union members each report the same field; keep the first message per path.
+            problems.setdefault(path, Problem(source, path, _message(e, data)))
+        raise SpecError(list(problems.values())) from None
+    findings = check_rules(spec)
+    if findings:
+        raise SpecError([Problem(source, path, message) for path, message in findings])
+    return spec
+
+
+def _check_override_path(data: dict[str, Any], keys: list[str], source: str, raw: str) -> None:
+    """Reject `--set` paths that name no field, before validation turns them into vaguer errors."""
+    for depth, key in enumerate(keys):
+        section = _section_at(keys[:depth], data)
+        if depth and section is None:
+            return  # inside a free-form mapping or list (e.g. optim.lr_multipliers): any key is fine
+        if section is not None and key not in section.model_fields:
+            where = ".".join(keys[: depth + 1])
+            raise SpecError([Problem(source, where, f"--set {raw}: no such field{_suggest(key, section.model_fields)}")])
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str = "--set") -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (so 1e-4, [1, 2], true work)."""
+    data = copy.deepcopy(data)
+    for raw in overrides:
+        key, sep, text = raw.partition("=")
+        if not sep or not key.strip():
+            raise SpecError([Problem(source, raw, "an override looks like section.field=value, e.g. optim.lr=1e-4")])
+        keys = key.strip().split(".")
+        _check_override_path(data, keys, source, raw)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """Load a job file: read YAML, resolve `extends`, apply `--set` overrides, validate, check rules."""
+    path = Path(path)
+    data = resolve_extends(path)
+    data = apply_overrides(data, overrides, source=str(path))
+    return parse_spec(data, source=str(path))
+
+
+def dump_spec(spec: JobSpec) -> str:
+    """The fully resolved spec as YAML; loading it again gives the same spec."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=120)

@@ -1,0 +1,42 @@
+"""Spec of the parallel execution: workers, strategy and accelerators."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from hepml_dist.spec.base import Section
+
+Accelerator = Literal["cpu", "A100", "H100", "MI250X", "MI300X"]
+
+ACCELERATOR_VENDOR: dict[str, str] = {
+    "cpu": "cpu",
+    "A100": "nvidia",
+    "H100": "nvidia",
+    "MI250X": "amd",
+    "MI300X": "amd",
+}
+
+
+class ParallelSpec(Section):
+    """Data-parallel training with PyTorch DDP or DeepSpeed ZeRO on Ray Train workers."""
+
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """ddp: DistributedDataParallel; deepspeed: DeepSpeed engine with ZeRO."""
+    zero_stage: int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 adds gradients, 3 adds parameters."""
+    offload: Literal["none", "cpu"] = "none"
+    """DeepSpeed: keep optimizer state in host memory (ZeRO >= 1)."""
+    num_workers: int = Field(1, ge=1)
+    """Training workers (one per GPU, or CPU processes)."""
+    accelerator: Accelerator | list[Accelerator] = "cpu"
+    """Accelerator type the workers run on; a list allows several types of one vendor."""
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    """GPUs per worker (1 for GPU training, 0 on CPU)."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPU cores reserved per worker (its loader processes run within them)."""
+    find_unused_parameters: bool = False
+    """DDP: allow parameters without gradient in a step (needed by some phased or frozen setups)."""
+
+    @property
+    def accelerators(self) -> list[str]:
+        return [self.accelerator] if isinstance(self.accelerator, str) else list(self.accelerator)

@@ -1,0 +1,62 @@
+"""Spec of the run's bookkeeping: checkpoints, experiment tracking and where the job runs."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from hepml_dist.spec.base import Section
+
+
+class CheckpointSpec(Section):
+    """When checkpoints are written and which are kept."""
+
+    interval: int | None = Field(None, ge=1)
+    """Optimizer steps between checkpoints; None checkpoints at every evaluation."""
+    keep_last: int = Field(2, ge=1)
+    """Most recent checkpoints kept."""
+    keep_best_by: str | None = "val_loss"
+    """Validation metric whose best checkpoint is always kept; None keeps only the latest."""
+    best_mode: Literal["min", "max"] = "min"
+    """Whether lower or higher `keep_best_by` is better."""
+
+
+class TrackingSpec(Section):
+    """Experiment tracking. The Comet API key is read from COMET_API_KEY only; it never appears in a job file."""
+
+    project: str = "hepml-dist"
+    """Comet project name."""
+    workspace: str | None = None
+    """Comet workspace (None: the key's default)."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """online if COMET_API_KEY is set (else falls back to an offline archive), offline, or disabled.
+    A local metrics.jsonl is always written."""
+    tags: list[str] = Field(default_factory=list)
+    """Tags attached to the experiment."""
+
+
+class SlurmSpec(Section):
+    """Resources for `hepml slurm render/submit`; site profiles in cluster/sites fill the rest."""
+
+    partition: str | None = None
+    """SLURM partition."""
+    account: str | None = None
+    """SLURM account (project) charged."""
+    nodes: int = Field(1, ge=1)
+    """Nodes in the allocation (one Ray node each)."""
+    time: str = "01:00:00"
+    """Wall-clock limit, HH:MM:SS or D-HH:MM:SS."""
+    container_image: str | None = None
+    """Apptainer image the Ray nodes and the training run in."""
+
+
+class ClusterSpec(Section):
+    """Where the job runs."""
+
+    address: str = "local"
+    """`local` starts an embedded Ray on 127.0.0.1; otherwise a Ray address (`ray://host:10001`, `host:6379`)."""
+    storage_path: str | None = None
+    """Directory (shared by all nodes) for run directories; None uses ./runs."""
+    max_failures: int = Field(1, ge=-1)
+    """Worker-group restarts Ray may do from the last checkpoint (-1 = unlimited)."""
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    """SLURM resources."""

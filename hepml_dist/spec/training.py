@@ -1,0 +1,65 @@
+"""Spec of the training run: length, precision, multi-task strategy, evaluation and fine-tuning."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from hepml_dist.spec.base import Section
+
+
+class PcgradSpec(Section):
+    """Projecting conflicting gradients (Yu et al., arXiv:2001.06782)."""
+
+    mode: Literal["global", "local"] = "global"
+    """global: project the gradients of the whole global batch (one all-reduce of all task gradients;
+    the paper's algorithm); local: project per rank, then average (cheaper, noisier)."""
+    order: Literal["seeded", "fixed"] = "seeded"
+    """Order in which other tasks are projected out: shuffled with a seed shared by all ranks, or task order."""
+    protect: list[str] = Field(default_factory=list)
+    """Tasks whose gradients are never projected (MultiParTau's reference protects kinematics)."""
+
+
+class PhaseSpec(Section):
+    """A later training phase in which only some modules learn (MultiParTau phase 2)."""
+
+    start_epoch: int = Field(ge=1)
+    """First epoch (1-based) of the phase."""
+    trainable: list[str] = Field(min_length=1)
+    """Regexes on parameter names that keep learning; everything else is frozen."""
+    lr: float | None = Field(None, gt=0.0)
+    """New base learning rate for the phase (a fresh optimizer and cosine schedule); None keeps the current one."""
+
+
+class TrainingSpec(Section):
+    """How long and how to train."""
+
+    epochs: int | None = Field(None, ge=1)
+    """Epochs to train (each `data.steps_per_epoch` steps); exactly one of epochs and steps is set."""
+    steps: int | None = Field(None, ge=1)
+    """Optimizer steps to train; exactly one of epochs and steps is set."""
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "fp32"
+    """Numerical precision: fp32, bf16 autocast, or fp16 autocast with a gradient scaler (GPUs only)."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    multitask: Literal["sum", "pcgrad"] = "sum"
+    """How task losses combine: weighted sum, or PCGrad gradient surgery."""
+    pcgrad: PcgradSpec = Field(default_factory=PcgradSpec)
+    """PCGrad settings (used when multitask is pcgrad)."""
+    eval_interval: int = Field(1000, ge=1)
+    """Optimizer steps between validations (and reports to Ray)."""
+    log_interval: int = Field(50, ge=1)
+    """Optimizer steps between training-metric log lines."""
+    seed: int = 42
+    """Seed of model initialisation, data order and dropout."""
+    init_from: str | None = None
+    """Checkpoint (or run directory) whose weights initialise the model, loaded after any weight initialisation."""
+    init_modules: list[str] = Field(default_factory=list)
+    """Regexes on parameter names to load from `init_from`; empty loads every matching name."""
+    freeze: list[str] = Field(default_factory=list)
+    """Regexes on parameter names that do not train (e.g. the OmniJet backbone in frozen mode)."""
+    phases: list[PhaseSpec] = Field(default_factory=list)
+    """Later phases that restrict which modules train."""
+    nan_policy: Literal["raise", "skip"] = "raise"
+    """A non-finite loss stops the run with an error naming step and task, or skips that batch."""
+    compile: bool = False
+    """Wrap the model with torch.compile."""
