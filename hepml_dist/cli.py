@@ -4,6 +4,7 @@ The CLI only loads the typed job spec and hands it on; all behaviour lives in th
 Heavy libraries (torch, ray) are imported inside the commands that need them, so `hepml validate` stays fast.
 """
 
+import importlib
 from pathlib import Path
 from typing import Annotated
 
@@ -114,7 +115,11 @@ def list_jobs(directory: Annotated[Path, typer.Argument(help="Folder of job file
         raise typer.Exit(2)
 
 
-# Command groups built by the other parts of the service register themselves here.
+# Each area of the service adds its commands through `register(app)` in its own module (one line each).
+COMMAND_MODULES: list[str] = [
+]
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app)
 
 
 def main() -> None:
