@@ -193,3 +193,10 @@ def test_parse_spec_rejects_what_load_rejects():
     data["parallel"]["gpus_per_worker"] = 1
     with pytest.raises(SpecError, match="NCCL"):
         parse_spec(data)
+
+
+def test_field_reference_doc_is_current():
+    from hepml_dist.spec.reference import render
+
+    doc = ROOT / "docs" / "job-reference.md"
+    assert doc.read_text() == render(), "regenerate: python -m hepml_dist.spec.reference > docs/job-reference.md"
