@@ -357,6 +357,9 @@ class ShardStream:
                 for key in [k for k in batch if k.startswith(_META)]:
                     value = batch.pop(key)
                     if key == _META + "skipped":
+                        for shard in value:
+                            warnings.warn(f"data.{self.split}: skipping corrupt shard {shard} "
+                                          "(data.on_corrupt: skip)", stacklevel=2)
                         self.skipped_shards.update(value)
                 count += 1
                 self._position = DataPosition(epoch, count, self.split, self.world_size, self.workers,
@@ -604,9 +607,8 @@ class _WorkerStream(_iterable_base()):  # torch is imported when the stream modu
             except CorruptShardError as err:
                 if s.data.on_corrupt == "raise":
                     raise
-                if ref.source not in s.skipped_shards:
+                if ref.source not in s.skipped_shards:  # reported once per worker; the main process warns
                     log.warning("skipping corrupt shard %s (%s)", ref.source, err.reason)
-                    warnings.warn(f"skipping corrupt shard {ref.source}: {err.reason}", stacklevel=2)
                     s.skipped_shards.add(ref.source)
                     newly_skipped.append(ref.source)
         if not parts:
