@@ -165,8 +165,23 @@ def test_slots_partition_the_examples_exactly():
     assert len(rows) == 210
 
 
+def test_pipe_urls_stream_through_webdataset(dataset):
+    """Shards named by a URL pattern (here `pipe:cat ...`) are streamed, not read as local files."""
+    shards = read_manifest(dataset).splits["train"].shards
+    pattern = f"pipe:cat {dataset}/train/shard-{{000000..{len(shards) - 1:06d}}}.tar"
+    remote = ShardStream(spec_for(dataset, train=pattern, loader_workers=1), "train", rank=0, world_size=1, seed=4)
+    local = ShardStream(spec_for(dataset, loader_workers=1), "train", rank=0, world_size=1, seed=4)
+    assert remote.shards[0].source.startswith("pipe:")
+    np.testing.assert_array_equal(indices(list(remote.batches(0))), indices(list(local.batches(0))))
+
+
 def test_reweighting_by_sampling_and_by_loss_weights(tmp_path):
-    from hepml_dist.data.reweight import compute_weights
+    from pathlib import Path
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from hepml_dist.cli import app
 
     write_jets(tmp_path / "ds", 3000, chunk_size=100, chunks_per_shard=4, seed=8)
     reweight = {
@@ -177,7 +192,12 @@ def test_reweighting_by_sampling_and_by_loss_weights(tmp_path):
     spec = spec_for(tmp_path / "ds", batch_size=64, shuffle_buffer=400, reweight=reweight, loader_workers=1)
     with pytest.raises(Exception, match="hepml data weights"):
         ShardStream(spec, "train", rank=0, world_size=1, seed=0)
-    compute_weights(tmp_path / "ds", spec.reweight)
+    base = Path(__file__).resolve().parents[1] / "jobs" / "part-quickstart.yaml"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"extends": str(base), "name": "rw", "data": {"reweight": reweight}}))
+    result = CliRunner().invoke(app, ["data", "weights", str(tmp_path / "ds"), "--job", str(job)])
+    assert result.exit_code == 0, result.output
+    assert "sampled share" in result.output and "0.750" in result.output
     sampled = ShardStream(spec, "train", rank=0, world_size=1, seed=0)
     labels = np.concatenate([b["label_jet_class"].numpy() for b in sampled.batches(0)])
     assert "weight" not in next(iter(sampled.batches(0)))

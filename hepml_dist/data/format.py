@@ -643,6 +643,9 @@ def decode_npy(data: bytes | memoryview, what: str = "array") -> np.ndarray:
 
 
 def is_local(source: str) -> bool:
+    """A path on this machine (or file://), as opposed to what webdataset's gopen streams (URLs, pipe:)."""
+    if source.startswith("pipe:"):
+        return False
     return "://" not in source or source.startswith("file://")
 
 
