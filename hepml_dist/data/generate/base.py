@@ -58,12 +58,18 @@ class Process:
     schema: Schema
     unit_events: int
     """Collision events per work unit (a few seconds of work: small enough to balance, large enough to vectorise)."""
-    make: Callable[[int, tuple[str, ...]], Generator]
-    """(init seed, extra Pythia settings) -> Generator, called once per worker."""
+    make: Callable[[int, tuple[str, ...], int], Generator]
+    """(init seed, extra Pythia settings, total events of the run) -> Generator, called once per worker."""
     classes: dict[str, list[str]] = field(default_factory=dict)
     """Names of the classes of each label column (for manifests and plots)."""
     example: str = "jet"
     """What one stored example is: jet, event."""
+
+
+def unit_sizes(total_events: int, unit_events: int) -> list[int]:
+    """Events of each work unit: full units, then the remainder."""
+    full, rest = divmod(total_events, unit_events)
+    return [unit_events] * full + ([rest] if rest else [])
 
 
 def empty_columns(schema: Schema) -> dict[str, np.ndarray]:

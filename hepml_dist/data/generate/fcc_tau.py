@@ -185,6 +185,6 @@ PROCESS = Process(
     summary="FCC-ee Z -> tau tau (hadronic) and Z -> q qbar jets at 91.2 GeV, CLD-like response, MultiParTau labels",
     schema=SCHEMA,
     unit_events=1000,
-    make=lambda init_seed, settings: FccTauGenerator(init_seed, settings),
+    make=lambda init_seed, settings, total_events: FccTauGenerator(init_seed, settings),
     classes={"label_is_tau": ["jet", "tau"], "label_charge": ["tau-", "tau+"], "label_decay_mode": DECAY_MODES},
 )

@@ -128,6 +128,6 @@ PROCESS = Process(
     summary="13 TeV boosted jets (QCD, H->bb, Z->qq, W->qq, t->bqq), anti-kT 0.8, pT > 500 GeV, CMS-like response",
     schema=SCHEMA,
     unit_events=100,
-    make=lambda init_seed, settings: JetClassLiteGenerator(init_seed, settings),
+    make=lambda init_seed, settings, total_events: JetClassLiteGenerator(init_seed, settings),
     classes={"label_jet_class": CLASSES},
 )

@@ -35,13 +35,15 @@ def _quiet_banner(fastjet) -> None:
 
 
 def jet_definition(algorithm: str, radius: float):
-    """`ee_antikt` (generalised kT for e+e-, p = -1, E-scheme) or `antikt` (pp, pT and rapidity)."""
+    """`ee_antikt` (generalised kT for e+e-, p = -1, E-scheme), `antikt` or `cambridge` (pp, rapidity-azimuth)."""
     import fastjet
 
     if algorithm == "ee_antikt":
         return fastjet.JetDefinition(fastjet.ee_genkt_algorithm, radius, -1.0)
     if algorithm == "antikt":
         return fastjet.JetDefinition(fastjet.antikt_algorithm, radius)
+    if algorithm == "cambridge":
+        return fastjet.JetDefinition(fastjet.cambridge_algorithm, radius)
     raise ValueError(f"unknown jet algorithm {algorithm!r}")
 
 
