@@ -64,6 +64,8 @@ class Process:
     """Names of the classes of each label column (for manifests and plots)."""
     example: str = "jet"
     """What one stored example is: jet, event."""
+    chunk_size: int = 1024
+    """Examples per stored chunk (smaller for large examples, keeping shards around 100 MB)."""
 
 
 def unit_sizes(total_events: int, unit_events: int) -> list[int]:

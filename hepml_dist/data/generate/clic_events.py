@@ -349,4 +349,5 @@ PROCESS = Process(
     make=lambda init_seed, settings, total_events: ClicEventsGenerator(init_seed, settings),
     classes={"label_particle_class": CLASSES},
     example="event",
+    chunk_size=128,
 )

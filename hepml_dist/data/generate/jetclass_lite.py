@@ -130,4 +130,5 @@ PROCESS = Process(
     unit_events=100,
     make=lambda init_seed, settings, total_events: JetClassLiteGenerator(init_seed, settings),
     classes={"label_jet_class": CLASSES},
+    chunk_size=512,
 )

@@ -29,6 +29,17 @@ def common_settings(init_seed: int) -> list[str]:
     ]
 
 
+def check_settings(settings) -> None:
+    """Raise ValueError naming the first setting Pythia does not accept (checked without initialising)."""
+    import pythia8mc
+
+    pythia = pythia8mc.Pythia("", False)
+    for line in settings:
+        if not pythia.readString(line):
+            raise ValueError(f"Pythia rejected the setting {line!r} (expected 'Key = value', see the Pythia 8 "
+                             "manual for the key)")
+
+
 def make_pythia(settings: list[str], init_seed: int):
     """An initialised Pythia with `settings` (plus the common ones); a bad setting raises ValueError naming it."""
     import pythia8mc
