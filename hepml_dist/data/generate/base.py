@@ -10,7 +10,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -50,6 +50,20 @@ def init_seed(seed: int, process: str) -> int:
 
 
 @dataclass(frozen=True)
+class RunContext:
+    """What every worker's generator is built from: the same in all workers of a run."""
+
+    init_seed: int
+    """Seed of Pythia's initialisation (phase-space maxima)."""
+    settings: tuple[str, ...] = ()
+    """Extra Pythia settings (`--pythia`), appended to every sample's own."""
+    total_events: int = 0
+    """Collision events of the whole run (for per-sample event counts, e.g. cross-section weights)."""
+    prepared: Any = None
+    """Result of `Process.prepare`, if the process has one."""
+
+
+@dataclass(frozen=True)
 class Process:
     """A generated dataset kind (`hepml data generate NAME`)."""
 
@@ -58,14 +72,17 @@ class Process:
     schema: Schema
     unit_events: int
     """Collision events per work unit (a few seconds of work: small enough to balance, large enough to vectorise)."""
-    make: Callable[[int, tuple[str, ...], int], Generator]
-    """(init seed, extra Pythia settings, total events of the run) -> Generator, called once per worker."""
+    make: Callable[[RunContext], Generator]
+    """Builds the generator of one worker process (once per worker)."""
     classes: dict[str, list[str]] = field(default_factory=dict)
     """Names of the classes of each label column (for manifests and plots)."""
     example: str = "jet"
     """What one stored example is: jet, event."""
     chunk_size: int = 1024
     """Examples per stored chunk (smaller for large examples, keeping shards around 100 MB)."""
+    prepare: Callable[[RunContext], Any] | None = None
+    """Work done once per run in the main process (e.g. cross sections); its result reaches `make` as
+    `context.prepared`."""
 
 
 def unit_sizes(total_events: int, unit_events: int) -> list[int]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hepml_dist.data.generate import pythia as py
-from hepml_dist.data.generate.base import Process, Schema, UnitSeeds
+from hepml_dist.data.generate.base import Process, RunContext, Schema, UnitSeeds
 from hepml_dist.data.generate.detector import (
     Detector, calo_resolution, eta_of, impact_parameter_errors, impact_parameters, quadrature, smear_relative,
 )
@@ -322,7 +322,8 @@ def simulate(record: py.Record, rng: np.random.Generator) -> dict[str, np.ndarra
 
 
 class ClicEventsGenerator:
-    def __init__(self, init_seed: int, extra_settings: tuple[str, ...] = ()):
+    def __init__(self, context: RunContext):
+        init_seed, extra_settings = context.init_seed, context.settings
         self.pythia = {name: py.make_pythia([*settings, *extra_settings], init_seed + i)
                        for i, (name, settings) in enumerate(SAMPLES.items())}
 
@@ -346,7 +347,7 @@ PROCESS = Process(
     summary="e+e- -> t tbar and q qbar at 380 GeV, toy CLIC-like tracks and clusters with MLPF targets",
     schema=SCHEMA,
     unit_events=100,
-    make=lambda init_seed, settings, total_events: ClicEventsGenerator(init_seed, settings),
+    make=ClicEventsGenerator,
     classes={"label_particle_class": CLASSES},
     example="event",
     chunk_size=128,

@@ -21,7 +21,7 @@ from statistics import NormalDist
 import numpy as np
 
 from hepml_dist.data.generate import pythia as py
-from hepml_dist.data.generate.base import Process, Schema, UnitSeeds, unit_sizes
+from hepml_dist.data.generate.base import Process, RunContext, Schema, UnitSeeds, unit_sizes
 from hepml_dist.data.generate.detector import CMS, reconstruct_candidates
 from hepml_dist.data.generate.jets import cluster, delta_r
 
@@ -175,22 +175,29 @@ def reconstruct_events(record: py.Record, rng: np.random.Generator) -> dict[str,
     }
 
 
+def event_weights(context: RunContext) -> dict[str, dict[str, float]]:
+    """Per sample: `xsec` = sigma x BR (fb) per generated event, `train` = the training weight (see module doc).
+
+    Runs once per dataset (Process.prepare): a fixed-seed process-level run per sample gives sigma x BR."""
+    generated = {name: 0 for name in SAMPLES}
+    for size in unit_sizes(context.total_events, PROCESS.unit_events):
+        for name, count in event_counts(size).items():
+            generated[name] += count
+    sigma = {name: cross_section_fb([*settings, *context.settings], context.init_seed + 10 + i)
+             for i, (name, settings) in enumerate(SAMPLES.items())}
+    xsec = {name: sigma[name] / max(generated[name], 1) for name in SAMPLES}
+    background = [name for name in SAMPLES if name != "ZH"]
+    mean_background = sum(sigma[b] for b in background) / max(sum(generated[b] for b in background), 1)
+    train = {name: 1.0 if name == "ZH" else xsec[name] / mean_background for name in SAMPLES}
+    return {"xsec": xsec, "train": train, "sigma_fb": sigma}
+
+
 class EventsMetGenerator:
-    def __init__(self, init_seed: int, extra_settings: tuple[str, ...] = (), total_events: int = 0):
-        self.pythia = {name: py.make_pythia([*settings, *extra_settings], init_seed + i)
+    def __init__(self, context: RunContext):
+        self.pythia = {name: py.make_pythia([*settings, *context.settings], context.init_seed + i)
                        for i, (name, settings) in enumerate(SAMPLES.items())}
-        generated = {name: 0 for name in SAMPLES}
-        for size in unit_sizes(total_events, PROCESS.unit_events):
-            for name, count in event_counts(size).items():
-                generated[name] += count
-        sigma = {name: cross_section_fb([*settings, *extra_settings], init_seed + 10 + i)
-                 for i, (name, settings) in enumerate(SAMPLES.items())}
-        self.xsec_weight = {name: sigma[name] / max(generated[name], 1) for name in SAMPLES}
-        background = [name for name in SAMPLES if name != "ZH"]
-        mean_background = (sum(sigma[b] for b in background)
-                           / max(sum(generated[b] for b in background), 1))
-        self.train_weight = {name: 1.0 if name == "ZH" else self.xsec_weight[name] / mean_background
-                             for name in SAMPLES}
+        weights = context.prepared or event_weights(context)
+        self.xsec_weight, self.train_weight = weights["xsec"], weights["train"]
 
     def run(self, n_events: int, seeds: UnitSeeds) -> dict[str, np.ndarray]:
         rng = seeds.numpy()
@@ -219,7 +226,8 @@ PROCESS = Process(
     summary="13 TeV ZH(nu nu bb) vs t tbar, Z(nu nu)+jet, W(l nu)+jet: jets, leptons, MET, b-tag proxy, weights",
     schema=SCHEMA,
     unit_events=200,
-    make=lambda init_seed, settings, total_events: EventsMetGenerator(init_seed, settings, total_events),
-    classes={"label_signal": ["background", "signal"], "label_process": PROCESSES},
+    make=EventsMetGenerator,
+    prepare=event_weights,
+    classes={"label_process": PROCESSES, "label_signal": ["background", "signal"]},
     example="event",
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from hepml_dist.data.generate import pythia as py
-from hepml_dist.data.generate.base import Process, Schema, UnitSeeds
+from hepml_dist.data.generate.base import Process, RunContext, Schema, UnitSeeds
 from hepml_dist.data.generate.detector import CLD, reconstruct_candidates
 from hepml_dist.data.generate.jets import cluster, constituent_columns, delta_phi, delta_r, jet_schema
 
@@ -148,7 +148,8 @@ def tau_labels(match: np.ndarray, taus: dict[str, np.ndarray], jet_pt, jet_eta, 
 
 
 class FccTauGenerator:
-    def __init__(self, init_seed: int, extra_settings: tuple[str, ...] = ()):
+    def __init__(self, context: RunContext):
+        init_seed, extra_settings = context.init_seed, context.settings
         self.tau = py.make_pythia([*TAU_SETTINGS, *extra_settings], init_seed)
         self.qq = py.make_pythia([*QQ_SETTINGS, *extra_settings], init_seed + 1)
 
@@ -185,6 +186,6 @@ PROCESS = Process(
     summary="FCC-ee Z -> tau tau (hadronic) and Z -> q qbar jets at 91.2 GeV, CLD-like response, MultiParTau labels",
     schema=SCHEMA,
     unit_events=1000,
-    make=lambda init_seed, settings, total_events: FccTauGenerator(init_seed, settings),
+    make=FccTauGenerator,
     classes={"label_is_tau": ["jet", "tau"], "label_charge": ["tau-", "tau+"], "label_decay_mode": DECAY_MODES},
 )

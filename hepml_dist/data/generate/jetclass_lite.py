@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from hepml_dist.data.generate import pythia as py
-from hepml_dist.data.generate.base import Process, Schema, UnitSeeds
+from hepml_dist.data.generate.base import Process, RunContext, Schema, UnitSeeds
 from hepml_dist.data.generate.detector import CMS, reconstruct_candidates
 from hepml_dist.data.generate.jets import cluster, constituent_columns, delta_r, jet_schema
 
@@ -95,7 +95,8 @@ def event_counts(n_events: int) -> dict[str, int]:
 
 
 class JetClassLiteGenerator:
-    def __init__(self, init_seed: int, extra_settings: tuple[str, ...] = ()):
+    def __init__(self, context: RunContext):
+        init_seed, extra_settings = context.init_seed, context.settings
         self.pythia = {name: py.make_pythia([*settings, *extra_settings], init_seed + i)
                        for i, (name, settings) in enumerate(SAMPLES.items())}
 
@@ -128,7 +129,7 @@ PROCESS = Process(
     summary="13 TeV boosted jets (QCD, H->bb, Z->qq, W->qq, t->bqq), anti-kT 0.8, pT > 500 GeV, CMS-like response",
     schema=SCHEMA,
     unit_events=100,
-    make=lambda init_seed, settings, total_events: JetClassLiteGenerator(init_seed, settings),
+    make=JetClassLiteGenerator,
     classes={"label_jet_class": CLASSES},
     chunk_size=512,
 )

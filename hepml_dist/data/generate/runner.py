@@ -12,12 +12,14 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from hepml_dist.data.generate.base import Generator, Process, check_columns, init_seed, unit_seeds, unit_sizes
+from hepml_dist.data.generate.base import (
+    Generator, Process, RunContext, check_columns, init_seed, unit_seeds, unit_sizes,
+)
 from hepml_dist.data.generate.pythia import check_settings
 from hepml_dist.errors import UserError
 
@@ -41,11 +43,10 @@ class GenerationReport:
 _WORKER: dict[str, Generator] = {}
 
 
-def _start_worker(process_name: str, seed: int, settings: tuple[str, ...], total_events: int) -> None:
+def _start_worker(process_name: str, context: RunContext) -> None:
     from hepml_dist.data.generate import get_process
 
-    process = get_process(process_name)
-    _WORKER["generator"] = process.make(init_seed(seed, process.name), settings, total_events)
+    _WORKER["generator"] = get_process(process_name).make(context)
 
 
 def _run_unit(process_name: str, seed: int, unit: int, n_events: int) -> tuple[dict[str, np.ndarray], float]:
@@ -97,11 +98,15 @@ def generate_dataset(
         raise UserError(f"--pythia: {err}") from None
     sizes = unit_sizes(events, process.unit_events)
     workers = min(workers, len(sizes))
+    context = RunContext(init_seed(seed, process.name), settings, events)
+    if process.prepare is not None:
+        context = replace(context, prepared=process.prepare(context))
     meta = {
         "generator": {
             "process": process.name, "summary": process.summary, "events": events, "seed": seed,
             "unit_events": process.unit_events, "pythia_settings": list(settings), "example": process.example,
             "pythia": _pythia_version(), "classes": process.classes,
+            **({"prepared": context.prepared} if context.prepared is not None else {}),
         }
     }
     writer = DatasetWriter(Path(out), schema=process.name, splits=splits, seed=seed,
@@ -112,7 +117,7 @@ def generate_dataset(
         if progress:
             progress.start()
         task = progress.add_task(process.name, total=events, examples=0) if progress else None
-        for unit_events, (columns, unit_cpu) in zip(sizes, _units(process, sizes, seed, workers, settings),
+        for unit_events, (columns, unit_cpu) in zip(sizes, _units(process, sizes, seed, workers, context),
                                                     strict=True):
             writer.add(columns)
             cpu += unit_cpu
@@ -126,17 +131,17 @@ def generate_dataset(
     return GenerationReport(process.name, events, examples, time.perf_counter() - start, cpu, manifest)
 
 
-def _units(process: Process, sizes: list[int], seed: int, workers: int, settings: tuple[str, ...]):
+def _units(process: Process, sizes: list[int], seed: int, workers: int, context: RunContext):
     """(columns, cpu seconds) of every unit, in unit order."""
     if workers == 1:
-        _start_worker(process.name, seed, settings, sum(sizes))
+        _start_worker(process.name, context)
         for unit, n in enumerate(sizes):
             yield _run_unit(process.name, seed, unit, n)
         _WORKER.clear()
         return
-    context = multiprocessing.get_context("spawn")  # no fork of a process holding rich's refresh thread
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(process.name, seed, settings, sum(sizes))) as pool:
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process holding rich's refresh thread
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_start_worker,
+                             initargs=(process.name, context)) as pool:
         pending: dict[int, Future] = {}
         submitted = 0
         try:
