@@ -44,7 +44,8 @@ SAMPLES = {
 }
 
 CLIC = Detector(
-    name="CLIC-like", bfield=4.0, track_max_abs_eta=2.66, track_min_pt=0.1, track_efficiency=0.98,
+    name="CLIC-like", bfield=4.0, track_max_abs_eta=2.66, track_min_pt=0.1, track_max_vertex_radius=1486.0,
+    track_efficiency=0.98,
     track_pt_a=2e-5, track_pt_b=1e-3, track_angle=1e-4,
     d0_point=0.005, d0_ms=0.015, z0_point=0.005, z0_ms=0.015,
     calo_max_abs_eta=2.66, ecal_stochastic=0.15, ecal_constant=0.01, hcal_stochastic=0.50, hcal_constant=0.05,

@@ -33,6 +33,7 @@ class Detector:
     bfield: float
     track_max_abs_eta: float
     track_min_pt: float
+    track_max_vertex_radius: float  # mm: a charged particle born further out leaves too few hits for a track
     track_efficiency: float
     track_pt_a: float  # sigma(pT)/pT = a pT (+) b
     track_pt_b: float
@@ -54,7 +55,8 @@ class Detector:
 
 # FCC-ee CLD (CLD_o2_v07 design numbers, rounded): 2 T, tracking down to ~8 degrees.
 CLD = Detector(
-    name="CLD-like", bfield=2.0, track_max_abs_eta=2.65, track_min_pt=0.1, track_efficiency=0.99,
+    name="CLD-like", bfield=2.0, track_max_abs_eta=2.65, track_min_pt=0.1, track_max_vertex_radius=600.0,
+    track_efficiency=0.99,
     track_pt_a=2e-5, track_pt_b=1e-3, track_angle=1e-4,
     d0_point=0.003, d0_ms=0.015, z0_point=0.005, z0_ms=0.015,
     calo_max_abs_eta=2.65, ecal_stochastic=0.15, ecal_constant=0.01, hcal_stochastic=0.50, hcal_constant=0.05,
@@ -63,7 +65,8 @@ CLD = Detector(
 
 # CMS-like (Phase-1 orders of magnitude): 3.8 T, tracker |eta| < 2.5, calorimeters to |eta| = 3.
 CMS = Detector(
-    name="CMS-like", bfield=3.8, track_max_abs_eta=2.5, track_min_pt=0.5, track_efficiency=0.95,
+    name="CMS-like", bfield=3.8, track_max_abs_eta=2.5, track_min_pt=0.5, track_max_vertex_radius=500.0,
+    track_efficiency=0.95,
     track_pt_a=1.5e-4, track_pt_b=0.005, track_angle=5e-4,
     d0_point=0.010, d0_ms=0.090, z0_point=0.020, z0_ms=0.100,
     calo_max_abs_eta=3.0, ecal_stochastic=0.03, ecal_constant=0.005, hcal_stochastic=1.0, hcal_constant=0.05,
@@ -131,7 +134,8 @@ def track_acceptance(record: Record, det: Detector, rng: np.random.Generator, ca
     pt = record.pt[candidates]
     eta = eta_of(record.px[candidates], record.py[candidates], record.pz[candidates])
     efficient = rng.random(len(candidates)) < det.track_efficiency
-    return (pt > det.track_min_pt) & (np.abs(eta) < det.track_max_abs_eta) & efficient
+    inside = np.hypot(record.vx[candidates], record.vy[candidates]) < det.track_max_vertex_radius
+    return (pt > det.track_min_pt) & (np.abs(eta) < det.track_max_abs_eta) & inside & efficient
 
 
 def reconstruct_tracks(record: Record, det: Detector, rng: np.random.Generator, gen: np.ndarray) -> Tracks:
