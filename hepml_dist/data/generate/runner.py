@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -91,6 +92,9 @@ def generate_dataset(
         raise UserError(f"--events {events}: need at least one event")
     if workers < 1:
         raise UserError(f"--workers {workers}: need at least one worker")
+    if seed < 0:
+        raise UserError(f"--seed {seed}: use a non-negative integer")
+    _require_generator_packages()
     settings = tuple(pythia_settings)
     try:
         check_settings(settings)
@@ -150,9 +154,21 @@ def _units(process: Process, sizes: list[int], seed: int, workers: int, context:
                     pending[submitted] = pool.submit(_run_unit, process.name, seed, submitted, sizes[submitted])
                     submitted += 1
                 yield pending.pop(unit).result()
+        except BrokenProcessPool:
+            raise RuntimeError("a generator worker process died (out of memory, or see its traceback above)"
+                               ) from None
         finally:
             for future in pending.values():
                 future.cancel()
+
+
+def _require_generator_packages() -> None:
+    import importlib.util
+
+    missing = [name for name in ("pythia8mc", "fastjet") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"generating needs {' and '.join(missing)}: pip install 'hepml-dist[gen]' "
+                        "(pythia8mc==8.317.2 has binary wheels; newer versions compile Pythia from source)")
 
 
 def _pythia_version() -> str:
