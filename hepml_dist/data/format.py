@@ -42,15 +42,19 @@ _PARTIAL_DIR = ".partial"  # writer state of an interrupted conversion (see Data
 class CorruptShardError(UserError):
     """A shard that cannot be read back as the manifest describes it (truncated tar, bad .npy, missing chunk)."""
 
-    def __init__(self, shard: str, reason: str):
-        self.shard = shard
-        self.reason = reason
-        super().__init__(
-            f"corrupt shard {shard}: {reason}. Check the dataset with `hepml data verify`, "
-            "rewrite the shard, or set data.on_corrupt: skip"
-        )
+    _ADVICE = ". Check the dataset with `hepml data verify`, rewrite the shard, or set data.on_corrupt: skip"
 
-    def __reduce__(self):  # keep (shard, reason) when the error crosses a DataLoader worker boundary
+    def __init__(self, shard: str, reason: str | None = None):
+        if reason is None:  # rebuilt from a message alone (as torch's DataLoader does across worker processes)
+            message = shard.strip().splitlines()[-1] if shard.strip() else shard
+            message = message.split("CorruptShardError: ", 1)[-1]
+            found = re.match(r"corrupt shard (.+?): (.*?)(?:\. Check the dataset.*)?$", message)
+            self.shard, self.reason = (found.group(1), found.group(2)) if found else ("?", message)
+        else:
+            self.shard, self.reason = shard, reason
+        super().__init__(f"corrupt shard {self.shard}: {self.reason}{self._ADVICE}")
+
+    def __reduce__(self):  # keep (shard, reason) when the error is pickled
         return (type(self), (self.shard, self.reason))
 
 
