@@ -27,6 +27,7 @@ from torch import nn
 
 from hepml_dist.errors import UserError
 from hepml_dist.models.pairs import NUM_PAIR_FEATURES, pair_features
+from hepml_dist.models.losses import task_losses
 from hepml_dist.models.registry import ModelFamily, register_family
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.data import FEATURE_SETS
@@ -314,10 +315,4 @@ def build(spec: JobSpec) -> ParticleTransformer:
     return ParticleTransformer(spec.model, spec.tasks, FEATURE_SETS[spec.data.inputs.features])
 
 
-def _losses(outputs, batch, spec):
-    from hepml_dist.models.losses import task_losses
-
-    return task_losses(outputs, batch, spec)
-
-
-register_family(ModelFamily(name="part", build=build, losses=_losses))
+register_family(ModelFamily(name="part", build=build, losses=task_losses))
