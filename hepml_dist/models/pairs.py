@@ -19,10 +19,12 @@ NUM_PAIR_FEATURES = 4
 def pt_rapidity_phi(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pT, y, phi) of 4-vectors whose last axis is (px, py, pz, E)."""
     px, py, pz, energy = vectors.unbind(-1)
-    pt = torch.hypot(px, py)
+    pt = torch.sqrt(px.square() + py.square())  # not hypot: ONNX has no such operator
     # y = 1/2 ln((E + pz) / (E - pz)) written as ln(1 + 2 pz / (E - pz)) like the reference; the extra clamp only
     # matters for unphysical inputs (E < |pz| after rounding) where the reference would give NaN.
     rapidity = 0.5 * torch.log((1 + 2 * pz / (energy - pz).clamp(min=1e-20)).clamp(min=1e-20))
+    # ONNX exports atan2 as atan(y / x): keep (0, 0), i.e. padding, away from 0 / 0.
+    px = torch.where((px == 0) & (py == 0), torch.ones_like(px), px)
     return pt, rapidity, torch.atan2(py, px)
 
 

@@ -104,7 +104,8 @@ class PairEmbedding(nn.Module):
         if dense:  # export: every (a, b) pair, static shapes
             pairs = pair_features(v[:, :, None, :], v[:, None, :, :])
             u = self.layers(pairs.reshape(-1, NUM_PAIR_FEATURES)).view(batch, length, length, -1)
-            return u.permute(0, 3, 1, 2).to(dtype)
+            pair_mask = mask[:, :, None, None] & mask[:, None, :, None]
+            return u.masked_fill(~pair_mask, 0.0).permute(0, 3, 1, 2).to(dtype)  # as the sparse path
         # The features are symmetric in (a, b): embed each real pair with a >= b once, then mirror it.
         pair_mask = (mask[:, :, None] & mask[:, None, :]).tril()
         b, i, j = pair_mask.nonzero(as_tuple=True)
