@@ -1,0 +1,1 @@
+"""Evaluation of trained models: physics metrics, plots and reports."""
