@@ -112,8 +112,11 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """z: latents [B, P, D]; mask: bool [B, P]. Only real constituents are quantised and counted."""
         flat = z[mask]
+        # Codebook edits happen before the codebook enters this step's graph (editing it afterwards breaks backward).
         if self.training and not bool(self.initialised):
             self._kmeans_init(flat.detach())
+        elif self.training and self.replace_freq and int(self.steps) and int(self.steps) % self.replace_freq == 0:
+            self._replace_dead_codes(flat.detach())
         vectors = self.vectors()
         codes = self.nearest(flat.detach(), vectors.detach())
         quantised = vectors[codes]
@@ -123,8 +126,6 @@ class VectorQuantizer(nn.Module):
         if self.training:
             self.hits += counts
             self.steps += 1
-            if self.replace_freq and int(self.steps) % self.replace_freq == 0:
-                self._replace_dead_codes(flat.detach())
         out = z.new_zeros(z.shape).masked_scatter(mask[..., None], flat_out)
         probs = counts / counts.sum().clamp(min=1)
         return {
@@ -282,16 +283,18 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def sample(self, num: int, max_length: int | None = None, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Token sequences [num, L] starting with the start token; after the stop token everything is padding (0).
+        """Token sequences [num, <= max_length]: start, codes, stop, then padding (0).
 
-        The start token is never sampled (its logit is dropped, as in the reference).
+        The start token is never sampled (its logit is dropped, as in the reference). A sequence that reaches
+        max_length - 1 tokens without drawing the stop token is closed with one, so every sample has the form of
+        the training sequences (at most max_length - 2 constituents).
         """
         max_length = min(max_length or self.backbone.max_sequence_length, self.backbone.max_sequence_length)
         device = self.backbone.embedding.weight.device
         stop = self.codebook_size + 1
         tokens = torch.full((num, 1), START_TOKEN, dtype=torch.long, device=device)
         done = torch.zeros(num, dtype=torch.bool, device=device)
-        for _ in range(max_length - 1):
+        for _ in range(max_length - 2):
             logits = self.heads[self.task](self.backbone(tokens, torch.ones_like(tokens, dtype=torch.bool)))[:, -1, 1:]
             probs = torch.softmax(logits / temperature, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator)[:, 0] + 1
@@ -299,8 +302,8 @@ class Generator(nn.Module):
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             done |= nxt == stop
             if bool(done.all()):
-                break
-        return tokens
+                return tokens
+        return torch.cat([tokens, torch.where(done, 0, stop)[:, None]], dim=1)
 
 
 class Classifier(nn.Module):
