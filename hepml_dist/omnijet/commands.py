@@ -10,7 +10,7 @@ from hepml_dist.data.commands import data_app
 
 def tokenize(
     run_dir: Annotated[Path, typer.Argument(help="Trained tokenizer: run directory or checkpoint folder.")],
-    data: Annotated[Path, typer.Option("--data", help="Jet dataset folder (train/, val/, test/) or one split folder.")],
+    data: Annotated[Path, typer.Option("--data", help="Jet dataset (folder with manifest.json) or one of its split folders.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for the token dataset.")],
     max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per jet, start and stop included (default: the tokenizer job's data.inputs.max_length).")] = None,
     batch_size: Annotated[int, typer.Option(help="Jets per tokenizer forward pass.")] = 2048,
@@ -20,8 +20,8 @@ def tokenize(
     from hepml_dist.omnijet.tokenize import tokenize_dataset
 
     manifest = tokenize_dataset(run_dir, data, out, max_length, batch_size, device)
-    counts = ", ".join(f"{split} {info['examples']}" for split, info in manifest["splits"].items())
-    typer.echo(f"wrote {out} ({counts} jets, vocabulary {manifest['vocab_size']})")
+    counts = ", ".join(f"{split} {info.examples}" for split, info in manifest.splits.items())
+    typer.echo(f"wrote {out} ({counts} jets, vocabulary {manifest.meta['vocab_size']})")
 
 
 def generate(

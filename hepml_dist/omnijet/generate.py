@@ -6,28 +6,26 @@ made the training tokens (its decoder sees the whole jet), then preprocessing is
 file with one row per jet: `part_pt` (GeV), `part_etarel`, `part_phirel` lists and the raw `tokens`.
 """
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from hepml_dist.data.format import MANIFEST_NAME, read_manifest
 from hepml_dist.errors import UserError
 from hepml_dist.omnijet.preprocess import physical_constituents, tokens_to_codes
-from hepml_dist.omnijet.tokenize import MANIFEST
 
 
 def find_tokenizer(spec) -> Path:
-    """The tokenizer checkpoint recorded by `hepml data tokenize` in the backbone's training data."""
-    train = spec.data.train if isinstance(spec.data.train, str) else spec.data.train[0]
-    for folder in (Path(train), Path(train).parent):
-        manifest = folder / MANIFEST
-        if manifest.is_file():
-            recorded = json.loads(manifest.read_text()).get("tokenizer", {}).get("checkpoint")
+    """The tokenizer checkpoint recorded by `hepml data tokenize` in the manifest of the backbone's training data."""
+    train = Path(spec.data.train if isinstance(spec.data.train, str) else spec.data.train[0])
+    for folder in (train, train.parent):
+        if (folder / MANIFEST_NAME).is_file():
+            recorded = read_manifest(folder).meta.get("tokenizer", {}).get("checkpoint")
             if recorded:
                 return Path(recorded)
     raise UserError(
-        f"cannot find which tokenizer made the training tokens ({train}/../{MANIFEST} has no tokenizer entry); "
+        f"cannot tell which tokenizer made the training tokens (no tokenizer in the manifest of {train}); "
         "pass --tokenizer TOKENIZER_RUN_DIR"
     )
 
