@@ -1,1 +1,1 @@
-"""Evaluation of trained models: physics metrics, plots and reports."""
+"""Evaluation: physics metrics reduced over all ranks, plots, and the `hepml evaluate` report of a trained run."""

@@ -5,7 +5,7 @@ As in particleflow (`mlpf/jet_utils.py`, `mlpf/plotting/plot_utils.py`):
   the predicted particles (and from the target particles, the ceiling of the target definition);
 - matching: each generator jet takes its nearest reconstructed jet in (eta, phi) and keeps it if Delta R < 0.1
   (not exclusive); response r = pT_reco / pT_gen; median and IQR / median (IQR = q75 - q25) in bins of gen-jet pT;
-- MET = |sum of particle pT vectors|; response MET_reco / MET_gen in bins of gen MET.
+- MET = |sum of particle pT vectors|; response MET_reco / MET_gen in bins of gen MET (events with gen MET >= 10 GeV).
 Events are awkward arrays of particle records (`pt, eta, phi, energy, cls`), one list per event.
 """
 
@@ -144,7 +144,7 @@ def evaluate_particles(
         results[f"{prefix}jet_response_vs_pt"] = binned_response(gen_pt, reco_pt, JET_PT_BINS)
         if gen_met is not None:
             met, gen = missing_et(particles), np.asarray(gen_met, dtype=np.float64)
-            ok = gen > 0
+            ok = gen >= MET_BINS[0]  # the ratio is meaningless for (nearly) balanced events
             met_summary = response_summary(met[ok] / gen[ok])
             results[f"{prefix}met_response_median"] = met_summary["median"]
             results[f"{prefix}met_resolution"] = met_summary["iqr_over_median"]
@@ -174,34 +174,45 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[dict[str, torch.T
     )
 
 
+def _response_figure(series: dict[str, dict], stat: str, title: str, xlabel: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 7))
+    for label, binned in series.items():
+        edges = np.array(binned["edges"], dtype=float)
+        centers = np.sqrt(edges[1:] * edges[:-1])
+        ax.errorbar(centers, np.array(binned[stat], dtype=float), xerr=[centers - edges[:-1], edges[1:] - centers], fmt="o", label=label)
+    if stat == "median":
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_title(title, fontsize="medium")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("response median" if stat == "median" else "response IQR / median")
+    ax.legend()
+    return fig
+
+
 def plot_responses(results: dict, plots_dir: Path) -> list[Path]:
-    """PNG plots of jet response median and IQR/median vs gen-jet pT, and the same for MET; plus metrics JSON."""
+    """PNG plots of jet response median and IQR/median vs gen-jet pT, the same for MET, and the metrics as JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import mplhep
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for kind, key, xlabel in (("jet", "jet_response_vs_pt", "gen-jet $p_T$ [GeV]"), ("met", "met_response_vs_met", "gen MET [GeV]")):
+    figures = (
+        ("jet", "jet_response_vs_pt", f"Jet response, matched at $\\Delta R < {MATCH_DR}$", "gen-jet $p_T$ [GeV]"),
+        ("met", "met_response_vs_met", "MET response", "gen MET [GeV]"),
+    )
+    for kind, key, title, xlabel in figures:
         series = {label: results[f"{prefix}{key}"] for prefix, label in (("", "MLPF"), ("target_", "target")) if f"{prefix}{key}" in results}
-        if not series:
-            continue
-        for stat, ylabel in (("median", "response median"), ("iqr_over_median", "response IQR / median")):
-            fig, ax = plt.subplots(figsize=(6, 4.5))
-            for label, binned in series.items():
-                edges = np.array(binned["edges"], dtype=float)
-                centers = np.sqrt(edges[1:] * edges[:-1])
-                ax.errorbar(centers, np.array(binned[stat], dtype=float), xerr=[centers - edges[:-1], edges[1:] - centers], fmt="o", label=label)
-            if stat == "median":
-                ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-            ax.set_title(f"Jet response, matched at $\\Delta R < {MATCH_DR}$" if kind == "jet" else "MET response")
-            ax.set_xscale("log")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
-            ax.legend()
-            path = plots_dir / f"{kind}_response_{stat}.png"
-            fig.savefig(path, dpi=120, bbox_inches="tight")
+        for stat in ("median", "iqr_over_median") if series else ():
+            with plt.style.context(mplhep.style.ROOT):
+                fig = _response_figure(series, stat, title, xlabel)
+                path = plots_dir / f"{kind}_response_{stat}.png"
+                fig.savefig(path, dpi=120, bbox_inches="tight")
             plt.close(fig)
             written.append(path)
     tmp = plots_dir / ".mlpf_metrics.json.tmp"
