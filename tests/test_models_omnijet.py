@@ -230,6 +230,22 @@ def test_loaded_tokenizer_is_not_reinitialised_by_its_first_training_batch():
     assert torch.equal(fresh.quantizer.codebook, state["quantizer.codebook"])
 
 
+def test_stage_metrics_for_the_validation_of_tokenizer_and_backbone():
+    from hepml_dist.models.omnijet_losses import omnijet_metrics
+
+    spec = shrink(load_job(ROOT / "jobs/omnijet-tokenizer.yaml"))
+    model = build_model(spec).eval()
+    batch = jet_batch(make_jets(16))
+    found = omnijet_metrics(model(batch), batch, spec)
+    real = batch["mask"].sum()
+    assert found["reconstruction_mse_part_pt"][1] == real and 0 < found["codebook_usage"][0] / found["codebook_usage"][1] <= 1
+    spec = shrink(load_job(ROOT / "jobs/omnijet-pretrain.yaml"))
+    batch = token_batch(16, 30, 24)
+    correct, count = omnijet_metrics(build_model(spec).eval()(batch), batch, spec)["next_token_accuracy"]
+    assert count == (batch["mask"][:, 0, 1:] > 0).sum() and 0 <= correct <= count
+    assert omnijet_metrics({}, {}, shrink(load_job(ROOT / "jobs/omnijet-tau-tagging-frozen.yaml"))) is None
+
+
 def _labels_for(spec, batch):
     return {k: v for k, v in batch.items() if k in ("tokens", "mask") or any(k in (t.label_key, t.only_where) or k.removeprefix("target_") in (t.targets or []) for t in spec.tasks)}
 

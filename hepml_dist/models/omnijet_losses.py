@@ -52,3 +52,26 @@ STAGE_LOSSES = {"tokenizer": tokenizer_loss, "backbone": next_token_loss, "class
 
 def omnijet_losses(outputs: Batch, batch: Batch, spec: JobSpec) -> dict[str, torch.Tensor]:
     return STAGE_LOSSES[spec.model.stage](outputs, batch, spec)
+
+
+def omnijet_metrics(outputs: Batch, batch: Batch, spec: JobSpec) -> dict[str, tuple[float, float]] | None:
+    """Validation metrics of the tokenizer and backbone stages as {name: (sum, count)} to accumulate over batches and
+    ranks (metric = total sum / total count); None for the classifier stage, whose tasks get the generic metrics.
+
+    The generic per-task collector cannot score these stages: the tokenizer's truth is its input, and the backbone's
+    per-token scores over 8194 classes are far too many to keep. Names follow `<task>_<metric>`.
+    """
+    task = spec.tasks[0]
+    if spec.model.stage == "tokenizer":
+        real = (batch["mask"][:, 0] > 0).float()
+        count = float(real.sum())
+        squared = ((outputs[task.name].detach().float() - batch["features"].transpose(1, 2).float()) ** 2 * real[..., None]).sum((0, 1))
+        per_feature = {f"{task.name}_mse_{name}": (float(v), count) for name, v in zip(task.targets or [], squared)}
+        size = float(len(real))
+        aux = {name: (float(outputs[f"aux_{name}"].detach()) * size, size) for name in ("vq_loss", "codebook_usage", "codebook_perplexity")}
+        return {**per_feature, **aux}
+    if spec.model.stage == "backbone":
+        real = batch["mask"][:, 0, 1:] > 0
+        correct = (outputs[task.name].detach().argmax(-1) == batch["tokens"][:, 1:]) & real
+        return {f"{task.name}_accuracy": (float(correct.sum()), float(real.sum()))}
+    return None
