@@ -41,7 +41,8 @@ def predicted_particles(outputs: dict[str, torch.Tensor], batch: dict[str, torch
     roles = task_roles(spec)
     x = _to_numpy(batch["features"]).transpose(0, 2, 1)
     real = _to_numpy(batch["mask"])[:, 0] > 0
-    cls = np.where(_to_numpy(outputs[roles["existence"].name]).argmax(-1) == 1, _to_numpy(outputs[roles["particle_class"].name]).argmax(-1), 0)
+    exists = _to_numpy(outputs[roles["existence"].name]).argmax(-1) == 1
+    cls = np.where(exists, _to_numpy(outputs[roles["particle_class"].name]).argmax(-1), 0)
     kin = _to_numpy(outputs[roles["kinematics"].name])
     value = {name: kin[..., i] for i, name in enumerate(roles["kinematics"].targets or [])}
     with np.errstate(over="ignore", invalid="ignore"):
@@ -60,8 +61,13 @@ def target_particles(batch: dict[str, torch.Tensor], spec: JobSpec) -> ak.Array:
     real = _to_numpy(batch["mask"])[:, 0] > 0
     exists = real & (_to_numpy(batch[roles["existence"].label_key]) > 0)
     with np.errstate(over="ignore", invalid="ignore"):
-        pt = _to_numpy(batch["target_pt"]) if "target_pt" in batch else np.exp(_to_numpy(regression_target(batch, "log_pt_ratio"))) * x[..., PT]
-        energy = _to_numpy(batch["target_energy"]) if "target_energy" in batch else np.exp(_to_numpy(regression_target(batch, "log_energy_ratio"))) * x[..., ENERGY]
+        absolute = {}
+        for name, ratio, channel in (("pt", "log_pt_ratio", PT), ("energy", "log_energy_ratio", ENERGY)):
+            if f"target_{name}" in batch:
+                absolute[name] = _to_numpy(batch[f"target_{name}"])
+            else:
+                absolute[name] = np.exp(_to_numpy(regression_target(batch, ratio))) * x[..., channel]
+        pt, energy = absolute["pt"], absolute["energy"]
     phi = np.arctan2(_to_numpy(batch["target_sin_phi"]), _to_numpy(batch["target_cos_phi"]))
     cls = _to_numpy(batch[roles["particle_class"].label_key])
     return _events(exists, pt=pt, eta=_to_numpy(batch["target_eta"]), phi=phi, energy=energy, cls=cls)
@@ -77,7 +83,8 @@ def cluster_jets(particles: ak.Array, radius: float = JET_RADIUS, min_pt: float 
         "pz": particles.pt * np.sinh(particles.eta),
         "E": particles.energy,
     })  # fmt: skip
-    jets = fastjet.ClusterSequence(vectors, fastjet.JetDefinition(fastjet.ee_genkt_algorithm, radius, -1.0)).inclusive_jets(min_pt=min_pt)
+    definition = fastjet.JetDefinition(fastjet.ee_genkt_algorithm, radius, -1.0)
+    jets = fastjet.ClusterSequence(vectors, definition).inclusive_jets(min_pt=min_pt)
     pt = np.hypot(jets.px, jets.py)
     return ak.zip({"pt": pt, "eta": np.arcsinh(jets.pz / pt), "phi": np.arctan2(jets.py, jets.px), "energy": jets.E})
 
@@ -114,7 +121,8 @@ def response_summary(ratio: np.ndarray) -> dict[str, float]:
     if len(ratio) == 0:
         return {"median": math.nan, "iqr": math.nan, "iqr_over_median": math.nan, "count": 0}
     q25, median, q75 = np.percentile(ratio, [25, 50, 75])
-    return {"median": float(median), "iqr": float(q75 - q25), "iqr_over_median": float((q75 - q25) / median) if median else math.nan, "count": len(ratio)}
+    iqr = float(q75 - q25)
+    return {"median": float(median), "iqr": iqr, "iqr_over_median": iqr / median if median else math.nan, "count": len(ratio)}
 
 
 def binned_response(reference: np.ndarray, reco: np.ndarray, edges: list[float]) -> dict[str, list]:
@@ -122,7 +130,7 @@ def binned_response(reference: np.ndarray, reco: np.ndarray, edges: list[float])
     ratio = reco / reference
     which = np.digitize(reference, edges) - 1
     rows = [response_summary(ratio[which == i]) for i in range(len(edges) - 1)]
-    return {"edges": list(edges), **{key: [row[key] for row in rows] for key in ("median", "iqr", "iqr_over_median", "count")}}
+    return {"edges": list(edges), **{key: [row[key] for row in rows] for key in rows[0]}}
 
 
 def evaluate_particles(
@@ -154,7 +162,9 @@ def evaluate_particles(
     return results
 
 
-def evaluate_batches(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: JobSpec, plots_dir: Path | None = None) -> dict:
+def evaluate_batches(
+    model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: JobSpec, plots_dir: Path | None = None
+) -> dict:
     """Run a trained MLPF over event batches (with `genjet_*`, `genjet_n`, optional `gen_met`) and evaluate."""
     predicted, target, gen_jets, gen_met = [], [], [], []
     model.eval()
@@ -162,7 +172,8 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[dict[str, torch.T
         for batch in batches:
             predicted.append(predicted_particles(model(batch), batch, spec))
             target.append(target_particles(batch, spec))
-            gen_jets.append(jets_from_columns(batch["genjet_pt"], batch["genjet_eta"], batch["genjet_phi"], batch["genjet_energy"], batch["genjet_n"]))
+            columns = (batch[f"genjet_{name}"] for name in ("pt", "eta", "phi", "energy", "n"))
+            gen_jets.append(jets_from_columns(*columns))
             if "gen_met" in batch:
                 gen_met.append(_to_numpy(batch["gen_met"]))
     return evaluate_particles(
@@ -181,7 +192,8 @@ def _response_figure(series: dict[str, dict], stat: str, title: str, xlabel: str
     for label, binned in series.items():
         edges = np.array(binned["edges"], dtype=float)
         centers = np.sqrt(edges[1:] * edges[:-1])
-        ax.errorbar(centers, np.array(binned[stat], dtype=float), xerr=[centers - edges[:-1], edges[1:] - centers], fmt="o", label=label)
+        values = np.array(binned[stat], dtype=float)
+        ax.errorbar(centers, values, xerr=[centers - edges[:-1], edges[1:] - centers], fmt="o", label=label)
     if stat == "median":
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_title(title, fontsize="medium")
@@ -207,7 +219,8 @@ def plot_responses(results: dict, plots_dir: Path) -> list[Path]:
         ("met", "met_response_vs_met", "MET response", "gen MET [GeV]"),
     )
     for kind, key, title, xlabel in figures:
-        series = {label: results[f"{prefix}{key}"] for prefix, label in (("", "MLPF"), ("target_", "target")) if f"{prefix}{key}" in results}
+        labels = {"": "MLPF", "target_": "target"}
+        series = {label: results[prefix + key] for prefix, label in labels.items() if prefix + key in results}
         for stat in ("median", "iqr_over_median") if series else ():
             with plt.style.context(mplhep.style.ROOT):
                 fig = _response_figure(series, stat, title, xlabel)

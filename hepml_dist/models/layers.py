@@ -38,8 +38,9 @@ class MultiHeadAttention(nn.Module):
         if context is None:
             q, k, v = self.in_proj(x).chunk(3, dim=-1)
         else:
-            w_q, w_kv = self.in_proj.weight.split([x.shape[-1], 2 * x.shape[-1]])
-            b_q, b_kv = (None, None) if self.in_proj.bias is None else self.in_proj.bias.split([x.shape[-1], 2 * x.shape[-1]])
+            sizes = [x.shape[-1], 2 * x.shape[-1]]
+            w_q, w_kv = self.in_proj.weight.split(sizes)
+            b_q, b_kv = (None, None) if self.in_proj.bias is None else self.in_proj.bias.split(sizes)
             q = F.linear(x, w_q, b_q)
             k, v = F.linear(context, w_kv, b_kv).chunk(2, dim=-1)
         batch, len_q, dim = q.shape

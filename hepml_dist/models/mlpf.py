@@ -40,12 +40,20 @@ def task_roles(spec: JobSpec) -> dict[str, TaskSpec]:
     """The job's tasks by role: `existence` (binary), `particle_class` (multiclass), `kinematics` (regression)."""
     by_kind = {kind: [t for t in spec.tasks if t.kind == kind] for kind in ("binary", "multiclass", "regression")}
     if any(len(tasks) != 1 for tasks in by_kind.values()):
-        raise UserError(f"{spec.name}: MLPF needs exactly one binary (existence), one multiclass (particle class) and one regression task")
-    roles = {"existence": by_kind["binary"][0], "particle_class": by_kind["multiclass"][0], "kinematics": by_kind["regression"][0]}
+        raise UserError(
+            f"{spec.name}: MLPF needs exactly one binary (existence), one multiclass (particle class) "
+            "and one regression task"
+        )
+    roles = {
+        "existence": by_kind["binary"][0],
+        "particle_class": by_kind["multiclass"][0],
+        "kinematics": by_kind["regression"][0],
+    }
     if sorted(roles["kinematics"].targets or []) != sorted(REGRESSION_TARGETS):
         raise UserError(f"tasks: the MLPF regression task must list the targets {list(REGRESSION_TARGETS)} (any order)")
     if roles["particle_class"].output_dim != spec.model.num_classes:
-        raise UserError(f"tasks: {roles['particle_class'].name} has {roles['particle_class'].output_dim} classes, model.num_classes is {spec.model.num_classes}")
+        task = roles["particle_class"]
+        raise UserError(f"tasks: {task.name} has {task.output_dim} classes, model.num_classes is {spec.model.num_classes}")
     return roles
 
 
@@ -75,7 +83,8 @@ class AttentionStack(nn.Module):
     def __init__(self, cfg: MlpfModelSpec):
         super().__init__()
         dim = cfg.num_heads * cfg.head_dim
-        self.blocks = nn.ModuleList(AttentionBlock(dim, cfg.num_heads, cfg.activation, cfg.dropout) for _ in range(cfg.num_convs))
+        block = (dim, cfg.num_heads, cfg.activation, cfg.dropout)
+        self.blocks = nn.ModuleList(AttentionBlock(*block) for _ in range(cfg.num_convs))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -128,18 +137,19 @@ class KinematicsHead(nn.Module):
         self.energy = TypeSplit(types, dim, 1, dim, act, drop)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, element_type: torch.Tensor) -> torch.Tensor:
-        log_pt_ratio = self.pt(h, element_type)[..., 0]
-        eta = self.eta(h, x[..., ETA])
+        # physics in fp32 under autocast: exp/cosh/log of bf16 values would lose the percent-level resolution
+        log_pt_ratio = self.pt(h, element_type)[..., 0].float()
+        eta = self.eta(h, x[..., ETA].float()).float()
         # E >= |p|: start from the (detached) momentum implied by the pT and eta predictions, add a non-negative log.
         pt = torch.exp(log_pt_ratio.detach().clamp(max=20.0)) * x[..., PT]
         momentum = pt * torch.cosh(eta.detach().clamp(-20.0, 20.0))
         log_energy_floor = _finite(torch.log(momentum / x[..., ENERGY]))
-        log_energy_ratio = log_energy_floor + torch.relu(self.energy(h, element_type)[..., 0])
+        log_energy_ratio = log_energy_floor + torch.relu(self.energy(h, element_type)[..., 0].float())
         values = {
             "log_pt_ratio": log_pt_ratio,
             "eta": eta,
-            "sin_phi": self.sin_phi(h, x[..., SIN_PHI]),
-            "cos_phi": self.cos_phi(h, x[..., COS_PHI]),
+            "sin_phi": self.sin_phi(h, x[..., SIN_PHI]).float(),
+            "cos_phi": self.cos_phi(h, x[..., COS_PHI]).float(),
             "log_energy_ratio": log_energy_ratio,
         }
         return torch.stack([values[name] for name in self.targets], dim=-1)

@@ -81,7 +81,10 @@ def mlpf_losses(outputs: Batch, batch: Batch, spec: JobSpec) -> dict[str, torch.
     names = task.targets or []
     pred = outputs[task.name]
     target = torch.stack([regression_target(batch, n) for n in names], dim=-1)
-    squared = (pred - target) ** 2 if task.loss == "mse" else F.huber_loss(pred, target, reduction="none", delta=task.huber_delta)
+    if task.loss == "mse":
+        squared = (pred - target) ** 2
+    else:
+        squared = F.huber_loss(pred, target, reduction="none", delta=task.huber_delta)
     weights = squared.new_tensor(task.target_weights or [1.0] * len(names))
     if spec.model.pt_weighted_regression:
         sqrt_pt = true_pt(batch).clamp(min=1e-6).sqrt()

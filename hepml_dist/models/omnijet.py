@@ -4,7 +4,7 @@ One family, three stages (`spec.model.stage`), each a model of its own:
 
 | stage | batch in | outputs |
 |---|---|---|
-| tokenizer | `features [B,C,P]`, `mask [B,1,P]` | `{task: reconstruction [B,P,C]}` + `aux_vq_loss`, `aux_codebook_usage`, `aux_codebook_perplexity` |
+| tokenizer | `features [B,C,P]`, `mask [B,1,P]` | `{task: reconstruction [B,P,C]}` + `aux_vq_loss`, `aux_codebook_*` |
 | backbone | `tokens [B,L]`, `mask [B,1,L]` | `{task: next-token logits [B,L-1,V]}` (position t predicts token t+1) |
 | classifier | `tokens [B,L]`, `mask [B,1,L]` | `{task: [B, task.output_dim]}` per task |
 
@@ -82,13 +82,18 @@ class VectorQuantizer(nn.Module):
     def nearest(z: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """Index of the closest codebook vector for each row of z, in chunks of bounded memory."""
         chunk = max(1, 2**24 // vectors.shape[0])
-        return torch.cat([torch.cdist(part, vectors).argmin(dim=1) for part in z.split(chunk)]) if len(z) else z.new_zeros(0, dtype=torch.long)
+        if not len(z):
+            return z.new_zeros(0, dtype=torch.long)
+        return torch.cat([torch.cdist(part, vectors).argmin(dim=1) for part in z.split(chunk)])
 
     @torch.no_grad()
     def _kmeans_init(self, z: torch.Tensor) -> None:
         num_codes = self.codebook.shape[0]
         if len(z):
-            pick = torch.randperm(len(z), device=z.device)[:num_codes] if len(z) >= num_codes else torch.randint(len(z), (num_codes,), device=z.device)
+            if len(z) >= num_codes:
+                pick = torch.randperm(len(z), device=z.device)[:num_codes]
+            else:
+                pick = torch.randint(len(z), (num_codes,), device=z.device)
             centroids = z[pick] + 0.01 * z.std(dim=0) * torch.randn(num_codes, z.shape[1], device=z.device)
             for _ in range(self.kmeans_iters):
                 codes = self.nearest(z, centroids)
@@ -217,7 +222,10 @@ class Backbone(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-token embeddings [B, L, D] of tokens [B, L] with mask bool [B, L] (the start token is always real)."""
         if tokens.shape[1] > self.max_sequence_length:
-            raise ValueError(f"token sequences of length {tokens.shape[1]} exceed model.backbone.max_sequence_length={self.max_sequence_length}")
+            raise ValueError(
+                f"token sequences of length {tokens.shape[1]} exceed "
+                f"model.backbone.max_sequence_length={self.max_sequence_length}"
+            )
         h = self.embedding(tokens)
         for block in self.blocks:
             h = block(h, mask)
@@ -282,7 +290,9 @@ class Generator(nn.Module):
         return {self.task: self.heads[self.task](self.backbone(tokens[:, :-1], mask[:, :-1]))}
 
     @torch.no_grad()
-    def sample(self, num: int, max_length: int | None = None, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, num: int, max_length: int | None = None, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Token sequences [num, <= max_length]: start, codes, stop, then padding (0).
 
         The start token is never sampled (its logit is dropped, as in the reference). A sequence that reaches
@@ -315,7 +325,8 @@ class Classifier(nn.Module):
         self.backbone = Backbone(m.backbone, m.tokenizer.codebook_size)
         head = HEADS[m.head.kind]
         dropout = {t.name: m.head.dropout if t.head_dropout is None else t.head_dropout for t in spec.tasks}
-        self.heads = nn.ModuleDict({t.name: head(m.backbone.embedding_dim, m.head, t.output_dim, dropout[t.name]) for t in spec.tasks})
+        dim = m.backbone.embedding_dim
+        self.heads = nn.ModuleDict({t.name: head(dim, m.head, t.output_dim, dropout[t.name]) for t in spec.tasks})
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mask = _token_mask(batch)
@@ -325,14 +336,18 @@ class Classifier(nn.Module):
 
 def _single_task(spec: JobSpec, kind: str, stage: str) -> TaskSpec:
     if len(spec.tasks) != 1 or spec.tasks[0].kind != kind:
-        raise UserError(f"{spec.name}: the omnijet {stage} stage trains exactly one {kind} task (tasks: {[t.name for t in spec.tasks]})")
+        names = [t.name for t in spec.tasks]
+        raise UserError(f"{spec.name}: the omnijet {stage} stage trains exactly one {kind} task (tasks: {names})")
     return spec.tasks[0]
 
 
 def build_tokenizer(spec: JobSpec) -> nn.Module:
     task = _single_task(spec, "regression", "tokenizer")
     if len(task.targets or []) != spec.model.tokenizer.input_dim:
-        raise UserError(f"tasks[0].targets lists {len(task.targets or [])} features but model.tokenizer.input_dim is {spec.model.tokenizer.input_dim}")
+        raise UserError(
+            f"tasks[0].targets lists {len(task.targets or [])} features "
+            f"but model.tokenizer.input_dim is {spec.model.tokenizer.input_dim}"
+        )
     return Tokenizer(spec.model.tokenizer, task.name)
 
 
@@ -340,7 +355,9 @@ def build_generator(spec: JobSpec) -> nn.Module:
     task = _single_task(spec, "multiclass", "backbone")
     vocab = vocab_size(spec.model.tokenizer.codebook_size)
     if task.output_dim != vocab:
-        raise UserError(f"tasks[0] has {task.output_dim} classes but the vocabulary is model.tokenizer.codebook_size + 2 = {vocab}")
+        raise UserError(
+            f"tasks[0] has {task.output_dim} classes but the vocabulary is model.tokenizer.codebook_size + 2 = {vocab}"
+        )
     return Generator(spec.model.backbone, spec.model.tokenizer.codebook_size, task.name)
 
 

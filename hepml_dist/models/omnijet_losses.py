@@ -65,10 +65,12 @@ def omnijet_metrics(outputs: Batch, batch: Batch, spec: JobSpec) -> dict[str, tu
     if spec.model.stage == "tokenizer":
         real = (batch["mask"][:, 0] > 0).float()
         count = float(real.sum())
-        squared = ((outputs[task.name].detach().float() - batch["features"].transpose(1, 2).float()) ** 2 * real[..., None]).sum((0, 1))
+        error = outputs[task.name].detach().float() - batch["features"].transpose(1, 2).float()
+        squared = (error**2 * real[..., None]).sum((0, 1))
         per_feature = {f"{task.name}_mse_{name}": (float(v), count) for name, v in zip(task.targets or [], squared)}
         size = float(len(real))
-        aux = {name: (float(outputs[f"aux_{name}"].detach()) * size, size) for name in ("vq_loss", "codebook_usage", "codebook_perplexity")}
+        names = ("vq_loss", "codebook_usage", "codebook_perplexity")
+        aux = {name: (float(outputs[f"aux_{name}"].detach()) * size, size) for name in names}
         return {**per_feature, **aux}
     if spec.model.stage == "backbone":
         real = batch["mask"][:, 0, 1:] > 0

@@ -10,9 +10,12 @@ from hepml_dist.data.commands import data_app
 
 def tokenize(
     run_dir: Annotated[Path, typer.Argument(help="Trained tokenizer: run directory or checkpoint folder.")],
-    data: Annotated[Path, typer.Option("--data", help="Jet dataset (folder with manifest.json) or one of its split folders.")],
+    data: Annotated[Path, typer.Option("--data", help="Jet dataset (folder with manifest.json) or one split folder.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for the token dataset.")],
-    max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per jet, start and stop included (default: the tokenizer job's data.inputs.max_length).")] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option("--max-length", help="Tokens per jet, start and stop included (default: the tokenizer job's max_length)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Jets per tokenizer forward pass.")] = 2048,
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
 ) -> None:
@@ -27,8 +30,8 @@ def tokenize(
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="Trained OmniJet backbone: run directory or checkpoint folder.")],
     jets: Annotated[int, typer.Option("--jets", help="Number of jets to sample.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Output parquet file (default RUN_DIR/generated/jets-N.parquet).")] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer run (default: the one recorded in the training tokens' manifest).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output parquet file (RUN_DIR/generated/jets-N.parquet).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer run (default: as recorded with the tokens).")] = None,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the sampling.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Random seed of the sampling.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Jets sampled in parallel.")] = 512,

@@ -14,6 +14,7 @@ import numpy as np
 from hepml_dist.data.format import MANIFEST_NAME, read_manifest
 from hepml_dist.errors import UserError
 from hepml_dist.omnijet.preprocess import physical_constituents, tokens_to_codes
+from hepml_dist.omnijet.tokenize import require_stage
 
 
 def find_tokenizer(spec) -> Path:
@@ -47,16 +48,16 @@ def generate_jets(
     from hepml_dist.train.checkpoint import load_trained
 
     spec, generator = load_trained(run_dir)
-    if spec.model.family != "omnijet" or spec.model.stage != "backbone":
-        raise UserError(f"{run_dir}: not an OmniJet backbone run (model.family={spec.model.family}, stage={getattr(spec.model, 'stage', None)})")
+    require_stage(spec, "backbone", run_dir)
     if n_jets < 1:
         raise UserError("--jets must be at least 1")
-    tok_spec, tok = load_trained(tokenizer or find_tokenizer(spec))
-    if tok_spec.model.family != "omnijet" or tok_spec.model.stage != "tokenizer":
-        raise UserError(f"{tokenizer}: not an OmniJet tokenizer run")
+    tokenizer = tokenizer or find_tokenizer(spec)
+    tok_spec, tok = load_trained(tokenizer)
+    require_stage(tok_spec, "tokenizer", tokenizer)
     codebook_size = spec.model.tokenizer.codebook_size
     if tok_spec.model.tokenizer.codebook_size != codebook_size:
-        raise UserError(f"the tokenizer has {tok_spec.model.tokenizer.codebook_size} codes but the backbone was trained on {codebook_size}")
+        codes = tok_spec.model.tokenizer.codebook_size
+        raise UserError(f"{tokenizer}: the tokenizer has {codes} codes but the backbone was trained on {codebook_size}")
     generator.to(device).eval()
     tok.to(device).eval()
     rng = torch.Generator(device=device).manual_seed(seed)

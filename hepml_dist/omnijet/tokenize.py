@@ -42,6 +42,13 @@ def open_source(source: Path) -> tuple[Manifest, list[str]]:
     return manifest, [name for name, split in manifest.splits.items() if split.shards]
 
 
+def require_stage(spec, stage: str, path: Path) -> None:
+    """A clear error when a run directory holds another model than the command needs."""
+    if spec.model.family != "omnijet" or spec.model.stage != stage:
+        found = f"model.family={spec.model.family}, stage={getattr(spec.model, 'stage', None)}"
+        raise UserError(f"{path}: not an OmniJet {stage} run ({found})")
+
+
 def tokenize_chunk(model, columns: dict[str, np.ndarray], length: int, batch_size: int, device: str) -> dict[str, np.ndarray]:
     """Token columns of one chunk of jets, plus its per-jet columns."""
     import torch
@@ -51,7 +58,8 @@ def tokenize_chunk(model, columns: dict[str, np.ndarray], length: int, batch_siz
     for start in range(0, len(features), batch_size):
         part = slice(start, start + batch_size)
         with torch.no_grad():
-            codes[part] = model.tokenize(torch.from_numpy(features[part]).to(device), torch.from_numpy(mask[part]).to(device)).cpu().numpy()
+            jets, real = torch.from_numpy(features[part]).to(device), torch.from_numpy(mask[part]).to(device)
+            codes[part] = model.tokenize(jets, real).cpu().numpy()
     tokens, tokens_n = codes_to_tokens(codes, mask, model.quantizer.codebook.shape[0], length)
     per_jet = {k: v for k, v in columns.items() if v.ndim == 1 and not k.startswith("part_")}
     return {"tokens": tokens, "tokens_n": tokens_n, **per_jet}
@@ -64,7 +72,8 @@ def _write_shard(path: Path, split: str, index: int, chunks: list[dict[str, np.n
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with wds.TarWriter(str(tmp), mtime=0, user="hepml", group="hepml", mode=0o444) as writer:
         for c, chunk in enumerate(chunks):
-            writer.write({"__key__": f"{split}_{index:06d}_{c:04d}", **{f"{k}.npy": np.ascontiguousarray(v) for k, v in chunk.items()}})
+            members = {f"{k}.npy": np.ascontiguousarray(v) for k, v in chunk.items()}
+            writer.write({"__key__": f"{split}_{index:06d}_{c:04d}", **members})
     os.replace(tmp, path)
 
 
@@ -76,7 +85,9 @@ def _count_classes(counts: dict[str, dict[str, int]], chunk: dict[str, np.ndarra
                 merged[str(label)] = merged.get(str(label), 0) + int(n)
 
 
-def tokenize_dataset(run_dir: Path, source: Path, out: Path, length: int | None = None, batch_size: int = 2048, device: str = "cpu") -> Manifest:
+def tokenize_dataset(
+    run_dir: Path, source: Path, out: Path, length: int | None = None, batch_size: int = 2048, device: str = "cpu"
+) -> Manifest:
     """Tokenize the splits of `source` into `out` with the tokenizer of `run_dir`; returns the written manifest."""
     from rich.progress import Progress
 
@@ -84,8 +95,7 @@ def tokenize_dataset(run_dir: Path, source: Path, out: Path, length: int | None 
 
     checkpoint = resolve_checkpoint(run_dir)
     spec, model = load_trained(checkpoint)
-    if spec.model.family != "omnijet" or spec.model.stage != "tokenizer":
-        raise UserError(f"{run_dir}: not an OmniJet tokenizer run (model.family={spec.model.family}, stage={getattr(spec.model, 'stage', None)})")
+    require_stage(spec, "tokenizer", run_dir)
     model.to(device).eval()
     length = length or spec.data.inputs.max_length
     if length < 3:
@@ -105,16 +115,14 @@ def tokenize_dataset(run_dir: Path, source: Path, out: Path, length: int | None 
             for index, shard in enumerate(src.splits[split].shards):
                 target = out / shard.path
                 if not target.exists():  # shards of an interrupted earlier run are complete (atomic rename)
-                    chunks = [
-                        tokenize_chunk(model, chunk, length, batch_size, device)
-                        for _, chunk in iter_shard_chunks(src.root / shard.path, columns=wanted, shapes=shapes, expected_chunks=len(shard.chunks))
-                    ]
-                    _write_shard(target, split, index, chunks)
+                    jets = iter_shard_chunks(src.root / shard.path, columns=wanted, shapes=shapes, expected_chunks=len(shard.chunks))
+                    _write_shard(target, split, index, [tokenize_chunk(model, c, length, batch_size, device) for _, c in jets])
                 chunks = [chunk for _, chunk in iter_shard_chunks(target)]
                 for chunk in chunks:
                     _count_classes(info.class_counts, chunk)
-                columns.update({k: ColumnInfo(str(v.dtype), list(v.shape[1:])) for k, v in (chunks[0] if chunks else {}).items()})
-                info.shards.append(ShardInfo(shard.path, [len(c["tokens"]) for c in chunks], file_sha256(target), target.stat().st_size))
+                    columns.update({k: ColumnInfo(str(v.dtype), list(v.shape[1:])) for k, v in chunk.items()})
+                sizes = [len(c["tokens"]) for c in chunks]
+                info.shards.append(ShardInfo(shard.path, sizes, file_sha256(target), target.stat().st_size))
                 progress.advance(bar)
     manifest = Manifest(
         schema=SCHEMA,
