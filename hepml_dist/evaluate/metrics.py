@@ -27,8 +27,8 @@ PT_KEYS = ("gen_tau_pt", "jet_pt")
 def _valid_mask(task: TaskSpec, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Entries whose truth is defined: label >= 0, `only_where` == 1, and real elements for per-element tasks."""
     if task.kind == "regression":
-        reference = batch[f"target_{(task.targets or [''])[0]}"]
-        valid = torch.ones_like(reference, dtype=torch.bool)
+        truth = torch.stack([batch[f"target_{t}"].float() for t in task.targets or []], dim=-1)
+        valid = torch.isfinite(truth).all(dim=-1)
     else:
         valid = batch[task.label_key] >= 0
     if task.only_where:
@@ -36,6 +36,13 @@ def _valid_mask(task: TaskSpec, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if valid.ndim == 2 and "mask" in batch and batch["mask"].shape[-1] == valid.shape[-1]:
         valid = valid & (batch["mask"][:, 0] > 0)
     return valid
+
+
+def _example_weights(batch: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    if "weight" not in batch:
+        return torch.ones_like(valid, dtype=torch.float32)
+    weights = batch["weight"].float()
+    return weights[:, None].expand_as(valid) if weights.dim() < valid.dim() else weights
 
 
 def _per_entry(output: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -61,7 +68,7 @@ class Collector:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         self.loss_sum = {t.name: 0.0 for t in spec.tasks}
-        self.count = {t.name: 0 for t in spec.tasks}
+        self.count = {t.name: 0.0 for t in spec.tasks}
         self.parts: dict[str, dict[str, list[np.ndarray]]] = {t.name: {} for t in spec.tasks}
 
     def _keep(self, task: str, key: str, value: torch.Tensor) -> None:
@@ -71,10 +78,11 @@ class Collector:
     def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], losses: dict[str, torch.Tensor]) -> None:
         for task in self.spec.tasks:
             valid = _valid_mask(task, batch)
-            n = int(valid.sum())
-            if n == 0:
+            if not bool(valid.any()):
                 continue
-            # Task losses are means over the valid entries of the batch: sum(mean * n) / sum(n) is the split mean.
+            # Task losses are (example-weighted) means over the valid entries of the batch, so
+            # sum(mean * weight sum) / sum(weight sums) over batches and ranks is the mean over the split.
+            n = float(_example_weights(batch, valid)[valid].sum())
             self.loss_sum[task.name] += float(losses[task.name]) * n
             self.count[task.name] += n
             rows = _per_entry(outputs[task.name], valid)
