@@ -106,6 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 window.add(dict(zip(names, [v / ctx.world_size for v in flags[1 + len(names) :]])), batch_size(batch))
             engine.step(step)
             step += 1
+            window.tick()
             at_end = step >= total_steps
             if step % spec.training.log_interval == 0 or at_end:
                 record = window.flush(engine, epoch)
@@ -125,6 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 save_checkpoint(engine, spec, run_dir, ctx, step, epoch, phase, position_now, metrics, finished=at_end)
             if evaluate_now or save_now:
                 ctx.report({**metrics, "step": step, "epoch": epoch, "stopped": bool(stop_agreed and not at_end)})
+                window.restart_clock()  # throughput counts training time, not validation and checkpoints
             if stop_agreed and not at_end:
                 log(ctx, f"stop requested: checkpoint at step {step} written, exiting cleanly")
                 stopped = True
@@ -217,7 +219,16 @@ class LogWindow:
         self.batches = 0
         self.examples = 0
         self.skipped = 0
-        self.start = time.perf_counter()
+        self.seconds = 0.0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.clock = time.perf_counter()
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        self.seconds += now - self.clock
+        self.clock = now
 
     def add(self, losses: dict[str, float], examples: int) -> None:
         for name, value in losses.items():
@@ -226,7 +237,7 @@ class LogWindow:
         self.examples += examples * self.examples_per_batch_all_ranks
 
     def flush(self, engine, epoch: int) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        elapsed = max(self.seconds, 1e-9)
         per_task = {f"train_{k}_loss": v / max(self.batches, 1) for k, v in self.sums.items()}
         record = {
             "train_loss": sum(per_task.values()),
