@@ -140,6 +140,7 @@ def _params_cell(spec: JobSpec) -> str:
 COMMAND_MODULES: list[str] = [
     "hepml_dist.data.commands",
     "hepml_dist.models.commands",
+    "hepml_dist.train.commands",
 ]
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)

@@ -8,6 +8,7 @@ checkpoints, and one report to Ray; a stop request (SIGTERM/SIGUSR1) checkpoints
 
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             ckpt.restore_rng(rngs[ctx.rank])
         log(ctx, f"resumed from {resume.name} (step {step} of {total_steps})")
     tracker = make_rank0_tracker(spec, run_dir, ctx, config, resume_step=step if resume else None)
+    if resume:
+        tracker.log_metrics({"resumed_from": step}, step=step, epoch=epoch)
 
     stop = StopRequest(run_dir)
     plain_logs = config.get("plain_logs", True)
@@ -142,8 +145,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def log(ctx: WorkerContext, message: str) -> None:
+    # sys.stdout directly: Ray Train patches print() into its logger, which would echo each line twice.
     if ctx.rank == 0:
-        print(f"[hepml] {message}", flush=True)
+        sys.stdout.write(f"[hepml] {message}\n")
+        sys.stdout.flush()
 
 
 def optimizer_steps_per_epoch(spec: JobSpec, batches_per_epoch: int) -> int:
