@@ -10,6 +10,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             phase = phase_at(spec, epoch)
             engine = enter_phase(engine, spec, ctx, total_steps, steps_per_epoch, phase)
             log(ctx, f"epoch {epoch + 1}: phase {phase + 1}, training {spec.training.phases[phase].trainable}")
-        batches = train_data.batches(epoch, start=position)
+        batches = rng_neutral(train_data.batches(epoch, start=position))
         position = None
         for micro_batches in iterate_micro_batches(batches, spec.training.grad_accum):
             engine.model.train()
@@ -126,7 +127,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 log(ctx, f"validation at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             if save_now:
                 position_now = train_data.position.to_dict() if step % steps_per_epoch else None
-                save_checkpoint(engine, spec, run_dir, ctx, step, epoch, phase, position_now, metrics, finished=at_end)
+                save_checkpoint(engine, spec, run_dir, ctx, step, epoch, phase, position_now, metrics, finished=at_end,
+                                stopped=stop_agreed and not at_end)
             if evaluate_now or save_now:
                 ctx.report({**metrics, "step": step, "epoch": epoch, "stopped": bool(stop_agreed and not at_end)})
                 window.restart_clock()  # throughput counts training time, not validation and checkpoints
@@ -188,6 +190,16 @@ def make_rank0_tracker(spec: JobSpec, run_dir: Path, ctx: WorkerContext, config:
 
     info = {**config.get("info", {}), "world_size": ctx.world_size, "strategy": spec.parallel.strategy}
     return make_tracker(spec, run_dir, ctx.rank, resume_step=resume_step, info=info)
+
+
+def rng_neutral(batches: Iterator[dict]) -> Iterator[dict]:
+    """Starting an epoch's DataLoader draws a seed from the global torch RNG; keep that draw out of the model's
+    random stream (dropout), so a run resumed mid-epoch continues exactly, and validation changes nothing."""
+    with torch.random.fork_rng(devices=[]):
+        first = next(batches, None)
+    if first is not None:
+        yield first
+        yield from batches
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -270,7 +282,7 @@ def evaluate(engine, val_data, spec: JobSpec, family, ctx: WorkerContext) -> dic
     module = engine.eval_module()
     module.eval()
     collector = Collector(spec)
-    for batch in val_data.batches(0):
+    for batch in rng_neutral(val_data.batches(0)):
         batch = to_device(batch, ctx.device)
         outputs = engine.eval_forward(batch)
         collector.update(outputs, batch, family.losses(outputs, batch, spec))
@@ -280,7 +292,7 @@ def evaluate(engine, val_data, spec: JobSpec, family, ctx: WorkerContext) -> dic
 
 
 def save_checkpoint(engine, spec: JobSpec, run_dir: Path, ctx: WorkerContext, step: int, epoch: int, phase: int | None,
-                    position: dict | None, metrics: dict[str, float], finished: bool) -> None:
+                    position: dict | None, metrics: dict[str, float], finished: bool, stopped: bool) -> None:
     """All ranks: assemble the checkpoint in a hidden folder (DeepSpeed shards from every rank), then rank 0 writes
     the model, training state and state.json, renames the folder into place, updates best.json and prunes."""
     tmp = ckpt.temp_folder(run_dir, step)
@@ -297,6 +309,7 @@ def save_checkpoint(engine, spec: JobSpec, run_dir: Path, ctx: WorkerContext, st
             "epoch": epoch,
             "phase": phase,
             "finished": finished,
+            "stopped": stopped,
             "data_position": position,
             "world_size": ctx.world_size,
             "strategy": spec.parallel.strategy,
