@@ -287,6 +287,7 @@ def evaluate(engine, val_data, spec: JobSpec, family, ctx: WorkerContext) -> dic
         outputs = engine.eval_forward(batch)
         collector.update(outputs, batch, family.losses(outputs, batch, spec))
     module.train()
+    engine.after_eval()
     metrics, _ = collector.reduce("val")
     return metrics
 
@@ -301,7 +302,8 @@ def save_checkpoint(engine, spec: JobSpec, run_dir: Path, ctx: WorkerContext, st
         tmp.mkdir(parents=True)
     ctx.barrier()
     engine.save_shards(tmp)
-    model_state = engine.full_state_dict()
+    ctx.barrier()  # every rank's shard files are complete
+    model_state = engine.full_state_dict(tmp)
     rngs = gather_to_rank0(ckpt.capture_rng(), ctx)
     if ctx.rank == 0:
         state = {
