@@ -102,7 +102,7 @@ BASE = ROOT / "jobs" / "multipartau-quickstart.yaml"
 
 def _job(tmp_path: Path, text: str, name: str = "bad.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(textwrap.dedent(text).replace("BASE", str(BASE)))
+    path.write_text(textwrap.dedent(text).replace("BASE", str(BASE)).replace("JOBS", str(ROOT / "jobs")))
     return path
 
 
@@ -142,6 +142,8 @@ BAD_CASES = {
     "unknown_feature_set": ("extends: BASE\ndata: {inputs: {features: magic}}\n", [], "data.inputs.features: unknown feature set 'magic'"),
     "duplicate_task": ("extends: BASE\ntasks:\n  - {name: t, kind: binary}\n  - {name: t, kind: binary}\n", [], "tasks[1].name: task name 't' is used twice"),
     "gpus_on_cpu": ("extends: BASE\nparallel: {gpus_per_worker: 1}\n", [], "parallel.gpus_per_worker: GPUs requested"),
+    "omnijet_vocabulary": ("extends: JOBS/omnijet-pretrain.yaml\ntasks: [{name: next_token, kind: multiclass, label: tokens, num_classes: 8192}]\n",
+                           [], "tasks[0].num_classes: next-token prediction over 8192 codes has 8194 classes"),
     "pcgrad_protect_unknown": ("extends: BASE\ntraining: {pcgrad: {protect: [kinematic]}}\n", [], "training.pcgrad.protect[0]: no task named 'kinematic'"),
 }
 

@@ -94,6 +94,8 @@ def _model_width_and_heads(spec: JobSpec) -> Iterator[tuple[str, int, str, int]]
     elif m.family == "omnijet":
         yield "model.backbone.embedding_dim", m.backbone.embedding_dim, "model.backbone.num_heads", m.backbone.num_heads
         yield "model.tokenizer.hidden_dim", m.tokenizer.hidden_dim, "model.tokenizer.num_heads", m.tokenizer.num_heads
+        if m.stage == "classifier" and m.head.kind == "class_attention":
+            yield "model.backbone.embedding_dim", m.backbone.embedding_dim, "model.head.num_heads", m.head.num_heads
 
 
 @rule
@@ -173,3 +175,18 @@ def fine_tuning(spec: JobSpec) -> Iterator[Finding]:
             re.compile(pattern)
         except re.error as err:
             yield path, f"not a valid regular expression ({err}): {pattern!r}"
+
+
+@rule
+def omnijet_vocabulary(spec: JobSpec) -> Iterator[Finding]:
+    m = spec.model
+    if m.family != "omnijet" or m.stage != "backbone":
+        return
+    vocabulary = m.tokenizer.codebook_size + 2
+    for i, task in enumerate(spec.tasks):
+        if task.kind == "multiclass" and task.output_dim != vocabulary:
+            yield (
+                f"tasks[{i}].num_classes",
+                f"next-token prediction over {m.tokenizer.codebook_size} codes has {vocabulary} classes "
+                "(codes + start + stop); set num_classes to that",
+            )
