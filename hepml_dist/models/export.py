@@ -226,7 +226,7 @@ def export_onnx(
             raise UserError(
                 f"{out}: onnxruntime differs from PyTorch by {difference:.2e} (> {TOLERANCE}); the export is not written"
             )
-        os.replace(tmp, out)
+        _publish(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     description = {
@@ -249,4 +249,12 @@ def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    _publish(Path(tmp), path)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename into place with the permissions a plain open() would give (mkstemp makes files private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
