@@ -360,6 +360,34 @@ def init_weights(model: nn.Module, mode: str) -> None:
                 block.fc2.weight.div_(math.sqrt(2.0 * layer))
 
 
+def state_dict_from_weaver(state: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+    """weaver-core ParticleTransformer weights -> this model's names (shared pathway, one task named `task`).
+
+    Reads the published checkpoints of jet-universe/particle_transformer (`models/ParT_*.pt`: the `mod.` prefix of
+    its wrapper, nn.MultiheadAttention's `in_proj_weight`) and weaver-core's own; pair 1x1 convolutions become Linear.
+    """
+    renames = {"embed.embed.": "embed.layers.", "pair_embed.embed.": "pair_embed.layers.",
+               "cls_token": "pathways.shared.cls_token", "cls_blocks.": "pathways.shared.blocks.",
+               "norm.": "pathways.shared.norm."}
+    out = {}
+    for name, value in state.items():
+        name = name.removeprefix("mod.").replace(".in_proj_weight", ".in_proj.weight")
+        name = name.replace(".in_proj_bias", ".in_proj.bias")
+        if "trimmer" in name:
+            continue
+        for old, new in renames.items():
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        if name.startswith("pair_embed.layers.") and value.dim() == 3:
+            value = value.squeeze(-1)
+        if name.startswith("fc."):  # fc.<k>.0.<leaf> (hidden: Linear, act, Dropout) or fc.<k>.<leaf> (output)
+            parts = name.split(".")
+            name = f"heads.{task}.{3 * int(parts[1])}.{parts[-1]}"
+        out[name] = value
+    return out
+
+
 def build(spec: JobSpec) -> ParticleTransformer:
     return ParticleTransformer(spec.model, spec.tasks, FEATURE_SETS[spec.data.inputs.features])
 
