@@ -79,8 +79,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     position = state.get("data_position") if resume and step % steps_per_epoch else None
     window = LogWindow(spec, ctx)
     stopped = False
+    failure: str | None = None  # a non-finite loss under nan_policy raise: every rank sees it at the same step
     with StopRequest(run_dir) as stop:  # SIGTERM/SIGUSR1 or the driver's stop file: checkpoint, then return
-        while step < total_steps and not stopped:
+        while step < total_steps and not stopped and not failure:
             if phase_at(spec, epoch) != phase:
                 phase = phase_at(spec, epoch)
                 engine = enter_phase(engine, spec, ctx, total_steps, steps_per_epoch, phase)
@@ -101,13 +102,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     stop_agreed = stop_agreed or flags[0] > 0
                     bad = [n for n, f in zip(names, flags[1 : 1 + len(names)]) if f > 0]
                     last = i == len(micro_batches) - 1
+                    if bad and spec.training.nan_policy == "raise":
+                        failure = non_finite_message(step + 1, epoch, bad, losses, ctx)
+                        break
                     if bad:
-                        handle_non_finite(spec, step + 1, epoch, bad, losses, ctx)
+                        log(ctx, "skipping micro-batch: " + non_finite_message(step + 1, epoch, bad, losses, ctx))
                         engine.skip_micro_batch(last)
                         window.skipped += 1
                         continue
                     engine.backward(losses, last)
                     window.add(dict(zip(names, [v / ctx.world_size for v in flags[1 + len(names) :]])), batch_size(batch))
+                if failure:
+                    break
                 engine.step(step)
                 step += 1
                 window.tick()
@@ -139,7 +145,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     break
             epoch += 1
     tracker.close()
-    return {"step": step, "stopped": stopped}
+    if failure:
+        # Ray would restart the worker group on an exception and hit the same loss again: record the error for
+        # the driver and return instead; outside Ray, raise it.
+        if ctx.rank == 0:
+            ckpt.record_failure(run_dir, failure)
+        if not ctx.in_ray:
+            raise NonFiniteLossError(failure)
+    return {"step": step, "stopped": stopped, "error": failure}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,15 +226,12 @@ def batch_size(batch: dict[str, Any]) -> int:
     return 0
 
 
-def handle_non_finite(spec: JobSpec, step: int, epoch: int, bad: list[str], losses: dict, ctx: WorkerContext) -> None:
+def non_finite_message(step: int, epoch: int, bad: list[str], losses: dict, ctx: WorkerContext) -> str:
     values = ", ".join(f"{n}={float(losses[n].detach()):.4g} on rank {ctx.rank}" for n in bad)
-    message = (
+    return (
         f"non-finite loss at step {step} (epoch {epoch + 1}) in task(s) {', '.join(bad)} ({values}); "
         "lower optim.lr, set optim.clip_grad_norm, check the inputs, or set training.nan_policy: skip"
     )
-    if spec.training.nan_policy == "raise":
-        raise NonFiniteLossError(message)
-    log(ctx, "skipping micro-batch: " + message)
 
 
 class LogWindow:
