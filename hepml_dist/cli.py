@@ -118,6 +118,7 @@ def list_jobs(directory: Annotated[Path, typer.Argument(help="Folder of job file
 # Each area of the service adds its commands through `register(app)` in its own module (one line each).
 COMMAND_MODULES: list[str] = [
     "hepml_dist.data.commands",
+    "hepml_dist.launch.commands",
 ]
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
