@@ -264,11 +264,6 @@ def plan(spec: JobSpec, site: SiteProfile, run_dir: str | None = None) -> Plan:
             f"parallel.accelerator: {', '.join(wrong)} is not available on site {site.name!r} "
             f"(it has {', '.join(site.accelerators)})"
         )
-    if site.gpus_per_node and parallel.gpus_per_worker == 0:
-        problems.append(
-            f"parallel.gpus_per_worker: 0, but site {site.name!r} has {site.gpus_per_node} GPUs per node; "
-            f"set parallel.gpus_per_worker=1 (one worker per GPU) and parallel.accelerator={site.accelerators[0]}"
-        )
     if parallel.gpus_per_worker > site.gpus_per_node:
         problems.append(
             f"parallel.gpus_per_worker: {parallel.gpus_per_worker} GPUs per worker, but a node of {site.name!r} "
