@@ -77,9 +77,24 @@ def validate(
 def show(
     job: Annotated[Path, typer.Argument(help="Job file.")],
     overrides: Overrides = None,
+    params: Annotated[bool, typer.Option("--params", help="Print only the model's parameter count.")] = False,
 ) -> None:
     """Print the fully resolved job (extends and overrides applied) as YAML."""
-    typer.echo(dump_spec(load(job, overrides)), nl=False)
+    spec = load(job, overrides)
+    if params:
+        typer.echo(f"parameters: {_parameters(spec)}")
+        return
+    typer.echo(dump_spec(spec), nl=False)
+
+
+def _parameters(spec: JobSpec) -> str:
+    """The model's parameter count, or why it cannot be counted (a family not installed in this build)."""
+    from hepml_dist.models import count_parameters  # imports torch
+
+    try:
+        return str(count_parameters(spec))
+    except (KeyError, ModuleNotFoundError) as err:
+        return f"unknown ({err})"
 
 
 @app.command("jobs")
@@ -90,7 +105,7 @@ def list_jobs(directory: Annotated[Path, typer.Argument(help="Folder of job file
         raise UserError(f"no job files (*.yaml) in {directory}")
     table = Table(title=f"jobs in {directory}")
     table.add_column("job", no_wrap=True)
-    for column in ("family", "tasks", "strategy", "workers"):
+    for column in ("family", "tasks", "params", "strategy", "workers"):
         table.add_column(column)
     invalid = 0
     for path in files:
@@ -98,7 +113,7 @@ def list_jobs(directory: Annotated[Path, typer.Argument(help="Folder of job file
             spec = load(path)
         except SpecError as err:
             invalid += 1
-            table.add_row(path.stem, "[red]invalid[/red]", str(err.problems[0].message), "", "")
+            table.add_row(path.stem, "[red]invalid[/red]", str(err.problems[0].message), "", "", "")
             continue
         strategy = spec.parallel.strategy
         if strategy == "deepspeed":
@@ -107,6 +122,7 @@ def list_jobs(directory: Annotated[Path, typer.Argument(help="Folder of job file
             path.stem,
             spec.model.family,
             ", ".join(t.name for t in spec.tasks),
+            _params_cell(spec),
             strategy,
             f"{spec.parallel.num_workers} x {', '.join(spec.parallel.accelerators)}",
         )
@@ -115,9 +131,16 @@ def list_jobs(directory: Annotated[Path, typer.Argument(help="Folder of job file
         raise typer.Exit(2)
 
 
+def _params_cell(spec: JobSpec) -> str:
+    count = _parameters(spec)
+    return f"{int(count):,}" if count.isdigit() else "?"
+
+
 # Each area of the service adds its commands through `register(app)` in its own module (one line each).
 COMMAND_MODULES: list[str] = [
     "hepml_dist.data.commands",
+    "hepml_dist.models.commands",
+    "hepml_dist.train.commands",
     "hepml_dist.launch.commands",
 ]
 for _module in COMMAND_MODULES:

@@ -48,6 +48,8 @@ class ReweightGroup(Section):
 class ReweightSpec(Section):
     """Flatten each class group in two variables (Sophon: jet pT and soft-drop mass) to decorrelate the tagger."""
 
+    label: str = "label_jet_class"
+    """The stored label column whose class indices `groups` list."""
     variables: list[str] = Field(default_factory=lambda: ["jet_pt", "jet_sdmass"], min_length=2, max_length=2)
     """The two per-example variables to flatten in."""
     bins: dict[str, list[float]]
@@ -55,7 +57,9 @@ class ReweightSpec(Section):
     groups: list[ReweightGroup] = Field(min_length=1)
     """Class groups and their relative weights; classes in no group get weight 0."""
     mode: Literal["sample", "loss_weight"] = "sample"
-    """`sample`: rejection sampling in the loader; `loss_weight`: per-example weights in the loss."""
+    """`sample`: the training loader draws examples with probability proportional to their weight (as weaver's
+    rejection sampling, but a fixed number per shuffle window, so epochs stay equal across ranks);
+    `loss_weight`: every example is kept and the batch carries `weight` (mean 1) for the loss."""
     threshold_percentile: float = Field(10.0, ge=0.0, le=100.0)
     """Percentile of populated bins used as the reference count (caps weights of sparse bins)."""
 

@@ -1,0 +1,136 @@
+"""Evaluation plots: ROC (background rejection vs signal efficiency), confusion matrices, regression response and
+resolution vs pT, and training curves. Each function returns a matplotlib Figure; `make_plots` builds them all."""
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import mplhep  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from hepml_dist.evaluate.metrics import confusion, response  # noqa: E402
+from hepml_dist.spec import JobSpec  # noqa: E402
+from hepml_dist.spec.tasks import TaskSpec  # noqa: E402
+
+STYLE = mplhep.style.ROOT
+
+
+def _class_names(task: TaskSpec, k: int) -> list[str]:
+    return list(task.classes) if task.classes else [str(i) for i in range(k)]
+
+
+def roc_figure(task: TaskSpec, scores: np.ndarray, labels: np.ndarray) -> Figure:
+    """Background rejection (log) vs signal efficiency; multiclass: each class against class 0 (ParT convention)."""
+    from sklearn.metrics import roc_curve
+
+    names = _class_names(task, scores.shape[1])
+    with plt.style.context(STYLE):
+        fig, ax = plt.subplots(figsize=(7, 6))
+        for c in range(1, scores.shape[1]):
+            pick = (labels == 0) | (labels == c)
+            if len(np.unique(labels[pick])) < 2:
+                continue
+            disc = scores[pick, c] / np.clip(scores[pick, c] + scores[pick, 0], 1e-12, None)
+            fpr, tpr, _ = roc_curve((labels[pick] == c).astype(int), disc)
+            keep = fpr > 0
+            ax.plot(tpr[keep], 1.0 / fpr[keep], label=f"{names[c]} vs {names[0]}")
+        ax.set_yscale("log")
+        ax.set_xlabel("signal efficiency")
+        ax.set_ylabel("background rejection")
+        ax.set_title(task.name)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def confusion_figure(task: TaskSpec, scores: np.ndarray, labels: np.ndarray) -> Figure:
+    """Row-normalised confusion matrix (each true class sums to 1)."""
+    matrix = confusion(scores, labels).astype(float)
+    matrix /= np.clip(matrix.sum(axis=1, keepdims=True), 1, None)
+    names = _class_names(task, scores.shape[1])
+    with plt.style.context(STYLE):
+        size = max(5.0, 0.8 * len(names) + 2)
+        fig, ax = plt.subplots(figsize=(size, size))
+        image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
+        ax.set_yticks(range(len(names)), names, fontsize="small")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if len(names) <= 12:
+            for (i, j), value in np.ndenumerate(matrix):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="x-small", color="white" if value > 0.5 else "black")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        ax.set_title(task.name)
+    return fig
+
+
+def response_figure(task: TaskSpec, pred: np.ndarray, true: np.ndarray, pt: np.ndarray, bins: int = 8) -> Figure:
+    """Median response and resolution of each target in bins of pT (quantile bins, equally populated)."""
+    targets = task.targets or []
+    edges = np.unique(np.quantile(pt, np.linspace(0, 1, bins + 1)))
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    which = np.clip(np.digitize(pt, edges[1:-1]), 0, len(centres) - 1)
+    with plt.style.context(STYLE):
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 8), sharex=True)
+        for i, target in enumerate(targets):
+            r, is_ratio = response(target, pred[:, i], true[:, i])
+            medians, resolutions = [], []
+            for b in range(len(centres)):
+                rb = r[which == b]
+                if len(rb) < 5:
+                    medians.append(np.nan)
+                    resolutions.append(np.nan)
+                    continue
+                q25, q50, q75 = np.percentile(rb, [25, 50, 75])
+                medians.append(q50)
+                resolutions.append((q75 - q25) / q50 if is_ratio and q50 != 0 else q75 - q25)
+            top.plot(centres, medians, "o-", label=target)
+            bottom.plot(centres, resolutions, "o-", label=target)
+        top.axhline(1.0, color="grey", lw=0.8, ls="--")
+        top.axhline(0.0, color="grey", lw=0.8, ls=":")
+        top.set_ylabel("median response")
+        bottom.set_ylabel("resolution (IQR / median)")
+        bottom.set_xlabel("$p_T$ [GeV]")
+        top.legend(fontsize="small")
+        top.set_title(task.name)
+    return fig
+
+
+def training_curves_figure(records: list[dict[str, Any]]) -> Figure:
+    """Training and validation losses and the learning rate against the optimizer step, from metrics.jsonl."""
+    with plt.style.context(STYLE):
+        fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[3, 1])
+        for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+            points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+            if points:
+                steps, values = zip(*points)
+                loss_ax.plot(steps, values, style, label=key)
+        lrs = [(r["step"], r["lr"]) for r in records if "lr" in r]
+        if lrs:
+            steps, values = zip(*lrs)
+            lr_ax.plot(steps, values)
+        loss_ax.set_ylabel("loss")
+        loss_ax.set_yscale("log")
+        loss_ax.legend()
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_xlabel("optimizer step")
+    return fig
+
+
+def make_plots(spec: JobSpec, payload: dict[str, Any], records: list[dict[str, Any]] | None = None) -> dict[str, Figure]:
+    """Every plot that the merged Collector payload (and the training records) allow, by file name."""
+    figures: dict[str, Figure] = {}
+    for task in spec.tasks:
+        arrays = payload["arrays"].get(task.name, {})
+        if task.kind == "regression":
+            if "pt" in arrays and len(arrays["pt"]) >= 20:
+                figures[f"response_{task.name}"] = response_figure(task, arrays["pred"], arrays["true"], arrays["pt"])
+        elif "scores" in arrays and len(arrays["label"]):
+            figures[f"roc_{task.name}"] = roc_figure(task, arrays["scores"], arrays["label"])
+            figures[f"confusion_{task.name}"] = confusion_figure(task, arrays["scores"], arrays["label"])
+    if records:
+        figures["training_curves"] = training_curves_figure(records)
+    return figures

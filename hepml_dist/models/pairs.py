@@ -1,0 +1,53 @@
+"""Pairwise interaction features of ParT (arXiv:2202.03772 eq. 3), computed from 4-vectors on the model's device.
+
+For particles a, b with (px, py, pz, E) the features are, in this channel order,
+    ln kT = ln(min(pT_a, pT_b) * Delta),   ln z = ln(min(pT_a, pT_b) / (pT_a + pT_b)),
+    ln Delta,   ln m^2 = ln((E_a + E_b)^2 - |p_a + p_b|^2),
+with Delta = sqrt(Delta_y^2 + Delta_phi^2) in *rapidity* y (not pseudorapidity) and Delta_phi wrapped to [-pi, pi).
+Every argument of a logarithm is clamped to >= 1e-8, as in weaver-core's `pairwise_lv_fts` (pp type), so padded or
+collinear pairs give finite values. The features are symmetric in (a, b).
+"""
+
+import math
+
+import torch
+
+EPS = 1e-8
+NUM_PAIR_FEATURES = 4
+
+
+def pt_rapidity_phi(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pT, y, phi) of 4-vectors whose last axis is (px, py, pz, E)."""
+    px, py, pz, energy = vectors.unbind(-1)
+    pt = torch.sqrt(px.square() + py.square())  # not hypot: ONNX has no such operator
+    # y = 1/2 ln((E + pz) / (E - pz)) written as ln(1 + 2 pz / (E - pz)) like the reference; the extra clamp only
+    # matters for unphysical inputs (E < |pz| after rounding) where the reference would give NaN.
+    rapidity = 0.5 * torch.log((1 + 2 * pz / (energy - pz).clamp(min=1e-20)).clamp(min=1e-20))
+    # ONNX exports atan2 as atan(y / x): keep (0, 0), i.e. padding, away from 0 / 0.
+    px = torch.where((px == 0) & (py == 0), torch.ones_like(px), px)
+    return pt, rapidity, torch.atan2(py, px)
+
+
+def wrap_phi(dphi: torch.Tensor) -> torch.Tensor:
+    return (dphi + math.pi) % (2 * math.pi) - math.pi
+
+
+@torch.no_grad()
+def pair_features(vectors_a: torch.Tensor, vectors_b: torch.Tensor) -> torch.Tensor:
+    """[..., 4] (ln kT, ln z, ln Delta, ln m^2) for broadcastable 4-vector tensors [..., 4] (px, py, pz, E).
+
+    Always in float32 and outside autocast: the logarithms of small differences need the precision.
+    """
+    with torch.autocast(device_type=vectors_a.device.type, enabled=False):
+        a, b = vectors_a.float(), vectors_b.float()
+        pt_a, y_a, phi_a = pt_rapidity_phi(a)
+        pt_b, y_b, phi_b = pt_rapidity_phi(b)
+        delta = torch.sqrt((y_a - y_b).square() + wrap_phi(phi_a - phi_b).square())
+        pt_min = torch.minimum(pt_a, pt_b)
+        ln_kt = torch.log((pt_min * delta).clamp(min=EPS))
+        ln_z = torch.log((pt_min / (pt_a + pt_b).clamp(min=EPS)).clamp(min=EPS))
+        ln_delta = torch.log(delta.clamp(min=EPS))
+        total = a + b
+        m2 = total[..., 3].square() - total[..., :3].square().sum(-1)
+        ln_m2 = torch.log(m2.clamp(min=EPS))
+        return torch.stack((ln_kt, ln_z, ln_delta, ln_m2), dim=-1)

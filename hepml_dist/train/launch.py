@@ -1,0 +1,317 @@
+"""`launch`: run one job on Ray Train, from a laptop (embedded Ray on 127.0.0.1) to an existing cluster.
+
+The driver resolves the run directory, writes the resolved spec, makes relative paths absolute (workers do not
+share the driver's working directory), starts or joins Ray, and runs a `TorchTrainer` whose `ScalingConfig` and
+`RunConfig` come from the spec. Checkpoints live in RUN_DIR/checkpoints (written by the workers, atomically);
+every attempt of the worker group, a re-run of the same job, and `--resume` continue from the latest one.
+While it waits, the driver shows a rich progress bar (followed from metrics.jsonl) or, without a terminal, the
+workers' plain log lines; SIGTERM/SIGUSR1 make the workers checkpoint and exit cleanly.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hepml_dist.errors import UserError
+from hepml_dist.spec import JobSpec, dump_spec, parse_spec
+from hepml_dist.spec.parallel import ParallelSpec
+
+RAY_DIR = "ray"  # Ray Train's own bookkeeping inside the run directory
+WORKER_ENV = {
+    # Comet must not probe the machine or the network (see track/tracker.py).
+    "COMET_AUTO_LOG_ENV_DETAILS": "false",
+    "COMET_AUTO_LOG_ENV_HOST": "false",
+    "COMET_AUTO_LOG_GIT_METADATA": "false",
+    "COMET_AUTO_LOG_GIT_PATCH": "false",
+    "COMET_ERROR_TRACKING_ENABLE": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+# Ray's accelerator_type labels (python/ray/util/accelerators); None: no constraint.
+ACCELERATOR_TYPES: dict[str, str | None] = {
+    "cpu": None,
+    "A100": "A100",
+    "H100": "H100",
+    "MI250X": "AMD-Instinct-MI250X",
+    "MI300X": "AMD-Instinct-MI300X-OAM",
+}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    finished: bool
+    stopped: bool
+    metrics: dict[str, Any]
+
+
+def default_run_dir(spec: JobSpec) -> Path:
+    return Path(spec.cluster.storage_path or "runs").resolve() / spec.name
+
+
+def _absolute(value: str | list[str] | None) -> str | list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]  # type: ignore[misc]
+    if "://" in value or value.startswith("pipe:") or os.path.isabs(value):
+        return value
+    return str(Path(value).resolve())
+
+
+def absolute_paths(spec: JobSpec) -> JobSpec:
+    """The spec with local data paths and init_from made absolute (workers run in other directories)."""
+    data = spec.data.model_copy(update={k: _absolute(getattr(spec.data, k)) for k in ("train", "val", "test")})
+    training = spec.training.model_copy(update={"init_from": _absolute(spec.training.init_from)})
+    return spec.model_copy(update={"data": data, "training": training})
+
+
+SAFE_TO_CHANGE = ("training.epochs", "training.steps", "training.eval_interval", "training.log_interval",
+                  "training.nan_policy", "checkpoint", "tracking", "cluster", "description", "parallel.cpus_per_worker")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_resumable(spec: JobSpec, run_dir: Path) -> int | None:
+    """If the run directory has checkpoints, the step it resumes from; refuses a changed model or data setup."""
+    from hepml_dist.train.checkpoint import latest_checkpoint, read_state
+    from hepml_dist.spec import load_job
+
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    old = _flatten(load_job(latest / "spec.yaml").model_dump(mode="json"))
+    new = _flatten(spec.model_dump(mode="json"))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(SAFE_TO_CHANGE))
+    if changed:
+        raise UserError(
+            f"{run_dir} holds checkpoints of a different job (changed: {', '.join(changed[:8])}); "
+            "train into a new run directory (--run-dir DIR or --set name=...) or restore those fields"
+        )
+    return int(read_state(latest).get("step", 0))
+
+
+def scaling_config(parallel: ParallelSpec):
+    """Workers, GPUs and CPUs per worker, and the accelerator type to place them on."""
+    from ray.train import ScalingConfig
+
+    use_gpu = parallel.gpus_per_worker > 0
+    resources = {"CPU": parallel.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = parallel.gpus_per_worker
+    types = [ACCELERATOR_TYPES[a] for a in parallel.accelerators]
+    # One type can be required; for a list of types (one vendor) placement is left to the cluster.
+    accelerator_type = types[0] if len(types) == 1 else None
+    return ScalingConfig(
+        num_workers=parallel.num_workers, use_gpu=use_gpu, resources_per_worker=resources, accelerator_type=accelerator_type
+    )
+
+
+def start_ray(spec: JobSpec, address: str | None) -> bool:
+    """Join the cluster at `address`, or start an embedded Ray bound to 127.0.0.1. Returns whether we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address and address != "local":
+        ray.init(address=address, log_to_driver=True)
+        return False
+    p = spec.parallel
+    needed = p.num_workers * p.cpus_per_worker + 1  # + the Train controller
+    ray.init(
+        num_cpus=int(max(needed, os.cpu_count() or 1, 4)),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+    return True
+
+
+def worker_env(spec: JobSpec, embedded: bool) -> dict[str, str]:
+    env = dict(WORKER_ENV)
+    if spec.parallel.accelerators == ["cpu"]:
+        env["DS_ACCELERATOR"] = "cpu"
+        env["OMP_NUM_THREADS"] = str(max(1, int(spec.parallel.cpus_per_worker)))
+    if not embedded and os.environ.get("COMET_API_KEY"):
+        # Workers of an embedded Ray inherit it; on a cluster it travels in the runtime environment (memory only).
+        env["COMET_API_KEY"] = os.environ["COMET_API_KEY"]
+    return env
+
+
+def launch(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    run_dir: Path | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train `spec` on Ray; returns where the run stands (finished, or stopped by a signal)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from hepml_dist.train.checkpoint import latest_checkpoint, read_state, remove_stale_temp_folders
+    from hepml_dist.train.loop import train_loop_per_worker
+    from hepml_dist.train.parallel import check_supported
+    from hepml_dist.train.session import clear_stop, request_stop
+    from hepml_dist.track.tracker import run_info
+
+    check_supported(spec)
+    spec = absolute_paths(spec)
+    run_dir = (run_dir or default_run_dir(spec)).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_step = check_resumable(spec, run_dir)
+    remove_stale_temp_folders(run_dir)
+    clear_stop(run_dir)
+    tmp = run_dir / ".spec.yaml.tmp"
+    tmp.write_text(dump_spec(spec))
+    os.replace(tmp, run_dir / "spec.yaml")
+    if resume_step is not None:
+        print(f"[hepml] {run_dir}: resuming from step {resume_step}", flush=True)
+
+    address = address or (spec.cluster.address if spec.cluster.address != "local" else None)
+    embedded = start_ray(spec, address)
+    interactive = sys.stdout.isatty() if progress is None else progress
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "run_dir": str(run_dir),
+            "ray": True,
+            "plain_logs": not interactive,
+            "info": run_info(spec),
+        },
+        torch_config=TorchConfig(timeout_s=1800),
+        scaling_config=scaling_config(spec.parallel),
+        run_config=RunConfig(
+            name=RAY_DIR,
+            storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
+            # Checkpoints are kept by the workers (last K + best, atomic folders); Ray only tracks reports.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            worker_runtime_env={"env_vars": worker_env(spec, embedded)},
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    with _stop_on_signals(lambda: request_stop(run_dir)), _follow_progress(spec, run_dir, interactive):
+        try:
+            result = trainer.fit()
+        except Exception as err:  # noqa: BLE001 - turn worker errors we understand into clear messages
+            raise _explain(err) from None
+    latest = latest_checkpoint(run_dir)
+    state = read_state(latest) if latest else {}
+    metrics = dict(result.metrics or {})
+    return TrainResult(run_dir, int(state.get("step", 0)), bool(state.get("finished")), bool(metrics.get("stopped")), metrics)
+
+
+def _explain(err: Exception) -> Exception:
+    """A worker's UserError (bad data, non-finite loss, ...) becomes that message; anything else stays as it is."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        if isinstance(failure, UserError):
+            text = str(failure).strip().splitlines()
+            return UserError(f"worker {rank}: {text[-1] if text else failure}")
+    return err
+
+
+class _stop_on_signals:
+    """SIGTERM/SIGUSR1 in the driver -> the workers checkpoint and exit; a second SIGTERM stops at once."""
+
+    def __init__(self, on_signal):
+        self.on_signal = on_signal
+        self.previous: dict[int, Any] = {}
+        self.count = 0
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if self.count > 1 and signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        print(f"[hepml] received {signal.Signals(signum).name}: asking the workers to checkpoint and stop", flush=True)
+        self.on_signal()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class _follow_progress:
+    """A rich progress bar (step, epoch, jets/s, loss, ETA) fed from RUN_DIR/metrics.jsonl while fit() runs."""
+
+    def __init__(self, spec: JobSpec, run_dir: Path, enabled: bool):
+        self.spec, self.path, self.enabled = spec, run_dir / "metrics.jsonl", enabled
+        self.done = threading.Event()
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), transient=False, redirect_stdout=True, redirect_stderr=True,
+        )
+        total = self.spec.training.steps or ((self.spec.training.epochs or 1) * (self.spec.data.steps_per_epoch or 1)
+                                            // self.spec.training.grad_accum)
+        self.task = self.progress.add_task(self.spec.name, total=total, info="starting workers")
+        self.progress.start()
+        self.offset = self.path.stat().st_size if self.path.is_file() else 0
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+        return self
+
+    def _follow(self):
+        while not self.done.wait(0.5):
+            if not self.path.is_file():
+                continue
+            with self.path.open() as f:
+                f.seek(min(self.offset, self.path.stat().st_size))
+                lines = f.readlines()
+                self.offset = f.tell()
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                info = f"epoch {(record.get('epoch') or 0) + 1}"
+                if "train_loss" in record:
+                    info += f"  loss {record['train_loss']:.4f}  {record.get('jets_per_s', 0):.0f} jets/s"
+                if "val_loss" in record:
+                    info += f"  val_loss {record['val_loss']:.4f}"
+                self.progress.update(self.task, completed=record.get("step", 0), info=info)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.done.set()
+            self.thread.join(timeout=2)
+            self.progress.stop()
+
+
+def load_for_resume(run_dir: Path) -> JobSpec:
+    """The spec a run directory was trained with (for `hepml train --resume RUN_DIR` without a job file)."""
+    path = Path(run_dir) / "spec.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no spec.yaml; --resume needs a run directory written by `hepml train`")
+    import yaml
+
+    return parse_spec(yaml.safe_load(path.read_text()), source=str(path))

@@ -1,0 +1,94 @@
+"""`hepml export onnx`: weaver I/O names, dynamic batch and length, onnxruntime equals PyTorch."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+from typer.testing import CliRunner
+
+from hepml_dist.cli import app
+from hepml_dist.models import build_model
+from hepml_dist.models.export import example_jets
+from hepml_dist.spec import load_job
+from hepml_dist.train.checkpoint import write_model_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+SMALL_PART = ["model.embed_dims=[32,64,32]", "model.pair_embed_dims=[16,16]", "model.num_heads=4", "model.num_layers=2"]
+
+
+def trained_run(tmp_path: Path, job: str, overrides: list[str]) -> tuple[Path, torch.nn.Module]:
+    """A run directory with one checkpoint of a randomly initialised model (with non-trivial BatchNorm statistics)."""
+    spec = load_job(ROOT / "jobs" / f"{job}.yaml", overrides)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    run = tmp_path / job
+    write_model_checkpoint(run / "checkpoints" / "step-00000100", spec, model)
+    return run, model.eval()
+
+
+def onnx_outputs(path: Path, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {k: v.numpy() for k, v in inputs.items()})))
+
+
+def test_sophon_export_keeps_weaver_names_and_matches_pytorch(tmp_path):
+    run, model = trained_run(tmp_path, "sophon", SMALL_PART)
+    out = tmp_path / "sophon.onnx"
+    result = runner.invoke(app, ["export", "onnx", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pf_features", "pf_vectors", "pf_mask"]
+    assert [o.name for o in session.get_outputs()] == ["softmax"]
+    for num, length in ((7, 40), (1, 128)):  # other batch sizes and lengths than traced
+        jets = example_jets(num, length, 17, seed=num)
+        got = onnx_outputs(out, {"pf_features": jets["features"], "pf_vectors": jets["vectors"], "pf_mask": jets["mask"]})["softmax"]
+        with torch.no_grad():
+            embedding = model.task_embeddings(jets)["jet_class"]
+            probabilities = model.heads["jet_class"](embedding).softmax(-1)
+        assert got.shape == (num, 188 + 32)  # 188 probabilities, then the embedding (model width 32 here)
+        np.testing.assert_allclose(got[:, :188], probabilities.numpy(), atol=1e-5)
+        np.testing.assert_allclose(got[:, 188:], embedding.numpy(), atol=1e-4)
+    description = json.loads(out.with_name("sophon.onnx.json").read_text())
+    assert description["outputs"]["softmax"][:2] == ["0", "1"] and description["features"] == "sophon_full"
+
+
+def test_multitask_export_has_one_output_per_task(tmp_path):
+    run, model = trained_run(tmp_path, "multipartau-quickstart", [])
+    result = runner.invoke(app, ["export", "onnx", str(run)])
+    assert result.exit_code == 0, result.output
+    path = run / "checkpoints" / "step-00000100" / "model.onnx"
+    jets = example_jets(4, 20, 17, seed=1)
+    got = onnx_outputs(path, {"pf_features": jets["features"], "pf_vectors": jets["vectors"], "pf_mask": jets["mask"]})
+    with torch.no_grad():
+        expected = model(jets)
+    np.testing.assert_allclose(got["tau_id"], expected["tau_id"].softmax(-1).numpy(), atol=1e-5)
+    charge = torch.sigmoid(expected["charge"])
+    np.testing.assert_allclose(got["charge"], torch.cat((1 - charge, charge), -1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(got["kinematics"], expected["kinematics"].numpy(), atol=1e-4)
+    assert got["decay_mode"].shape == (4, 6)
+
+
+def test_aot_export_matches_pytorch(tmp_path):
+    run, model = trained_run(tmp_path, "aot-quickstart", [])
+    out = tmp_path / "aot.onnx"
+    assert runner.invoke(app, ["export", "onnx", str(run), "-o", str(out)]).exit_code == 0
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.arange(9)[None] < torch.tensor([9, 3, 0, 5, 7])[:, None]).float()[:, None]
+    batch = {"features": torch.randn(5, 6, 9, generator=g) * mask, "mask": mask, "event_features": 50 * torch.rand(5, 4, generator=g)}
+    got = onnx_outputs(out, batch)["signal"]
+    with torch.no_grad():
+        p = torch.sigmoid(model(batch)["signal"])
+    np.testing.assert_allclose(got, torch.cat((1 - p, p), -1).numpy(), atol=1e-5)
+
+
+def test_export_of_a_missing_run_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["export", "onnx", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "no such run directory" in result.output
