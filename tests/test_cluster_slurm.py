@@ -46,47 +46,6 @@ echo "node=${SLURMD_NODENAME:-?} image=$image command=$*" >> "$APPTAINER_STANDIN
 exec "$@"
 """
 
-# A stand-in training command with the contract of `hepml train`: it is the Ray driver, runs its steps as Ray tasks
-# spread over the cluster's nodes, checkpoints atomically, checkpoints and exits on SIGUSR1, resumes from its run dir.
-STANDIN_TRAIN = r'''
-import json, os, signal, sys, time
-import ray
-
-args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
-run_dir, steps = args["--run-dir"], int(args["--steps"])
-stop = []
-signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
-ray.init(address=args["--address"], logging_level="ERROR", log_to_driver=False)
-
-@ray.remote(num_cpus=1)
-def work(step):
-    time.sleep(0.5)
-    return ray.get_runtime_context().get_node_id()
-
-def checkpoint(step):
-    os.makedirs(run_dir, exist_ok=True)
-    tmp = os.path.join(run_dir, ".state.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"step": step}, f)
-    os.replace(tmp, os.path.join(run_dir, "state.json"))
-
-path = os.path.join(run_dir, "state.json")
-step = json.load(open(path))["step"] if os.path.exists(path) else 0
-nodes = set()  # Ray nodes this run's steps ran on
-print(f"stand-in training: resuming at step {step}", flush=True)
-while step < steps:
-    if stop:
-        checkpoint(step)
-        print(f"stand-in training: USR1, checkpointed at step {step}", flush=True)
-        sys.exit(0)
-    nodes.update(ray.get([work.remote(step), work.remote(step)]))
-    step += 1
-    checkpoint(step)
-print(f"stand-in training: finished {steps} steps on {len(nodes)} nodes", flush=True)
-sys.exit(int(args.get("--exit", 0)))
-'''
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -299,6 +258,61 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeSlurm]:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _write_jets(out_dir: Path, examples: int = 1200, particles: int = 16, seed: int = 1) -> Path:
+    """Five classes of jets (the part-quickstart tasks) that differ in constituent count and spread."""
+    import numpy as np
+
+    from hepml_dist.data.format import DatasetWriter
+
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 5, examples)
+    n = np.clip(3 + 2 * label + rng.integers(0, 3, examples), 1, particles)
+    real = np.arange(particles)[None, :] < n[:, None]
+    pt = rng.exponential(20.0, (examples, particles)) + 1.0
+    spread = (0.05 + 0.05 * label)[:, None]
+    eta = rng.normal(0, 1, (examples, 1)) + rng.normal(0, 1, (examples, particles)) * spread
+    phi = rng.uniform(-np.pi, np.pi, (examples, 1)) + rng.normal(0, 1, (examples, particles)) * spread
+    px, py, pz = pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
+    energy = np.sqrt(px**2 + py**2 + pz**2)
+
+    def pad(values, dtype=np.float32):
+        return np.where(real, values, 0).astype(dtype)
+
+    charge = rng.choice([-1.0, 0.0, 1.0], (examples, particles))
+    jet = {name: pad(v).sum(1) for name, v in (("px", px), ("py", py), ("pz", pz), ("e", energy))}
+    jet_pt = np.hypot(jet["px"], jet["py"])
+    zero = np.zeros((examples, particles), np.float32)
+    columns = {
+        "part_px": pad(px), "part_py": pad(py), "part_pz": pad(pz), "part_energy": pad(energy),
+        "part_charge": pad(charge), "part_pid": pad(np.where(charge != 0, 211 * charge, 22), np.int32),
+        "part_d0val": zero, "part_d0err": zero, "part_dzval": zero, "part_dzerr": zero, "part_n": n.astype(np.int32),
+        "jet_pt": jet_pt.astype(np.float32), "jet_eta": np.arcsinh(jet["pz"] / np.maximum(jet_pt, 1e-3)).astype(np.float32),
+        "jet_phi": np.arctan2(jet["py"], jet["px"]).astype(np.float32), "jet_energy": jet["e"].astype(np.float32),
+        "jet_mass": np.sqrt(np.maximum(jet["e"] ** 2 - jet_pt**2 - jet["pz"] ** 2, 0)).astype(np.float32),
+        "label_jet_class": label.astype(np.int64),
+    }  # fmt: skip
+    with DatasetWriter(out_dir, schema="jets", splits=(0.7, 0.15, 0.15), seed=seed, chunk_size=64, chunks_per_shard=2) as w:
+        w.add(columns)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def jets(slurm: FakeSlurm) -> Path:
+    """The part-quickstart data, small, in the submit directory (relative paths as a user would write them)."""
+    _write_jets(slurm.root / "data" / "jets")
+    return Path("data/jets")
+
+
+def _quickstart(jets: Path, steps_per_epoch: int, epochs: int, eval_interval: int) -> list[str]:
+    """part-quickstart.yaml on the small data, shrunk to seconds per epoch on the 2 fake nodes (1 CPU each)."""
+    sets = [f"data.train={jets}/train", f"data.val={jets}/val", f"data.test={jets}/test",
+            "data.inputs.max_length=16", "data.batch_size=32", f"data.steps_per_epoch={steps_per_epoch}",
+            "data.val_steps=2", "data.shuffle_buffer=256", "data.loader_workers=0",
+            "model.embed_dims=[16, 16]", "model.pair_embed_dims=[8]", "model.num_heads=2", "model.num_layers=1",
+            f"training.epochs={epochs}", f"training.eval_interval={eval_interval}", "training.log_interval=5"]  # fmt: skip
+    return [arg for value in sets for arg in ("--set", value)]
+
+
 def _submit(slurm: FakeSlurm, *args: str, wait: bool = False, timeout: float = 240) -> tuple[str, subprocess.CompletedProcess[str]]:
     done = slurm.hepml(
         "slurm", "submit", str(REPO / "jobs/part-quickstart.yaml"), "--site", str(slurm.site),
@@ -310,60 +324,67 @@ def _submit(slurm: FakeSlurm, *args: str, wait: bool = False, timeout: float = 2
     return found.group(1), done
 
 
-def _standin(slurm: FakeSlurm, steps: int, exit_code: int = 0) -> list[str]:
-    script = slurm.root / "standin_train.py"
-    script.write_text(STANDIN_TRAIN)
-    command = f"{sys.executable} {script} --address {{address}} --run-dir {{run_dir}} --steps {steps} --exit {exit_code}"
-    return ["--site-set", f"train_command={command}"]
-
-
-def _assert_torn_down(slurm: FakeSlurm, job_id: str) -> None:
+def _assert_torn_down(job_id: str) -> None:
     marker = f"/tmp/hr{os.getpid()}-{job_id}-"
     assert _ray_processes(marker) == [], f"Ray processes of job {job_id} survived the job"
     assert not list(Path("/tmp").glob(f"hr{os.getpid()}-{job_id}-*")), "a Ray temp dir survived the job"
 
 
-def test_two_node_ray_cluster_trains_and_exit_code_is_the_trainings(slurm: FakeSlurm) -> None:
-    job_id, done = _submit(slurm, *_standin(slurm, steps=6, exit_code=7), wait=True)
+def _checkpoints(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("checkpoints/step-*/state.json"))]
+
+
+def test_quickstart_trains_on_a_two_node_ray_cluster_in_the_container(slurm: FakeSlurm, jets: Path) -> None:
+    job_id, done = _submit(slurm, *_quickstart(jets, steps_per_epoch=10, epochs=1, eval_interval=5), wait=True)
     log = slurm.log(job_id)
-    assert done.returncode == 7, f"hepml slurm submit --wait should exit with the training's status\n{done.stderr}\n{log}"
-    assert slurm.job(job_id)["ExitCode"] == "7:0"
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{log}"
     assert "Ray cluster ready: 2 nodes" in log
     assert "[ray-node 0 on node1]" in log and "[ray-node 1 on node2]" in log
-    assert "finished 6 steps on 2 nodes" in log, log
+    assert "finished at step 10" in log
+    # Two workers of 1 CPU on two nodes of 1 CPU each: the DDP group spans both Ray nodes.
+    final = _checkpoints(slurm.root / "runs" / f"part-quickstart-{job_id}")[-1]
+    assert final["finished"] and final["step"] == 10 and final["world_size"] == 2
     calls = slurm.apptainer_log.read_text()
-    # Both Ray nodes and the training ran through the container prefix, on their SLURM nodes.
-    assert re.search(r"node=node1 image=\S+ command=ray start .*--head", calls)
-    assert re.search(r"node=node2 image=\S+ command=ray start .*--address=", calls)
-    assert re.search(r"node=node1 image=\S+ command=\S+python\S* \S+standin_train.py", calls)
-    _assert_torn_down(slurm, job_id)
+    # The Ray nodes and the training all ran through the container prefix, each on its SLURM node.
+    assert re.search(rf"node=node1 image={slurm.image} command=ray start .*--head", calls)
+    assert re.search(rf"node=node2 image={slurm.image} command=ray start .*--address=", calls)
+    assert re.search(rf"node=node1 image={slurm.image} command=hepml train \S+part-quickstart-{job_id}.job.yaml", calls)
+    assert slurm.job(job_id)["ExitCode"] == "0:0"
+    _assert_torn_down(job_id)
 
 
-def test_preemption_checkpoints_requeues_and_resumes(slurm: FakeSlurm) -> None:
-    job_id, done = _submit(slurm, *_standin(slurm, steps=40))
+def test_preemption_checkpoints_requeues_and_the_requeued_run_finishes(slurm: FakeSlurm, jets: Path) -> None:
+    job_id, done = _submit(slurm, *_quickstart(jets, steps_per_epoch=30, epochs=2, eval_interval=10))
     assert done.returncode == 0, done.stderr
     run_dir = slurm.root / "runs" / f"part-quickstart-{job_id}"
-    state = run_dir / "state.json"
-    slurm.wait_job(job_id, lambda f: state.is_file() and json.loads(state.read_text())["step"] >= 3, "training steps", 120)
+    slurm.wait_job(job_id, lambda f: bool(_checkpoints(run_dir)), "the first checkpoint", 180)
     slurm.run("scancel", "--signal=USR1", "--batch", job_id)
-    # The script stops the training (which checkpoints), stops Ray and requeues the job: PENDING with one restart.
-    slurm.wait_job(job_id, lambda f: f["Restarts"] == "1" and f["JobState"] == "PENDING", "the requeue", 90)
+    # The script has the training checkpoint and stop, stops Ray and requeues: PENDING with one restart.
+    slurm.wait_job(job_id, lambda f: f["Restarts"] == "1" and f["JobState"] == "PENDING", "the requeue", 120)
     log = slurm.log(job_id)
-    assert "USR1" in log and "requeueing job" in log, log
-    checkpointed = json.loads(state.read_text())["step"]
-    assert 3 <= checkpointed < 40, f"checkpoint at step {checkpointed}"
-    assert f"checkpointed at step {checkpointed}" in log
-    _assert_torn_down(slurm, job_id)
-    # SLURM holds a requeued job for 120 s (BeginTime); release it once the first run is gone from the nodes.
+    assert "USR1" in log and "requeueing job" in log and "stopped on request at step" in log, log
+    stopped = _checkpoints(run_dir)[-1]
+    assert not stopped["finished"] and 10 <= stopped["step"] < 60, stopped
+    _assert_torn_down(job_id)
+    # SLURM holds a requeued job for 120 s (BeginTime); release it once the first run has left the nodes.
     slurm.wait_job(job_id, lambda f: slurm.idle(), "the nodes to be idle", 60)
     time.sleep(2)
     slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    final = slurm.wait_job(job_id, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), "the requeued run", 180)
+    final = slurm.wait_job(job_id, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), "the requeued run", 240)
     log = slurm.log(job_id)
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", log
-    assert f"resuming at step {checkpointed}" in log
-    assert "finished 40 steps on 2 nodes" in log
-    _assert_torn_down(slurm, job_id)
+    assert f"resuming from step {stopped['step']}" in log and "finished at step 60" in log, log
+    assert _checkpoints(run_dir)[-1]["finished"]
+    _assert_torn_down(job_id)
+
+
+def test_job_exit_code_is_the_trainings(slurm: FakeSlurm) -> None:
+    job_id, done = _submit(slurm, "--site-set", "train_command=bash -c 'echo stand-in training; exit 7'", wait=True)
+    log = slurm.log(job_id)
+    assert done.returncode == 7, f"{done.stderr}\n{log}"
+    assert slurm.job(job_id)["ExitCode"] == "7:0"
+    assert "Ray cluster ready: 2 nodes" in log and "training exited with status 7" in log
+    _assert_torn_down(job_id)
 
 
 def test_missing_image_and_dead_node_fail_clearly(slurm: FakeSlurm) -> None:
@@ -374,3 +395,4 @@ def test_missing_image_and_dead_node_fail_clearly(slurm: FakeSlurm) -> None:
     job_id, done = _submit(slurm, "--site-set", 'node_setup=["echo broken node >&2; exit 9"]', wait=True)
     assert done.returncode == 3
     assert "a Ray node step exited" in slurm.log(job_id)
+    _assert_torn_down(job_id)

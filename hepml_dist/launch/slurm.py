@@ -60,8 +60,9 @@ class RaySite(Section):
     paths are limited to 107 bytes. `{job_id}` is the SLURM job id."""
     join_timeout_s: int = Field(300, ge=5)
     """Seconds to wait for the head to come up and for every node to join before the job fails."""
-    dashboard: bool = False
-    """Start the Ray dashboard on the head (port = block start + 7, bound to localhost; reach it with an ssh tunnel)."""
+    dashboard: bool = True
+    """Start the Ray dashboard on the head (port = block start + 7, bound to localhost; reach it with an ssh tunnel).
+    Ray Train's state API and `hepml submit` (Jobs API) need it."""
     ip_interface: str | None = None
     """Network interface whose IPv4 address each node uses for Ray (e.g. `hsn0`); None: the node's SLURM NodeAddr."""
 
