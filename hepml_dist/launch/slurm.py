@@ -423,7 +423,7 @@ def job_state(job_id: str) -> JobState | None:
     )
 
 
-def follow(job_id: str, on_change: Callable[[JobState], None] = lambda state: None, poll_s: float = 2.0) -> JobState:
+def follow(job_id: str, on_change: Callable[[JobState], None] = lambda state: None, poll_s: float = 1.0) -> JobState:
     """Poll the job until it reaches a final state (a requeued job goes on), calling `on_change` on every change."""
     last: JobState | None = None
     while True:
