@@ -28,6 +28,14 @@ SiteOverrides = Annotated[
     list[str] | None,
     typer.Option("--site-set", help="Override a site field, e.g. --site-set ray.join_timeout_s=600 (repeatable)."),
 ]
+HoldOpt = Annotated[
+    bool,
+    typer.Option(
+        "--hold",
+        help="Start the Ray cluster sized for JOB but do not train: keep it up until the time limit or scancel, "
+        "for jobs sent with `hepml submit` (see cluster/ray/README.md).",
+    ),
+]
 RunDirOpt = Annotated[
     str | None,
     typer.Option(
@@ -39,7 +47,7 @@ RunDirOpt = Annotated[
 
 
 def _render(job: Path, site: str | None, overrides: list[str] | None, site_overrides: list[str] | None,
-            run_dir: str | None):  # type: ignore[no-untyped-def]
+            run_dir: str | None, hold: bool = False):  # type: ignore[no-untyped-def]
     from hepml_dist.cli import load
     from hepml_dist.launch.slurm import load_site, render_sbatch
 
@@ -48,7 +56,7 @@ def _render(job: Path, site: str | None, overrides: list[str] | None, site_overr
     if not site_name:
         raise UserError(f"{job}: no site: pass --site NAME (one of cluster/sites/) or set cluster.slurm.site")
     profile = load_site(site_name, site_overrides or [])
-    return spec, profile, render_sbatch(spec, profile, run_dir=run_dir, source=str(job))
+    return spec, profile, render_sbatch(spec, profile, run_dir=run_dir, source=str(job), hold=hold)
 
 
 @slurm_app.command("render")
@@ -58,10 +66,11 @@ def render(
     overrides: Overrides = None,
     site_overrides: SiteOverrides = None,
     run_dir: RunDirOpt = None,
+    hold: HoldOpt = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the script here (default: stdout).")] = None,
 ) -> None:
     """Print the sbatch script that runs JOB on SITE (check it, then `sbatch` it yourself, or use `submit`)."""
-    _, _, script = _render(job, site, overrides, site_overrides, run_dir)
+    _, _, script = _render(job, site, overrides, site_overrides, run_dir, hold)
     if output is None:
         typer.echo(script, nl=False)
         return
@@ -76,6 +85,7 @@ def submit(
     overrides: Overrides = None,
     site_overrides: SiteOverrides = None,
     run_dir: RunDirOpt = None,
+    hold: HoldOpt = False,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job (through requeues) and exit with its status.")] = False,
     sbatch_args: Annotated[
         list[str] | None, typer.Option("--sbatch-arg", help="Extra sbatch option, e.g. --sbatch-arg=--dependency=afterok:123.")
@@ -86,7 +96,7 @@ def submit(
 
     from hepml_dist.launch.slurm import follow, submit_script
 
-    spec, profile, script = _render(job, site, overrides, site_overrides, run_dir)
+    spec, profile, script = _render(job, site, overrides, site_overrides, run_dir, hold)
     log_dir = Path(profile.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")

@@ -326,8 +326,18 @@ def _environment():  # type: ignore[no-untyped-def]
     )
 
 
-def render_sbatch(spec: JobSpec, site: SiteProfile, run_dir: str | None = None, source: str = "") -> str:
-    """The sbatch script for `spec` on `site` (see cluster/slurm/ray-cluster.sbatch.j2)."""
+HOLD_COMMAND = "sleep infinity"
+
+
+def render_sbatch(
+    spec: JobSpec, site: SiteProfile, run_dir: str | None = None, source: str = "", hold: bool = False
+) -> str:
+    """The sbatch script for `spec` on `site` (see cluster/slurm/ray-cluster.sbatch.j2).
+
+    `hold`: start the Ray cluster and keep it up until the time limit (or scancel) instead of training, for jobs
+    sent with `hepml submit` (Jobs API); it is not requeued."""
+    if hold:
+        site = site.model_copy(update={"train_command": HOLD_COMMAND, "requeue": False})
     chosen = plan(spec, site, run_dir)
     job_yaml = dump_spec(spec)
     if "HEPML_JOB_SPEC_END" in job_yaml:
