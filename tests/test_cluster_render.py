@@ -184,3 +184,21 @@ def test_cli_render_and_errors(tmp_path: Path) -> None:
               "--set", "cluster.slurm.nodes=2", *IMAGE],
     )  # fmt: skip
     assert result.exit_code == 0 and "site profile local" in result.output
+
+
+def test_hold_keeps_the_cluster_up_instead_of_training() -> None:
+    script = render("part-quickstart.yaml", "local", ["cluster.slurm.nodes=2", *IMAGE[1:]], hold=True)
+    assert "local command=(sleep infinity)" in script and "REQUEUE=0\n" in script
+    assert "--no-requeue" in sbatch_options(script)
+    assert "hepml train" not in script.split("train() {", 1)[1]
+
+
+def test_ray_cluster_launcher_file_is_valid_for_ray() -> None:
+    """cluster/ray/onprem.yaml passes Ray's own cluster-config schema, and its commands are valid shell."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster/ray/onprem.yaml").read_text())
+    validate_config(prepare_config(config))
+    commands = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    bash_syntax_ok("\n".join(commands))
+    assert all("apptainer" in c for c in commands) and any("RAY_AUTH_MODE=token" in c for c in commands)
