@@ -17,8 +17,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -76,7 +76,6 @@ class FakeSlurm:
     site: Path
     image: Path
     apptainer_log: Path
-    pids: dict[str, int] = field(default_factory=dict)
 
     def run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.root)
@@ -91,7 +90,7 @@ class FakeSlurm:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
-    def wait_job(self, job_id: str, done: callable, what: str, timeout: float) -> dict[str, str]:  # type: ignore[valid-type]
+    def wait_job(self, job_id: str, done: Callable[[dict[str, str]], bool], what: str, timeout: float) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             fields = self.job(job_id)
@@ -100,7 +99,7 @@ class FakeSlurm:
             time.sleep(0.5)
         raise AssertionError(f"job {job_id}: timed out waiting for {what}; now {fields.get('JobState')}\n{self.log(job_id)}")
 
-    def log(self, job_id: str, name: str = "quickstart") -> str:
+    def log(self, job_id: str) -> str:
         matches = list((self.root / "slurm-logs").glob(f"*-{job_id}.out"))
         return matches[0].read_text(errors="replace") if matches else "(no job output yet)"
 
