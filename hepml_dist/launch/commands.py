@@ -154,13 +154,11 @@ def wait_nodes(
     from hepml_dist.launch.slurm import wait_for_nodes
 
     alive = wait_for_nodes(address, nodes, timeout)
-    typer.echo(f"Ray cluster ready: {len(alive)} nodes")
-    for node in sorted(alive, key=lambda n: n["NodeManagerPort"]):
-        resources = node["Resources"]
-        typer.echo(
-            f"  node {node['NodeID'][:12]} at {node['NodeManagerAddress']}:{node['NodeManagerPort']}: "
-            f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU"
-        )
+    typer.echo(f"Ray cluster ready: {len(alive)} node{'s' if len(alive) > 1 else ''}")
+    for node in sorted(alive, key=lambda n: (not n["head"], n["address"])):
+        resources = node["resources"]
+        role = "head" if node["head"] else "worker"
+        typer.echo(f"  {role} {node['address']}: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -451,23 +451,40 @@ def follow(job_id: str, on_change: Callable[[JobState], None] = lambda state: No
 # ---------------------------------------------------------------------------------------------------- on the node
 
 
-def wait_for_nodes(address: str, nodes: int, timeout_s: float) -> list[dict[str, Any]]:
-    """Connect to the Ray cluster at `address` and wait until `nodes` nodes are alive; returns them."""
-    import ray
+def alive_nodes(address: str, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """The alive nodes of the Ray cluster at `address`, from its GCS (as `ray status` reads them): no driver is
+    started, so this works before any raylet has registered."""
+    from ray._raylet import GcsClient  # Ray's own GCS client (Ray is pinned by requirements.lock)
 
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            alive = [node for node in ray.nodes() if node["Alive"]]
-            if len(alive) >= nodes or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
-    finally:
-        ray.shutdown()
-    if len(alive) < nodes:
-        raise UserError(
-            f"only {len(alive)} of {nodes} Ray nodes joined {address} within {timeout_s:g} s; "
-            "see the node steps' output in the job log"
-        )
-    return alive
+        infos = GcsClient(address=address).get_all_node_info(timeout=timeout_s).values()
+    except Exception as err:  # noqa: BLE001 - RPC errors come in several types; the caller retries
+        raise ConnectionError(f"cannot read the node table of the Ray cluster at {address}: {err}") from None
+    return [
+        {
+            "address": f"{info.node_manager_address}:{info.node_manager_port}",
+            "head": bool(info.is_head_node),
+            "resources": dict(info.resources_total),
+        }
+        for info in infos
+        if info.state == 0  # GcsNodeInfo.ALIVE
+    ]
+
+
+def wait_for_nodes(address: str, nodes: int, timeout_s: float) -> list[dict[str, Any]]:
+    """Wait until `nodes` Ray nodes are alive in the cluster at `address`; returns them."""
+    deadline = time.monotonic() + timeout_s
+    alive: list[dict[str, Any]] = []
+    error = ""
+    while time.monotonic() < deadline:
+        try:
+            alive, error = alive_nodes(address), ""
+        except ConnectionError as err:
+            error = f" (last error: {err})"
+        if len(alive) >= nodes:
+            return alive
+        time.sleep(1.0)
+    raise UserError(
+        f"only {len(alive)} of {nodes} Ray nodes joined {address} within {timeout_s:g} s{error}; "
+        "see the node steps' output in the job log"
+    )
