@@ -453,7 +453,8 @@ def follow(job_id: str, on_change: Callable[[JobState], None] = lambda state: No
 
 def alive_nodes(address: str, timeout_s: float = 10.0) -> list[dict[str, Any]]:
     """The alive nodes of the Ray cluster at `address`, from its GCS (as `ray status` reads them): no driver is
-    started, so this works before any raylet has registered."""
+    started, so this works before any raylet has registered. Connecting blocks for about 30 s when nothing listens
+    at `address`; the sbatch script only calls it once the head's port answers."""
     from ray._raylet import GcsClient  # Ray's own GCS client (Ray is pinned by requirements.lock)
 
     try:
