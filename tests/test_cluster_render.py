@@ -202,3 +202,30 @@ def test_ray_cluster_launcher_file_is_valid_for_ray() -> None:
     commands = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     bash_syntax_ok("\n".join(commands))
     assert all("apptainer" in c for c in commands) and any("RAY_AUTH_MODE=token" in c for c in commands)
+
+
+@pytest.mark.parametrize(
+    ("addresses", "ips", "blocks"),
+    [
+        ({"node1": "127.0.0.1", "node2": "127.0.0.1", "node3": "127.0.0.1"}, ["127.0.0.1"] * 3, [36000, 37000, 38000]),
+        ({"nid001": "10.1.0.1", "nid002": "10.1.0.2"}, ["10.1.0.1", "10.1.0.2"], [36000, 36000]),
+        ({"gpu1": "localhost", "gpu2": "10.1.0.2"}, ["127.0.0.1", "10.1.0.2"], [36000, 36000]),
+    ],
+)
+def test_node_addresses_and_port_blocks(tmp_path: Path, addresses: dict[str, str], ips: list[str], blocks: list[int]) -> None:
+    """The script's node section, run against a stand-in `scontrol`: IPs from NodeAddr (names resolved), and a port
+    block of its own for every node that shares an IP with an earlier one."""
+    script = render("part-quickstart.yaml", "local", ["cluster.slurm.nodes=2", *IMAGE[1:]])
+    section = "# ---- the nodes" + script.split("# ---- the nodes", 1)[1].split("HEAD_ADDRESS=", 1)[0]
+    scontrol = tmp_path / "scontrol"
+    nodes = " ".join(addresses)
+    cases = "\n".join(f"  {name}) echo 'NodeName={name} Arch=x86_64 NodeAddr={addr} NodeHostName={name}' ;;"
+                      for name, addr in addresses.items())  # fmt: skip
+    scontrol.write_text(f'#!/bin/bash\nif [[ $2 == hostnames ]]; then printf "%s\\n" {nodes}; exit; fi\n'
+                        f'case $3 in\n{cases}\nesac\n')  # fmt: skip
+    scontrol.chmod(0o755)
+    probe = ("die() { echo \"die $*\"; exit 1; }\nRAY_IP_INTERFACE=\nRAY_PORT_BLOCK_START=36000\n" + section
+             + 'echo "${IPS[*]}|${BLOCKS[*]}"\n')  # fmt: skip
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "x", "SLURM_JOB_NUM_NODES": str(len(addresses))}
+    done = subprocess.run(["bash", "-c", probe], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == f"{' '.join(ips)}|{' '.join(map(str, blocks))}", done.stdout + done.stderr
