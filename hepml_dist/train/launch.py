@@ -208,13 +208,14 @@ def launch(
     )
     with _stop_on_signals(lambda: request_stop(run_dir)), _follow_progress(spec, run_dir, interactive):
         try:
-            result = trainer.fit()
+            trainer.fit()
         except Exception as err:  # noqa: BLE001 - turn worker errors we understand into clear messages
             raise _explain(err) from None
     latest = latest_checkpoint(run_dir)
     state = read_state(latest) if latest else {}
-    metrics = dict(result.metrics or {})
-    return TrainResult(run_dir, int(state.get("step", 0)), bool(state.get("finished")), bool(metrics.get("stopped")), metrics)
+    # Ray V2 keeps no metrics reported without a checkpoint: the run directory is the record of where the run stands.
+    return TrainResult(run_dir, int(state.get("step", 0)), bool(state.get("finished")), bool(state.get("stopped")),
+                       state.get("metrics", {}))
 
 
 def _explain(err: Exception) -> Exception:
