@@ -202,7 +202,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeSlurm]:
     apptainer.chmod(0o755)
     image = root / "hepml-test.sif"
     image.write_text("stand-in image\n")
-    marker = f"/tmp/hr{os.getpid()}-"
+    marker = f"/tmp/hsl{os.getpid()}-"
     site = root / "site.yaml"
     site.write_text(
         f"extends: {REPO / 'cluster/sites/local.yaml'}\n"
@@ -324,9 +324,9 @@ def _submit(slurm: FakeSlurm, *args: str, wait: bool = False, timeout: float = 2
 
 
 def _assert_torn_down(job_id: str) -> None:
-    marker = f"/tmp/hr{os.getpid()}-{job_id}-"
+    marker = f"/tmp/hsl{os.getpid()}-{job_id}-"
     assert _ray_processes(marker) == [], f"Ray processes of job {job_id} survived the job"
-    assert not list(Path("/tmp").glob(f"hr{os.getpid()}-{job_id}-*")), "a Ray temp dir survived the job"
+    assert not list(Path("/tmp").glob(f"hsl{os.getpid()}-{job_id}-*")), "a Ray temp dir survived the job"
 
 
 def _checkpoints(run_dir: Path) -> list[dict]:
