@@ -41,12 +41,16 @@ class SlurmSpec(Section):
     """SLURM partition."""
     account: str | None = None
     """SLURM account (project) charged."""
+    qos: str | None = None
+    """SLURM quality of service."""
     nodes: int = Field(1, ge=1)
     """Nodes in the allocation (one Ray node each)."""
     time: str = "01:00:00"
     """Wall-clock limit, HH:MM:SS or D-HH:MM:SS."""
     container_image: str | None = None
     """Apptainer image the Ray nodes and the training run in."""
+    site: str | None = None
+    """Site profile (a name in cluster/sites/ or a path) used by `hepml slurm` when --site is not given."""
 
 
 class ClusterSpec(Section):
