@@ -139,6 +139,7 @@ def _params_cell(spec: JobSpec) -> str:
 # Each area of the service adds its commands through `register(app)` in its own module (one line each).
 COMMAND_MODULES: list[str] = [
     "hepml_dist.data.commands",
+    "hepml_dist.data.generate.commands",
     "hepml_dist.models.commands",
     "hepml_dist.train.commands",
 ]
