@@ -144,6 +144,7 @@ COMMAND_MODULES: list[str] = [
     "hepml_dist.omnijet.commands",
     "hepml_dist.train.commands",
     "hepml_dist.launch.commands",
+    "hepml_dist.evaluate.commands",
 ]
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)

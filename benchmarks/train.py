@@ -1,0 +1,267 @@
+"""End-to-end training speed: `hepml train` (Ray, DDP, shard loader, the model, the optimizer) on generated fcc-tau
+jets, and weaver-core's own trainer (`weaver`) on the same jets, in one run on one machine.
+
+Measured:
+  * start-up: from invoking `hepml train` to the end of the first optimizer step (Python imports, embedded Ray,
+    the worker group and its process group, model, first batch), read from the run's metrics.jsonl;
+  * the demo job (jobs/multipartau-quickstart.yaml, 4 tasks) in jets/s with 1 worker using every core and with
+    2 DDP workers of one core each, at the same per-worker batch;
+  * ParT tau ID (one task, the quickstart's encoder), one process with every core: `hepml train` with 1 worker
+    against `weaver` with weaver-core's ParticleTransformer of the same configuration, the same 17 candidate
+    features and 4-vectors (computed by weaver's own `new_variables` from the same jets written as parquet), the
+    same batch, AdamW, one loader worker each.
+
+Throughput is steady-state: for `hepml train`, jets between the end of step `--warmup` and the last step over the
+wall time between them (metrics.jsonl times); for weaver, two runs of N1 and N2 steps and the difference of their
+epoch times (weaver's own "avg. speed" line), so start-up cancels on both sides.
+
+    python benchmarks/train.py                       # generates 20k events into a temporary folder
+    python benchmarks/train.py --data data/fcc-tau --json train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "jobs/multipartau-quickstart.yaml"
+SINGLE_TASK = ROOT / "jobs/singlepartau-tauid.yaml"
+# the quickstart encoder, for the single-task comparison (weaver-core's ParticleTransformer takes the same numbers)
+SMALL_PART = {"embed_dims": [64, 128, 64], "pair_embed_dims": [32, 32], "num_heads": 4, "num_layers": 2,
+              "num_cls_layers": 1, "head_hidden": 64, "head_dropout": 0.1}
+
+
+def hepml(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hepml_dist", *args]
+
+
+def ensure_data(path: Path | None, events: int, workdir: Path) -> Path:
+    if path is not None:
+        return path.resolve()
+    out = workdir / "fcc-tau"
+    subprocess.run(hepml("data", "generate", "fcc-tau", "--events", str(events), "--out", str(out), "--seed", "1"),
+                   check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def train_run(job: Path, data: Path, run_dir: Path, workers: int, threads: int, steps: int, batch: int,
+              extra: list[str] = ()) -> dict:
+    """One `hepml train`: start-up and steady-state jets/s from metrics.jsonl (log every step, no validation)."""
+    sets = [f"data.{s}={data / s}" for s in ("train", "val", "test")] + [
+        "training.epochs=null", f"training.steps={steps}", "training.log_interval=1",
+        f"training.eval_interval={10 * steps}", f"checkpoint.interval={10 * steps}", "tracking.mode=disabled",
+        f"parallel.num_workers={workers}", f"parallel.cpus_per_worker={max(1, threads // workers)}",
+        f"data.batch_size={batch}", "data.steps_per_epoch=null", "data.loader_workers=1", *extra,
+    ]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = hepml("train", str(job), "--run-dir", str(run_dir), "--plain", *[a for s in sets for a in ("--set", s)])
+    start = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    if done.returncode != 0:
+        raise RuntimeError(f"hepml train failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps_logged = [r for r in records if "jets_per_s" in r]
+    warm = steps_logged[min(len(steps_logged) - 2, max(2, len(steps_logged) // 5))]
+    last = steps_logged[-1]
+    global_batch = batch * workers
+    return {
+        "workers": workers, "threads_per_worker": max(1, threads // workers), "batch_per_worker": batch,
+        "steps": steps, "startup_s": steps_logged[0]["time"] - start,
+        "jets_per_s": (last["step"] - warm["step"]) * global_batch / (last["time"] - warm["time"]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# weaver-core on the same jets
+
+WEAVER_DATA_CONFIG = """
+selection: null
+new_variables:
+  # weaver pads the raw buffers of jagged arrays: columns read straight from a row range must be packed first
+  part_px_: ak.to_packed(part_px)
+  part_py_: ak.to_packed(part_py)
+  part_pz_: ak.to_packed(part_pz)
+  part_energy_: ak.to_packed(part_energy)
+  part_charge_: ak.to_packed(part_charge)
+  part_d0val_: ak.to_packed(part_d0val)
+  part_d0err_: ak.to_packed(part_d0err)
+  part_dzval_: ak.to_packed(part_dzval)
+  part_dzerr_: ak.to_packed(part_dzerr)
+  part_mask: ak.ones_like(part_energy_)
+  part_pt: np.hypot(part_px, part_py)
+  part_eta: np.arcsinh(part_pz / np.maximum(part_pt, 1e-8))
+  part_phi: np.arctan2(part_py, part_px)
+  part_abs_deta: np.abs(part_eta - jet_eta)
+  part_abs_dphi: np.abs((part_phi - jet_phi + math.pi) % (2 * math.pi) - math.pi)
+  part_logpt: np.log(np.maximum(part_pt, 1e-6))
+  part_loge: np.log(np.maximum(part_energy, 1e-6))
+  part_logptrel: np.log(np.maximum(part_pt / jet_pt, 1e-6))
+  part_logerel: np.log(np.maximum(part_energy / jet_energy, 1e-6))
+  part_dr: np.hypot(part_abs_deta, part_abs_dphi)
+  part_is_electron: np.abs(part_pid) == 11
+  part_is_muon: np.abs(part_pid) == 13
+  part_is_photon: part_pid == 22
+  part_is_chhad: (part_charge != 0) & (np.abs(part_pid) != 11) & (np.abs(part_pid) != 13)
+  part_is_nhad: (part_charge == 0) & (part_pid != 22)
+  label_tau: label_is_tau == 1
+  label_jet: label_is_tau == 0
+preprocess: {method: manual, data_fraction: 1}
+inputs:
+  pf_features:
+    length: 20
+    pad_mode: constant
+    vars: [[part_abs_deta, null], [part_abs_dphi, null], [part_logpt, null], [part_loge, null],
+           [part_logptrel, null], [part_logerel, null], [part_dr, null], [part_charge_, null],
+           [part_is_electron, null], [part_is_muon, null], [part_is_photon, null], [part_is_chhad, null],
+           [part_is_nhad, null], [part_dzval_, null], [part_dzerr_, null], [part_d0val_, null], [part_d0err_, null]]
+  pf_vectors:
+    length: 20
+    pad_mode: constant
+    vars: [[part_px_, null], [part_py_, null], [part_pz_, null], [part_energy_, null]]
+  pf_mask:
+    length: 20
+    pad_mode: constant
+    vars: [[part_mask, null]]
+labels: {type: simple, value: [label_jet, label_tau]}
+observers: []
+"""
+
+WEAVER_NETWORK = '''
+"""weaver-core's ParticleTransformer with the quickstart encoder (benchmarks/train.py)."""
+import torch
+from weaver.nn.model.ParticleTransformer import ParticleTransformer
+
+CONFIG = {config}
+
+
+class Wrapper(torch.nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.mod = ParticleTransformer(**kwargs)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {{"mod.cls_token"}}
+
+    def forward(self, features, vectors, mask):
+        return self.mod(features, v=vectors, mask=mask)
+
+
+def get_model(data_config, **kwargs):
+    c = CONFIG
+    model = Wrapper(input_dim=len(data_config.input_dicts["pf_features"]), num_classes=len(data_config.label_value),
+                    pair_input_dim=4, embed_dims=c["embed_dims"], pair_embed_dims=c["pair_embed_dims"],
+                    num_heads=c["num_heads"], num_layers=c["num_layers"], num_cls_layers=c["num_cls_layers"],
+                    block_params=dict(dropout=0.0, attn_dropout=0.0, activation_dropout=0.0),
+                    fc_params=[(c["head_hidden"], c["head_dropout"])], trim=True)
+    info = {{"input_names": list(data_config.input_names), "output_names": ["softmax"],
+            "input_shapes": {{k: ((1,) + s[1:]) for k, s in data_config.input_shapes.items()}},
+            "dynamic_axes": {{**{{k: {{0: "N", 2: "n_" + k.split("_")[0]}} for k in data_config.input_names}},
+                             "softmax": {{0: "N"}}}}}}
+    return model, info
+
+
+def get_loss(data_config, **kwargs):
+    return torch.nn.CrossEntropyLoss()
+'''
+
+
+def write_parquet(data: Path, out: Path, max_jets: int) -> int:
+    """The train split as one parquet file of jagged candidate arrays (weaver's input format)."""
+    import awkward as ak
+    import numpy as np
+
+    from hepml_dist.evaluate.baseline import read_split
+
+    jets = read_split(str(data / "train"), max_jets)
+    jets["jet_energy"] = np.sqrt(jets["jet_pt"].astype(np.float64) ** 2 * np.cosh(jets["jet_eta"]) ** 2
+                                 + jets["jet_mass"].astype(np.float64) ** 2).astype(np.float32)
+    counts = jets["part_n"]
+    mask = np.arange(jets["part_px"].shape[1])[None, :] < counts[:, None]
+    table = {k: ak.unflatten(v[mask], counts) if k.startswith("part_") and v.ndim == 2 else v
+             for k, v in jets.items() if k != "part_n"}
+    ak.to_parquet(ak.zip(table, depth_limit=1), out, row_group_size=8192)
+    return len(counts)
+
+
+def weaver_run(parquet: Path, workdir: Path, steps: int, batch: int, threads: int) -> float:
+    """Seconds weaver's training epoch of `steps` batches took (from its 'avg. speed' line)."""
+    (workdir / "data.yaml").write_text(WEAVER_DATA_CONFIG)
+    (workdir / "network.py").write_text(WEAVER_NETWORK.format(config=repr(SMALL_PART)))
+    command = [
+        sys.executable, "-m", "weaver.train", "--data-train", str(parquet), "--data-config", str(workdir / "data.yaml"),
+        "--network-config", str(workdir / "network.py"), "--model-prefix", str(workdir / "model/net"),
+        "--run-mode", "train", "--num-epochs", "1", "--steps-per-epoch", str(steps), "--batch-size", str(batch),
+        "--gpus", "", "--num-workers", "1", "--fetch-step", "1", "--in-memory", "--train-val-split", "0.95", "--steps-per-epoch-val", "1",
+        "--optimizer", "adamw", "--start-lr", "1e-3", "--log-file", str(workdir / "weaver.log"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir)
+    log = (workdir / "weaver.log").read_text() if (workdir / "weaver.log").is_file() else ""
+    found = re.search(r"Processed (\d+) entries in total \(avg\. speed ([\d.]+) entries/s\)", log + done.stdout + done.stderr)
+    if not found:
+        raise RuntimeError(f"weaver did not report its speed:\n{(done.stdout + done.stderr)[-3000:]}")
+    return int(found.group(1)) / float(found.group(2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None, help="fcc-tau dataset (default: generate --events)")
+    parser.add_argument("--events", type=int, default=20000, help="events to generate when --data is not given")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="cores to use in total")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per hepml run")
+    parser.add_argument("--batch", type=int, default=256, help="jets per worker and step")
+    parser.add_argument("--weaver-steps", type=int, nargs=2, default=(30, 130), help="the two weaver run lengths")
+    parser.add_argument("--no-weaver", action="store_true", help="skip the weaver-core comparison")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="hepml-bench-train-"))
+    try:
+        data = ensure_data(args.data, args.events, workdir)
+        results: dict = {"threads": args.threads, "data": str(data)}
+        runs = {}
+        for workers in (1, 2):
+            runs[workers] = train_run(QUICKSTART, data, workdir / f"run-{workers}", workers, args.threads, args.steps,
+                                      args.batch)
+            print(f"multipartau-quickstart, {workers} worker(s): {runs[workers]['jets_per_s']:.0f} jets/s, "
+                  f"start-up {runs[workers]['startup_s']:.1f} s", flush=True)
+        results["multipartau"] = list(runs.values())
+        model_sets = [f"model.{k}={json.dumps(v)}" for k, v in SMALL_PART.items() if not k.startswith("head")] + [
+            f"model.head.hidden=[{SMALL_PART['head_hidden']}]", f"model.head.dropout={SMALL_PART['head_dropout']}",
+            "model.dropout=0.0", "model.attn_dropout=0.0", "model.activation_dropout=0.0", "training.precision=fp32",
+            "optim.lr=1e-3",
+        ]
+        ours = train_run(SINGLE_TASK, data, workdir / "run-single", 1, args.threads, args.steps, args.batch, model_sets)
+        print(f"ParT tau ID, hepml train 1 worker: {ours['jets_per_s']:.0f} jets/s", flush=True)
+        results["part_tau_id"] = {"hepml_dist": ours["jets_per_s"]}
+        if not args.no_weaver:
+            n1, n2 = args.weaver_steps
+            parquet = workdir / "train.parquet"
+            write_parquet(data, parquet, (n2 + 10) * args.batch)
+            seconds = []
+            for n in (n1, n2):
+                (workdir / f"weaver-{n}").mkdir()
+                seconds.append(weaver_run(parquet, workdir / f"weaver-{n}", n, args.batch, args.threads))
+            theirs = (n2 - n1) * args.batch / (seconds[1] - seconds[0])
+            results["part_tau_id"]["weaver-core"] = theirs
+            print(f"ParT tau ID, weaver-core: {theirs:.0f} jets/s", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
