@@ -33,6 +33,10 @@ class TokenizerSpec(Section):
     """Share of the quantiser loss on the codebook term (the commitment term gets 1 - beta)."""
     replace_freq: int = Field(10, ge=0)
     """Steps between dead-code replacements that keep the codebook alive (0 = never)."""
+    sync_nu: float = Field(1.0, ge=0.0)
+    """Straight-through "sync" strength: the decoder's gradient reaches the codebook with this factor (vqtorch nu)."""
+    kmeans_iters: int = Field(10, ge=0)
+    """Lloyd iterations of the k-means codebook initialisation on the first training batch (0 = random latents)."""
 
 
 class BackboneSpec(Section):
@@ -59,6 +63,10 @@ class OmniHeadSpec(Section):
     """Width of the head's hidden layers."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout in the head."""
+    num_blocks: int = Field(3, ge=1)
+    """class_attention: cross-attention blocks in which the class token attends to the tokens."""
+    num_heads: int = Field(2, ge=1)
+    """class_attention: heads of the cross-attention (the backbone width must be divisible by it)."""
 
 
 class OmniJetModelSpec(Section):

@@ -1,0 +1,234 @@
+"""MLPF physics evaluation: particles -> jets -> matched to generator jets -> jet response and resolution vs pT; MET.
+
+As in particleflow (`mlpf/jet_utils.py`, `mlpf/plotting/plot_utils.py`):
+- jets: FastJet `ee_genkt_algorithm` with R = 0.4, p = -1 (e+e- anti-kT), inclusive jets with pT > 5 GeV, built from
+  the predicted particles (and from the target particles, the ceiling of the target definition);
+- matching: each generator jet takes its nearest reconstructed jet in (eta, phi) and keeps it if Delta R < 0.1
+  (not exclusive); response r = pT_reco / pT_gen; median and IQR / median (IQR = q75 - q25) in bins of gen-jet pT;
+- MET = |sum of particle pT vectors|; response MET_reco / MET_gen in bins of gen MET (events with gen MET >= 10 GeV).
+Events are awkward arrays of particle records (`pt, eta, phi, energy, cls`), one list per event.
+"""
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+import torch
+
+from hepml_dist.models.mlpf import COS_PHI, ENERGY, PT, SIN_PHI, task_roles
+from hepml_dist.spec import JobSpec
+
+JET_PT_BINS = [10, 20, 40, 60, 80, 100, 200, 400, 800]
+MET_BINS = [10, 20, 40, 60, 80, 100, 200]
+JET_RADIUS, JET_MIN_PT, MATCH_DR = 0.4, 5.0, 0.1
+
+
+def _to_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _events(exists: np.ndarray, **columns: np.ndarray) -> ak.Array:
+    """Padded [N, E] columns -> one list of particle records per event, keeping the entries where `exists`."""
+    counts = exists.sum(axis=1)
+    return ak.zip({name: ak.unflatten(values[exists].astype(np.float64), counts) for name, values in columns.items()})
+
+
+def predicted_particles(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], spec: JobSpec) -> ak.Array:
+    """Decode MLPF outputs: class = argmax(existence), then argmax(particle class); pT and E from the log-ratios."""
+    roles = task_roles(spec)
+    x = _to_numpy(batch["features"]).transpose(0, 2, 1)
+    real = _to_numpy(batch["mask"])[:, 0] > 0
+    exists = _to_numpy(outputs[roles["existence"].name]).argmax(-1) == 1
+    cls = np.where(exists, _to_numpy(outputs[roles["particle_class"].name]).argmax(-1), 0)
+    kin = _to_numpy(outputs[roles["kinematics"].name])
+    value = {name: kin[..., i] for i, name in enumerate(roles["kinematics"].targets or [])}
+    with np.errstate(over="ignore", invalid="ignore"):
+        pt = np.exp(np.clip(value["log_pt_ratio"], -20, 20)) * x[..., PT]
+        energy = np.exp(np.clip(value["log_energy_ratio"], -20, 20)) * x[..., ENERGY]
+    phi = np.arctan2(value["sin_phi"], value["cos_phi"])
+    return _events(real & (cls != 0), pt=pt, eta=value["eta"], phi=phi, energy=energy, cls=cls)
+
+
+def target_particles(batch: dict[str, torch.Tensor], spec: JobSpec) -> ak.Array:
+    """The per-element truth as particles (absolute `target_pt`/`target_energy`, or log-ratios to the element)."""
+    from hepml_dist.models.mlpf_losses import regression_target
+
+    roles = task_roles(spec)
+    x = _to_numpy(batch["features"]).transpose(0, 2, 1)
+    real = _to_numpy(batch["mask"])[:, 0] > 0
+    exists = real & (_to_numpy(batch[roles["existence"].label_key]) > 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        absolute = {}
+        for name, ratio, channel in (("pt", "log_pt_ratio", PT), ("energy", "log_energy_ratio", ENERGY)):
+            if f"target_{name}" in batch:
+                absolute[name] = _to_numpy(batch[f"target_{name}"])
+            else:
+                absolute[name] = np.exp(_to_numpy(regression_target(batch, ratio))) * x[..., channel]
+        pt, energy = absolute["pt"], absolute["energy"]
+    phi = np.arctan2(_to_numpy(batch["target_sin_phi"]), _to_numpy(batch["target_cos_phi"]))
+    cls = _to_numpy(batch[roles["particle_class"].label_key])
+    return _events(exists, pt=pt, eta=_to_numpy(batch["target_eta"]), phi=phi, energy=energy, cls=cls)
+
+
+def cluster_jets(particles: ak.Array, radius: float = JET_RADIUS, min_pt: float = JET_MIN_PT) -> ak.Array:
+    """Inclusive e+e- anti-kT jets (ee_genkt, p = -1) per event, as records `pt, eta, phi, energy`."""
+    import fastjet
+
+    vectors = ak.zip({
+        "px": particles.pt * np.cos(particles.phi),
+        "py": particles.pt * np.sin(particles.phi),
+        "pz": particles.pt * np.sinh(particles.eta),
+        "E": particles.energy,
+    })  # fmt: skip
+    definition = fastjet.JetDefinition(fastjet.ee_genkt_algorithm, radius, -1.0)
+    jets = fastjet.ClusterSequence(vectors, definition).inclusive_jets(min_pt=min_pt)
+    pt = np.hypot(jets.px, jets.py)
+    return ak.zip({"pt": pt, "eta": np.arcsinh(jets.pz / pt), "phi": np.arctan2(jets.py, jets.px), "energy": jets.E})
+
+
+def jets_from_columns(pt, eta, phi, energy, count) -> ak.Array:
+    """Stored generator jets (`genjet_*` [N, J] padded, `genjet_n` [N]) as per-event records."""
+    count = _to_numpy(count).astype(int)
+    exists = np.arange(_to_numpy(pt).shape[1])[None, :] < count[:, None]
+    return _events(exists, pt=_to_numpy(pt), eta=_to_numpy(eta), phi=_to_numpy(phi), energy=_to_numpy(energy))
+
+
+def missing_et(particles: ak.Array) -> np.ndarray:
+    """|sum of pT vectors| per event."""
+    px = ak.sum(particles.pt * np.cos(particles.phi), axis=1)
+    py = ak.sum(particles.pt * np.sin(particles.phi), axis=1)
+    return np.hypot(ak.to_numpy(px), ak.to_numpy(py))
+
+
+def match_jets(reference: ak.Array, reco: ak.Array, max_dr: float = MATCH_DR) -> tuple[np.ndarray, np.ndarray, float]:
+    """(pT_ref, pT_reco) of matched pairs and the fraction of reference jets matched."""
+    ref, rec = ak.unzip(ak.cartesian([reference, reco], axis=1, nested=True))
+    dphi = (ref.phi - rec.phi + np.pi) % (2 * np.pi) - np.pi
+    dr = np.sqrt((ref.eta - rec.eta) ** 2 + dphi**2)
+    best = ak.argmin(dr, axis=2, keepdims=True)
+    best_dr = ak.fill_none(ak.firsts(dr[best], axis=2), np.inf)
+    matched = best_dr < max_dr
+    reco_pt = ak.fill_none(ak.firsts(rec.pt[best], axis=2), np.nan)
+    n_ref = int(ak.sum(ak.num(reference)))
+    ref_pt = ak.to_numpy(ak.flatten(reference.pt[matched]))
+    return ref_pt, ak.to_numpy(ak.flatten(reco_pt[matched])), (len(ref_pt) / n_ref if n_ref else math.nan)
+
+
+def response_summary(ratio: np.ndarray) -> dict[str, float]:
+    if len(ratio) == 0:
+        return {"median": math.nan, "iqr": math.nan, "iqr_over_median": math.nan, "count": 0}
+    q25, median, q75 = np.percentile(ratio, [25, 50, 75])
+    iqr = float(q75 - q25)
+    return {"median": float(median), "iqr": iqr, "iqr_over_median": iqr / median if median else math.nan, "count": len(ratio)}
+
+
+def binned_response(reference: np.ndarray, reco: np.ndarray, edges: list[float]) -> dict[str, list]:
+    """Median, IQR and IQR/median of reco/reference in bins of the reference value."""
+    ratio = reco / reference
+    which = np.digitize(reference, edges) - 1
+    rows = [response_summary(ratio[which == i]) for i in range(len(edges) - 1)]
+    return {"edges": list(edges), **{key: [row[key] for row in rows] for key in rows[0]}}
+
+
+def evaluate_particles(
+    predicted: ak.Array,
+    gen_jets: ak.Array,
+    gen_met: np.ndarray | None = None,
+    target: ak.Array | None = None,
+    plots_dir: Path | None = None,
+) -> dict:
+    """Jet and MET response of predicted (and, if given, target) particles against generator jets and MET."""
+    results: dict = {}
+    collections = {"": predicted, **({"target_": target} if target is not None else {})}
+    for prefix, particles in collections.items():
+        gen_pt, reco_pt, match_fraction = match_jets(gen_jets, cluster_jets(particles))
+        summary = response_summary(reco_pt / gen_pt)
+        results[f"{prefix}jet_response_median"] = summary["median"]
+        results[f"{prefix}jet_resolution"] = summary["iqr_over_median"]
+        results[f"{prefix}jet_match_fraction"] = match_fraction
+        results[f"{prefix}jet_response_vs_pt"] = binned_response(gen_pt, reco_pt, JET_PT_BINS)
+        if gen_met is not None:
+            met, gen = missing_et(particles), np.asarray(gen_met, dtype=np.float64)
+            ok = gen >= MET_BINS[0]  # the ratio is meaningless for (nearly) balanced events
+            met_summary = response_summary(met[ok] / gen[ok])
+            results[f"{prefix}met_response_median"] = met_summary["median"]
+            results[f"{prefix}met_resolution"] = met_summary["iqr_over_median"]
+            results[f"{prefix}met_response_vs_met"] = binned_response(gen[ok], met[ok], MET_BINS)
+    if plots_dir is not None:
+        plot_responses(results, Path(plots_dir))
+    return results
+
+
+def evaluate_batches(
+    model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: JobSpec, plots_dir: Path | None = None
+) -> dict:
+    """Run a trained MLPF over event batches (with `genjet_*`, `genjet_n`, optional `gen_met`) and evaluate."""
+    predicted, target, gen_jets, gen_met = [], [], [], []
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            predicted.append(predicted_particles(model(batch), batch, spec))
+            target.append(target_particles(batch, spec))
+            columns = (batch[f"genjet_{name}"] for name in ("pt", "eta", "phi", "energy", "n"))
+            gen_jets.append(jets_from_columns(*columns))
+            if "gen_met" in batch:
+                gen_met.append(_to_numpy(batch["gen_met"]))
+    return evaluate_particles(
+        ak.concatenate(predicted),
+        ak.concatenate(gen_jets),
+        np.concatenate(gen_met) if gen_met else None,
+        ak.concatenate(target),
+        plots_dir,
+    )
+
+
+def _response_figure(series: dict[str, dict], stat: str, title: str, xlabel: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 7))
+    for label, binned in series.items():
+        edges = np.array(binned["edges"], dtype=float)
+        centers = np.sqrt(edges[1:] * edges[:-1])
+        values = np.array(binned[stat], dtype=float)
+        ax.errorbar(centers, values, xerr=[centers - edges[:-1], edges[1:] - centers], fmt="o", label=label)
+    if stat == "median":
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_title(title, fontsize="medium")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("response median" if stat == "median" else "response IQR / median")
+    ax.legend()
+    return fig
+
+
+def plot_responses(results: dict, plots_dir: Path) -> list[Path]:
+    """PNG plots of jet response median and IQR/median vs gen-jet pT, the same for MET, and the metrics as JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mplhep
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    figures = (
+        ("jet", "jet_response_vs_pt", f"Jet response, matched at $\\Delta R < {MATCH_DR}$", "gen-jet $p_T$ [GeV]"),
+        ("met", "met_response_vs_met", "MET response", "gen MET [GeV]"),
+    )
+    for kind, key, title, xlabel in figures:
+        labels = {"": "MLPF", "target_": "target"}
+        series = {label: results[prefix + key] for prefix, label in labels.items() if prefix + key in results}
+        for stat in ("median", "iqr_over_median") if series else ():
+            with plt.style.context(mplhep.style.ROOT):
+                fig = _response_figure(series, stat, title, xlabel)
+                path = plots_dir / f"{kind}_response_{stat}.png"
+                fig.savefig(path, dpi=120, bbox_inches="tight")
+            plt.close(fig)
+            written.append(path)
+    tmp = plots_dir / ".mlpf_metrics.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(plots_dir / "mlpf_metrics.json")
+    return written

@@ -1,0 +1,1 @@
+"""OmniJet-alpha tools around the models: constituent preprocessing, tokenizing datasets, generating jets."""

@@ -1,0 +1,52 @@
+"""OmniJet-alpha commands: `hepml data tokenize` (jets -> token shards) and `hepml generate` (sample jets)."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hepml_dist.data.commands import data_app
+
+
+def tokenize(
+    run_dir: Annotated[Path, typer.Argument(help="Trained tokenizer: run directory or checkpoint folder.")],
+    data: Annotated[Path, typer.Option("--data", help="Jet dataset (folder with manifest.json) or one split folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the token dataset.")],
+    max_length: Annotated[
+        int | None,
+        typer.Option("--max-length", help="Tokens per jet, start and stop included (default: the tokenizer job's max_length)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Jets per tokenizer forward pass.")] = 2048,
+    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
+) -> None:
+    """Turn a jet dataset into OmniJet token shards with a trained tokenizer (resumes an interrupted run)."""
+    from hepml_dist.omnijet.tokenize import tokenize_dataset
+
+    manifest = tokenize_dataset(run_dir, data, out, max_length, batch_size, device)
+    counts = ", ".join(f"{split} {info.examples}" for split, info in manifest.splits.items())
+    typer.echo(f"wrote {out} ({counts} jets, vocabulary {manifest.meta['vocab_size']})")
+
+
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="Trained OmniJet backbone: run directory or checkpoint folder.")],
+    jets: Annotated[int, typer.Option("--jets", help="Number of jets to sample.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output parquet file (RUN_DIR/generated/jets-N.parquet).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer run (default: as recorded with the tokens).")] = None,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the sampling.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Random seed of the sampling.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Jets sampled in parallel.")] = 512,
+    device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
+) -> None:
+    """Sample jets from a trained OmniJet-alpha backbone and decode them to constituents (pT, Delta eta, Delta phi)."""
+    from hepml_dist.errors import UserError
+    from hepml_dist.omnijet.generate import generate_jets
+
+    if temperature <= 0:
+        raise UserError("--temperature must be positive")
+    path = generate_jets(run_dir, jets, out, tokenizer, batch_size, temperature, seed, device)
+    typer.echo(f"wrote {jets} jets to {path}")
+
+
+def register(app: typer.Typer) -> None:
+    data_app.command("tokenize")(tokenize)
+    app.command("generate")(generate)
