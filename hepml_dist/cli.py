@@ -142,6 +142,7 @@ COMMAND_MODULES: list[str] = [
     "hepml_dist.models.commands",
     "hepml_dist.train.commands",
     "hepml_dist.omnijet.commands",
+    "hepml_dist.data.generate.commands",
 ]
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
