@@ -143,6 +143,7 @@ COMMAND_MODULES: list[str] = [
     "hepml_dist.train.commands",
     "hepml_dist.omnijet.commands",
     "hepml_dist.data.generate.commands",
+    "hepml_dist.research.commands",
 ]
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
