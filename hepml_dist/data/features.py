@@ -111,11 +111,19 @@ def _pid_flags(pid: np.ndarray, charge: np.ndarray) -> list[np.ndarray]:
     return [charged_hadron, neutral_hadron, photon, electron, muon]
 
 
-def _finish(features: np.ndarray, mask: np.ndarray) -> None:
-    """Zero the padding and any NaN/inf from degenerate inputs (rare: checked first, repaired only if needed)."""
-    features *= mask[:, None, :]
-    if not np.isfinite(features).all():
-        np.nan_to_num(features, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+def _finish(features: np.ndarray, mask: np.ndarray, channels: Sequence[int] | slice = slice(None)) -> None:
+    """Zero the padding and any NaN/inf from degenerate inputs (rare: checked first, repaired only if needed).
+
+    `channels` limits this to the channels that can be non-zero in padding slots (stored padding is 0, and
+    e.g. tanh(0), clip(0) and the particle-ID flags of pid 0 are already 0 there).
+    """
+    selected = features[:, channels]
+    selected *= mask[:, None, :]
+    if not np.isfinite(selected).all():
+        np.nan_to_num(selected, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    if isinstance(channels, slice):
+        return
+    features[:, channels] = selected
 
 
 def _fill_vectors(out: np.ndarray, raw: Mapping[str, np.ndarray], mask: np.ndarray,
@@ -170,7 +178,9 @@ def _part_fill(raw: Mapping[str, np.ndarray], mask: np.ndarray, out: dict[str, n
         np.clip(raw["part_dzerr"], 0.0, 1.0, out=slot())
     slot()[:] = deta
     slot()[:] = dphi
-    _finish(features, mask)
+    # only the kinematic channels and the angles (atan2(0, -0) = pi) can be non-zero where inputs are padding
+    last = features.shape[1]
+    _finish(features, mask, [0, 1, 2, 3, 4, last - 2, last - 1])
     _fill_vectors(out["vectors"], raw, mask, pt_scale)
 
 
@@ -383,25 +393,33 @@ def build_batch(
     counts = np.minimum(raw[builder.count], max_length)
     length = batch_length(counts, max_length, pad_to_multiple)
     size = len(counts)
-    mask = np.arange(length)[None, :] < counts[:, None]
-    cut = dict(raw)
+    # features are computed only over the columns that hold a real constituent in some example of the batch;
+    # the rest of the output (up to `length`) is zero padding
+    busy = min(max(int(counts.max(initial=0)), 1), length)
+    mask = np.arange(busy)[None, :] < counts[:, None]
+    work = dict(raw)
     for name in builder.padded:
-        cut[name] = _fit(raw[name], length)
+        work[name] = _fit(raw[name], busy)
+    per_element = {}
     if builder.per_element:
         for name in raw:
             if name.startswith(builder.per_element) and raw[name].ndim >= 2:
-                cut[name] = _fit(raw[name], length)
+                per_element[name] = _fit(raw[name], length)
+                work[name] = per_element[name][:, :busy]
     shapes = {"features": (size, builder.channels, length)}
     if builder.vectors:
         shapes["vectors"] = (size, 4, length)
     shapes["mask"] = (size, 1, length)
     shapes.update({name: (size, length) for name in builder.derived})
     out = _carve(alloc, shapes, np.float32)
-    out["mask"][:, 0] = mask
-    small = dict(builder.build(cut, mask, out) or {})
+    for array in out.values():
+        array[..., busy:] = 0.0
+    views = {name: array[..., :busy] for name, array in out.items()}
+    views["mask"][:, 0] = mask
+    small = {k: _fit(v, length) if v.ndim >= 2 else v for k, v in (builder.build(work, mask, views) or {}).items()}
     if builder.extra is not None:
         small.update(builder.extra(raw, event_features))
-    for name, values in cut.items():
+    for name, values in {**raw, **per_element}.items():
         if is_pass_through(name) and name not in out and name not in small:
             small[name] = values
     integers = {k: v for k, v in small.items() if k.startswith("label_") or k == "tokens"}

@@ -539,19 +539,28 @@ class _Window:
     def gather(self, index: np.ndarray) -> dict[str, np.ndarray]:
         """The examples at `index` (window positions), copied once; rows come out in window order."""
         index = np.sort(index)
-        if len(self.parts) == 1:
-            return {k: np.take(v, index, axis=0) for k, v in self.parts[0].items()}
         bounds = np.searchsorted(index, self.starts)
         first = self.parts[0]
         out = {k: np.empty((len(index), *v.shape[1:]), dtype=v.dtype) for k, v in first.items()}
         for p, part in enumerate(self.parts):
             a, b = bounds[p], bounds[p + 1]
-            if a == b:
-                continue
-            local = index[a:b] - self.starts[p]
-            for k, v in part.items():
-                np.take(v, local, axis=0, out=out[k][a:b])
+            if a < b:
+                local = index[a:b] - self.starts[p]
+                for k, v in part.items():
+                    np.take(v, local, axis=0, out=out[k][a:b])
         return out
+
+
+def _concatenate(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows of two gathered blocks, zero-padding axis 1 of padded columns cut to different widths."""
+    out = {}
+    for k, a in first.items():
+        b = second[k]
+        if a.ndim >= 2 and a.shape[1] != b.shape[1]:
+            width = max(a.shape[1], b.shape[1])
+            a, b = feats._fit(a, width), feats._fit(b, width)
+        out[k] = np.concatenate([a, b])
+    return out
 
 
 class _SlotRing:
@@ -711,7 +720,7 @@ class _WorkerStream(_iterable_base()):  # torch is imported when the stream modu
                     take = order[position:position + need]
                     position += len(take)
                     part = window.gather(take)
-                    carry = part if carry is None else {k: np.concatenate([carry[k], part[k]]) for k in part}
+                    carry = part if carry is None else _concatenate(carry, part)
                     delivered += len(take)
                     if len(next(iter(carry.values()))) == size:
                         yield carry, pending
