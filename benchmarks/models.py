@@ -8,12 +8,17 @@ Measures forward + backward jets/s (no optimizer step) for
 Both sides get the same batches (jets with a realistic spread of lengths, zero-padded), the same configuration,
 threads and precision, training mode with sequence trimming on; timings are interleaved to share machine noise.
 On a GPU it runs in bf16 autocast and reports MFU from a FLOP count (torch.utils.flop_counter) over the same steps.
+With --compile a third row times our model under torch.compile (as `training.compile: true` applies it, through
+hepml_dist.train.parallel.compile_model) and reports its speed relative to eager; compilation and the recompiles
+for new shapes happen in the warm-up steps, so give it more of them (--warmup 12).
 
     python benchmarks/models.py --threads 2 --batch-part 64 --batch-tau 256        # CPU
     python benchmarks/models.py --batch-part 512 --batch-tau 12288                   # GPU (bf16)
+    python benchmarks/models.py --compile --warmup 12 --only part                    # + compiled vs eager
 """
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -147,6 +152,10 @@ def compare(name, spec, ours, theirs, batch_size, length, mean_length, args, dev
         for i in range(args.steps)
     ]
     models = {"hepml_dist": ours.to(device).train(), "weaver-core": theirs.to(device).train()}
+    if args.compile:
+        from hepml_dist.train.parallel import compile_model
+
+        models["hepml_dist compiled"] = compile_model(copy.deepcopy(ours))
     for model in models.values():  # past the trimmer's 5 warm-up calls, allocator and kernel caches warm
         time_steps(model, batches[: args.warmup], spec, device, dtype)
     seconds = {k: [] for k in models}
@@ -168,6 +177,9 @@ def compare(name, spec, ours, theirs, batch_size, length, mean_length, args, dev
             row["mfu"] = row["tflops"] / peak if peak else None
         rows.append(row)
     rows[0]["speedup_vs_weaver"] = rows[0]["jets_per_s"] / rows[1]["jets_per_s"]
+    if args.compile:
+        rows[2]["speedup_vs_weaver"] = rows[2]["jets_per_s"] / rows[1]["jets_per_s"]
+        rows[2]["compiled_vs_eager"] = rows[2]["jets_per_s"] / rows[0]["jets_per_s"]
     return rows
 
 
@@ -182,6 +194,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU if the GPU is not known")
     parser.add_argument("--only", choices=["part", "multipartau"], default=None)
+    parser.add_argument("--compile", action="store_true", help="also time our model under torch.compile (vs eager)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -208,6 +221,9 @@ def main() -> None:
             mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "n/a"
             line += f" {r['tflops']:.1f} | {mfu} |"
         print(line)
+    for r in rows:
+        if "compiled_vs_eager" in r:
+            print(f"{r['model']}: torch.compile / eager = {r['compiled_vs_eager']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

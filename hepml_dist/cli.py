@@ -139,12 +139,13 @@ def _params_cell(spec: JobSpec) -> str:
 # Each area of the service adds its commands through `register(app)` in its own module (one line each).
 COMMAND_MODULES: list[str] = [
     "hepml_dist.data.commands",
-    "hepml_dist.data.generate.commands",
     "hepml_dist.models.commands",
     "hepml_dist.omnijet.commands",
     "hepml_dist.train.commands",
     "hepml_dist.launch.commands",
     "hepml_dist.evaluate.commands",
+    "hepml_dist.data.generate.commands",
+    "hepml_dist.research.commands",
 ]
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)

@@ -278,6 +278,12 @@ class ShardStream:
     checkpoint and pass back as `batches(epoch, start=position)` after a restart.
     """
 
+    def __new__(cls, data: DataSpec, split: str, **kwargs: Any) -> ShardStream:
+        # a job with data.groups trains on a GroupedStream (below); every caller keeps writing ShardStream(...)
+        if cls is ShardStream and split == "train" and getattr(data, "groups", None):
+            return super().__new__(GroupedStream)
+        return super().__new__(cls)
+
     def __init__(self, data: DataSpec, split: str, *, rank: int, world_size: int, seed: int, training: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -348,7 +354,7 @@ class ShardStream:
         # a worker can have up to prefetch x workers requests outstanding (when the others are done), and the
         # consumer usually holds a batch or two: a slot for each (more only cost address space, not memory)
         ring = _SlotRing(num_workers, prefetch * num_workers + 4, self._batch_bytes()) if fork else None
-        dataset = _WorkerStream(self, epoch, done, ring)
+        dataset = self._worker_stream(epoch, done, ring)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
@@ -380,6 +386,9 @@ class ShardStream:
             raise type(err)(_last_line(str(err))) from None
         if count != steps:
             raise RuntimeError(f"internal error: {self.split} stream yielded {count} batches, planned {steps}")
+
+    def _worker_stream(self, epoch: int, done: int, ring: _SlotRing | None) -> _WorkerStream:
+        return _WorkerStream(self, epoch, done, ring)
 
     # -- planning -----------------------------------------------------------------------------------------------------
 
@@ -804,3 +813,112 @@ class _WorkerStream(_iterable_base()):  # torch is imported when the stream modu
         return feats.build_batch(raw, s.builder, max_length=s.data.inputs.max_length,
                                  pad_to_multiple=s.data.inputs.pad_to_multiple,
                                  event_features=s.data.inputs.event_features, alloc=alloc)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dataset groups: training batches mixed from several shard sets with fixed shares (data.groups)
+
+SHARE_RESOLUTION = 1 << 24  # shares are exact to 1 part in 16.7 million: integer arithmetic, no float drift
+_GOLDEN = round(0.6180339887498949 * SHARE_RESOLUTION)
+
+
+class GroupedStream(ShardStream):
+    """Training batches of `data.batch_size` examples of which each group fills a fixed share.
+
+    Each group is an ordinary ShardStream (its own shards, shuffling, slots and passes) that yields raw batches of
+    ceil(share x batch_size); a batch takes the first n_g(t) examples of each (already shuffled), where the counts
+    of batch t come from systematic sampling with a low-discrepancy offset u_t = frac(u_0 + t x golden ratio):
+    n_g(t) = floor(C_g + u_t) - floor(C_{g-1} + u_t) with C_g the cumulative targets. So n_g(t) is the floor or
+    ceil of its target, the counts sum to batch_size, E[n_g] is exactly the target and over an epoch the mean
+    is within O(log T / T) of it; the counts depend only on (seed, epoch, batch index): the same on every rank,
+    unchanged by the number of loader workers, and exact on resume. Groups stay together within a batch.
+    """
+
+    def __init__(self, data: DataSpec, split: str, *, rank: int, world_size: int, seed: int, training: bool = True):
+        if not training:
+            raise UserError("data.groups mixes training batches only; evaluate on data.val or data.test")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.data, self.split, self.rank, self.world_size = data, split, rank, world_size
+        self.seed, self.training = int(seed), True
+        self.workers = max(1, data.loader_workers)
+        self.batch_size = data.batch_size
+        self.weights, self.sampling = None, False
+        self.skipped_shards = set()
+
+        shares = np.array([g.share for g in data.groups], dtype=np.float64)
+        targets = np.floor(shares / shares.sum() * self.batch_size * SHARE_RESOLUTION).astype(np.int64)
+        targets[np.argmax(targets)] += self.batch_size * SHARE_RESOLUTION - targets.sum()  # sum exactly B
+        self.cumulative = np.concatenate([[0], np.cumsum(targets)])
+        self.caps = -(-targets // SHARE_RESOLUTION)  # ceil: the most a batch ever takes from a group
+        self.members: list[ShardStream] = []
+        for i, (group, cap) in enumerate(zip(data.groups, self.caps)):
+            member_data = data.model_copy(update={"train": group.train, "groups": None, "batch_size": int(cap),
+                                                  "steps_per_epoch": 1})
+            try:  # groups are shuffled independently of each other
+                member = ShardStream(member_data, "train", rank=rank, world_size=world_size,
+                                     seed=self.seed + 1_000_003 * (i + 1), training=True)
+            except UserError as err:
+                raise UserError(f"data.groups[{i}] ({group.name}): {str(err).removeprefix('data.train: ')}") from None
+            self.members.append(member)
+
+        # one column set and one padded width for all groups, so their raw batches concatenate
+        self.builder = self.members[0].builder
+        self.columns = [c for c in self.members[0].columns if all(c in m.columns for m in self.members)]
+        self.shapes = {}
+        for member in self.members:
+            for name, shape in member.shapes.items():
+                old = self.shapes.get(name)
+                self.shapes[name] = list(shape) if old is None else [max(a, b) for a, b in zip(old, shape)]
+        for member in self.members:
+            member.columns, member.shapes = self.columns, self.shapes
+
+        self.shards = [ref for m in self.members for ref in m.shards]
+        self.manifests = [x for m in self.members for x in m.manifests]
+        self.examples = sum(m.examples for m in self.members)
+        if data.steps_per_epoch is not None:
+            steps = data.steps_per_epoch
+        else:
+            per_group = [m.examples // (int(cap) * world_size) for m, cap in zip(self.members, self.caps)]
+            steps = min(per_group)
+            if steps < 1:
+                worst = data.groups[int(np.argmin(per_group))].name
+                raise UserError(f"data.groups: group {worst} has too few examples for one batch on {world_size} "
+                                "rank(s); lower data.batch_size or set data.steps_per_epoch")
+        for member in self.members:
+            member.steps_per_epoch = steps
+        self.steps_per_epoch = steps
+        self._position = DataPosition(0, 0, split, world_size, self.workers, self.batch_size, self.seed,
+                                      len(self.shards))
+
+    def group_counts(self, epoch: int, index: int) -> np.ndarray:
+        """Examples of each group in batch `index` (counted over the rank's epoch) of `epoch`."""
+        start = int(np.random.default_rng([self.seed, epoch, 0x6A09]).integers(SHARE_RESOLUTION))
+        offset = (start + index * _GOLDEN) % SHARE_RESOLUTION
+        return np.diff((self.cumulative + offset) // SHARE_RESOLUTION)
+
+    def slots(self, epoch: int) -> list[list[Piece]]:
+        return [[] for _ in range(self.world_size * self.workers)]  # each group plans its own slots
+
+    def _worker_stream(self, epoch: int, done: int, ring: _SlotRing | None) -> _WorkerStream:
+        return _GroupedWorkerStream(self, epoch, done, ring)
+
+
+class _GroupedWorkerStream(_WorkerStream):
+    """A loader worker's batches: the same worker slot of every group, trimmed to the batch's counts, joined."""
+
+    def _raw_batches(self, pieces: list[Piece], slot: int, skip_batches: int,
+                     loop: bool) -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
+        s = self.s
+        worker = slot - s.rank * s.workers
+        streams = [_WorkerStream(m, self.epoch, self.done)._raw_batches(m.slots(self.epoch)[slot], slot,
+                                                                        skip_batches, True)
+                   for m in s.members]
+        for j in range(skip_batches, 1 << 62):
+            counts = s.group_counts(self.epoch, j * s.workers + worker)  # this worker's j-th batch, in rank order
+            parts, skipped = [], []
+            for stream, count in zip(streams, counts):
+                raw, newly_skipped = next(stream)
+                skipped += newly_skipped
+                parts.append({k: v[:count] for k, v in raw.items()})
+            yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, skipped

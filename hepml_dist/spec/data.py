@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from hepml_dist.spec.base import Section
 
@@ -64,11 +64,24 @@ class ReweightSpec(Section):
     """Percentile of populated bins used as the reference count (caps weights of sparse bins)."""
 
 
+class GroupSpec(Section):
+    """One set of training shards that fills a fixed share of every training batch."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Group name, for logs."""
+    train: str | list[str]
+    """The group's training shards (same forms as `data.train`)."""
+    share: float = Field(gt=0.0)
+    """Relative share of the group in every batch (normalised over the groups): with shares 0.3 and 0.7 and
+    batch_size 32, batches hold 9 or 10 and 22 or 23 examples, 9.6 and 22.4 on average."""
+
+
 class DataSpec(Section):
     """Shards, inputs and batching."""
 
-    train: str | list[str]
-    """Training shards: a dataset split directory, a glob, or a brace pattern (`shard-{000..099}.tar`)."""
+    train: str | list[str] | None = None
+    """Training shards: a dataset split directory, a glob, or a brace pattern (`shard-{000..099}.tar`);
+    required unless `groups` names them."""
     val: str | list[str] | None = None
     """Validation shards (same forms as `train`)."""
     test: str | list[str] | None = None
@@ -89,3 +102,22 @@ class DataSpec(Section):
     """What a corrupt shard does: stop with an error naming it, or skip it and count it."""
     reweight: ReweightSpec | None = None
     """Mass-decorrelating reweighting (Sophon); None trains on the natural mixture."""
+    groups: list[GroupSpec] | None = Field(None, min_length=1)
+    """Training batches mixed from several shard sets with fixed shares (class groups, stratified
+    signal/background batches) instead of `train`. Each batch holds floor or ceil of share x batch_size examples of
+    each group, exactly share x batch_size on average, the same composition on every rank and in every epoch with
+    the same seed. An epoch ends when the group with the least data per share is used up (larger groups are drawn
+    afresh each epoch) unless `steps_per_epoch` says otherwise; validation reads `val` unmixed."""
+
+    @model_validator(mode="after")
+    def _train_or_groups(self) -> "DataSpec":
+        if (self.train is None) == (self.groups is None):
+            raise ValueError("set exactly one of data.train and data.groups (groups name their own shards)")
+        if self.groups is not None:
+            names = [g.name for g in self.groups]
+            if len(set(names)) != len(names):
+                raise ValueError(f"data.groups: group names must differ ({', '.join(names)})")
+            if self.reweight is not None:
+                raise ValueError("data.groups and data.reweight cannot be combined; give each group the shards "
+                                 "and share it should have instead")
+        return self

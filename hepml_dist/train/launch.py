@@ -67,6 +67,8 @@ def _absolute(value: str | list[str] | None) -> str | list[str] | None:
 def absolute_paths(spec: JobSpec) -> JobSpec:
     """The spec with local data paths and init_from made absolute (workers run in other directories)."""
     data = spec.data.model_copy(update={k: _absolute(getattr(spec.data, k)) for k in ("train", "val", "test")})
+    if data.groups:
+        data = data.model_copy(update={"groups": [g.model_copy(update={"train": _absolute(g.train)}) for g in data.groups]})
     training = spec.training.model_copy(update={"init_from": _absolute(spec.training.init_from)})
     return spec.model_copy(update={"data": data, "training": training})
 

@@ -188,10 +188,25 @@ def make_pcgrad(module: nn.Module, spec: JobSpec) -> PCGrad:
     )
 
 
+COMPILE_BACKEND = "inductor"
+
+
+def compile_model(module: nn.Module) -> nn.Module:
+    """torch.compile the bare model in place (`nn.Module.compile`), before any DDP wrapper: parameter names and
+    state_dict keys stay as they are (no `_orig_mod.` prefix), so checkpoints, freezing regexes and `eval_module`
+    are unchanged, and evaluation runs compiled too. Data-dependent parts (ParT's packing and trimming) become
+    graph breaks, not errors. Compiled once per module (a new phase's engine reuses it)."""
+    if getattr(module, "_compiled_call_impl", None) is None:
+        module.compile(backend=COMPILE_BACKEND)
+    return module
+
+
 def make_ddp_engine(module: nn.Module, spec: JobSpec, device: torch.device, total_steps: int, lr: float | None = None,
                     schedule_start: int = 0) -> Engine:
     """DDP (or a single process); with PCGrad the model stays unwrapped and PCGrad does the one all-reduce."""
     module = module.to(device)
+    if spec.training.compile:
+        compile_model(module)
     optimizer = build_optimizer(module, spec.optim, lr=lr)
     schedule = spec.schedule if lr is None else spec.schedule.model_copy(update={"name": "cosine", "warmup_steps": 0})
     scheduler = build_scheduler(optimizer, schedule, total_steps - schedule_start)
@@ -371,6 +386,8 @@ def make_deepspeed_engine(module: nn.Module, spec: JobSpec, device: torch.device
         config=deepspeed_config(spec, world),
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, spec.schedule, total_steps),
     )
+    if spec.training.compile:
+        engine.compile(backend=COMPILE_BACKEND)  # DeepSpeed's own entry point: module.compile, its hooks kept eager
     return DeepSpeedEngine(engine.module, engine, spec, device)
 
 

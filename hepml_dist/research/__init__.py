@@ -1,0 +1,1 @@
+"""Research workflow on top of training: predictions back to ROOT/parquet (`predict`), Ray Tune searches (`tune`)."""
