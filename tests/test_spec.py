@@ -144,6 +144,9 @@ BAD_CASES = {
     "gpus_on_cpu": ("extends: BASE\nparallel: {gpus_per_worker: 1}\n", [], "parallel.gpus_per_worker: GPUs requested"),
     "omnijet_vocabulary": ("extends: JOBS/omnijet-pretrain.yaml\ntasks: [{name: next_token, kind: multiclass, label: tokens, num_classes: 8192}]\n",
                            [], "tasks[0].num_classes: next-token prediction over 8192 codes has 8194 classes"),
+    "deepspeed_lookahead": ("extends: BASE\nparallel: {strategy: deepspeed, zero_stage: 1}\noptim: {name: radam_lookahead}\ntraining: {multitask: sum, phases: []}\n",
+                            [], "optim.name: with DeepSpeed use one of adamw, adam"),
+    "deepspeed_pcgrad": ("extends: BASE\nparallel: {strategy: deepspeed, zero_stage: 1}\n", [], "training.multitask: PCGrad runs with parallel.strategy: ddp"),
     "pcgrad_protect_unknown": ("extends: BASE\ntraining: {pcgrad: {protect: [kinematic]}}\n", [], "training.pcgrad.protect[0]: no task named 'kinematic'"),
 }
 

@@ -75,9 +75,19 @@ def one_accelerator_vendor(spec: JobSpec) -> Iterator[Finding]:
         yield "training.precision", "fp16-mixed needs a GPU (CPU autocast has no fp16 gradient scaling); use bf16-mixed or fp32 on CPU"
 
 
+DEEPSPEED_OPTIMIZERS = ("adamw", "adam")
+
+
 @rule
 def deepspeed_settings(spec: JobSpec) -> Iterator[Finding]:
     p = spec.parallel
+    if p.strategy == "deepspeed":
+        if spec.training.multitask == "pcgrad" and p.zero_stage <= 1:
+            yield "training.multitask", "PCGrad runs with parallel.strategy: ddp (DeepSpeed reduces gradients itself)"
+        if spec.training.phases:
+            yield "training.phases", "phased training runs with parallel.strategy: ddp"
+        if spec.optim.name not in DEEPSPEED_OPTIMIZERS:
+            yield "optim.name", f"with DeepSpeed use one of {', '.join(DEEPSPEED_OPTIMIZERS)} (got {spec.optim.name!r})"
     if p.strategy != "deepspeed":
         if p.zero_stage:
             yield "parallel.zero_stage", "ZeRO stages need parallel.strategy: deepspeed"

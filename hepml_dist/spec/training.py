@@ -25,7 +25,8 @@ class PhaseSpec(Section):
     start_epoch: int = Field(ge=1)
     """First epoch (1-based) of the phase."""
     trainable: list[str] = Field(min_length=1)
-    """Regexes on parameter names that keep learning; everything else is frozen."""
+    """Regexes on parameter names that learn from this phase on; everything else is frozen. The phase replaces
+    `training.freeze`, so it can also unfreeze modules."""
     lr: float | None = Field(None, gt=0.0)
     """New base learning rate for the phase (a fresh optimizer and cosine schedule); None keeps the current one."""
 
@@ -58,7 +59,7 @@ class TrainingSpec(Section):
     freeze: list[str] = Field(default_factory=list)
     """Regexes on parameter names that do not train (e.g. the OmniJet backbone in frozen mode)."""
     phases: list[PhaseSpec] = Field(default_factory=list)
-    """Later phases that restrict which modules train."""
+    """Later phases that change which modules train (each replaces the one before and `freeze`)."""
     nan_policy: Literal["raise", "skip"] = "raise"
     """A non-finite loss stops the run with an error naming step and task, or skips that batch."""
     compile: bool = False

@@ -59,9 +59,12 @@ def freeze(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 
 
 def restrict_to(model: nn.Module, spec: JobSpec, phase: PhaseSpec) -> None:
-    """Phase training: only parameters matching the phase's `trainable` (and not frozen by the job) learn."""
+    """Phase training: from the phase's start, exactly the parameters matching its `trainable` learn.
+
+    The phase replaces the job's `freeze` list, so a phase can also unfreeze (OmniJet fine-tuning: backbone frozen
+    for the first epochs, then everything trains)."""
     for name, param in model.named_parameters():
-        param.requires_grad_(_matches(name, phase.trainable) and not _matches(name, spec.training.freeze))
+        param.requires_grad_(_matches(name, phase.trainable))
         if not param.requires_grad:
             param.grad = None
     if not any(p.requires_grad for p in model.parameters()):

@@ -33,11 +33,17 @@ def lr_multiplier(name: str, multipliers: dict[str, float]) -> float:
     return 1.0
 
 
-def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], optim: OptimSpec) -> list[dict]:
-    """Trainable parameters grouped by (lr multiplier, decay); each group records its multiplier and names."""
+def param_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]], optim: OptimSpec, include_frozen: bool = False
+) -> list[dict]:
+    """Parameters grouped by (lr multiplier, decay); each group records its multiplier and names.
+
+    Frozen parameters are left out unless `include_frozen`: torch optimizers skip parameters whose grad is None, so
+    holding them costs nothing while frozen, and a later phase that unfreezes them trains them with this optimizer.
+    """
     groups: dict[tuple[float, bool], dict] = {}
     for name, param in named_params:
-        if not param.requires_grad:
+        if not param.requires_grad and not include_frozen:
             continue
         factor = lr_multiplier(name, optim.lr_multipliers)
         decay = decays(name, param) and optim.weight_decay > 0
@@ -140,9 +146,10 @@ OPTIMIZERS: dict[str, Callable[[list[dict], OptimSpec], Optimizer]] = {
 
 
 def build_optimizer(model: nn.Module, optim: OptimSpec, lr: float | None = None) -> Optimizer:
-    """The optimizer over the model's trainable parameters; `lr` overrides the base learning rate (phases)."""
+    """The optimizer over all the model's parameters (frozen ones wait with grad None until a phase unfreezes them);
+    `lr` overrides the base learning rate (phases)."""
     spec = optim if lr is None else optim.model_copy(update={"lr": lr})
-    return OPTIMIZERS[spec.name](param_groups(model.named_parameters(), spec), spec)
+    return OPTIMIZERS[spec.name](param_groups(model.named_parameters(), spec, include_frozen=True), spec)
 
 
 # ----------------------------------------------------------------------------------------------------------------
