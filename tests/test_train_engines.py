@@ -66,6 +66,7 @@ def test_pcgrad_finetuning_phases_and_accumulation(dataset, tmp_path):
     finetune = tmp_path / "finetune"
     phased = tmp_path / "phased"
     accum = tmp_path / "accum"
+    unfrozen = tmp_path / "unfrozen"
     run_without_ray([
         (job(dataset, training={"epochs": 2, "multitask": "pcgrad", "pcgrad": {"mode": "global", "order": "seeded"},
                                 "eval_interval": 8, "log_interval": 4, "seed": 7}), pcgrad),
@@ -78,6 +79,10 @@ def test_pcgrad_finetuning_phases_and_accumulation(dataset, tmp_path):
                                 "eval_interval": 8, "log_interval": 4, "seed": 7},
              checkpoint={"keep_last": 5}), phased),
         (job(dataset, training={"epochs": 2, "grad_accum": 2, "eval_interval": 4, "log_interval": 2, "seed": 7}), accum),
+        # OmniJet-style fine-tuning: embedding frozen in epoch 1, then a phase unfreezes everything.
+        (job(dataset, training={"epochs": 2, "init_from": str(pcgrad), "freeze": ["^embed\\."],
+                                "phases": [{"start_epoch": 2, "trainable": [".*"]}], "eval_interval": 8,
+                                "log_interval": 4, "seed": 7}, checkpoint={"keep_last": 5}), unfrozen),
     ])
 
     records = read_metrics(pcgrad)
@@ -97,6 +102,12 @@ def test_pcgrad_finetuning_phases_and_accumulation(dataset, tmp_path):
     final = final_weights(phased)
     changed = {n for n in final if final[n].is_floating_point() and "running" not in n and not torch.equal(final[n], epoch1[n])}
     assert changed and all(n.startswith("heads.size.") for n in changed), changed
+
+    frozen_epoch = torch.load(list_checkpoints(unfrozen)[0] / "model.pt", weights_only=True)  # end of epoch 1
+    unfrozen_final = final_weights(unfrozen)
+    embed = [n for n in frozen_epoch if n.startswith("embed.") and frozen_epoch[n].is_floating_point() and "running" not in n]
+    assert embed and all(torch.equal(frozen_epoch[n], pretrained[n]) for n in embed)  # frozen during epoch 1
+    assert any(not torch.equal(unfrozen_final[n], frozen_epoch[n]) for n in embed)  # the phase unfroze and trained it
 
     state = json.loads((latest_checkpoint(accum) / "state.json").read_text())
     assert state["step"] == 8 and state["finished"]  # 2 epochs x 8 batches / 2 micro-batches per step
