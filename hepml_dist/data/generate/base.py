@@ -91,6 +91,13 @@ def unit_sizes(total_events: int, unit_events: int) -> list[int]:
     return [unit_events] * full + ([rest] if rest else [])
 
 
+def concat_shuffled(parts: list[dict[str, np.ndarray]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Join the column blocks of one work unit and shuffle the rows, so every chunk mixes its processes/classes."""
+    columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = rng.permutation(len(next(iter(columns.values()))))
+    return {k: v[order] for k, v in columns.items()}
+
+
 def empty_columns(schema: Schema) -> dict[str, np.ndarray]:
     return {name: np.zeros((0, *shape), dtype=dtype) for name, (dtype, shape) in schema.items()}
 

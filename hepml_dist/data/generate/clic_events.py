@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hepml_dist.data.generate import pythia as py
-from hepml_dist.data.generate.base import Process, RunContext, Schema, UnitSeeds
+from hepml_dist.data.generate.base import Process, RunContext, Schema, UnitSeeds, concat_shuffled
 from hepml_dist.data.generate.detector import (
     Detector, calo_resolution, eta_of, impact_parameter_errors, impact_parameters, quadrature, smear_relative,
 )
@@ -338,9 +338,7 @@ class ClicEventsGenerator:
             pythia = self.pythia[name]
             py.reseed(pythia, seeds.pythia(instance))
             parts.append(simulate(py.generate(pythia, n), rng))
-        columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        order = rng.permutation(n_events)
-        return {k: v[order] for k, v in columns.items()}
+        return concat_shuffled(parts, rng)
 
 
 PROCESS = Process(

@@ -21,7 +21,7 @@ from statistics import NormalDist
 import numpy as np
 
 from hepml_dist.data.generate import pythia as py
-from hepml_dist.data.generate.base import Process, RunContext, Schema, UnitSeeds, unit_sizes
+from hepml_dist.data.generate.base import Process, RunContext, Schema, UnitSeeds, concat_shuffled, unit_sizes
 from hepml_dist.data.generate.detector import CMS, reconstruct_candidates
 from hepml_dist.data.generate.jets import cluster, delta_r
 
@@ -216,9 +216,7 @@ class EventsMetGenerator:
             columns["weight"] = np.full(count, self.train_weight[name], dtype=np.float32)
             columns["gen_xsec_weight"] = np.full(count, self.xsec_weight[name], dtype=np.float32)
             parts.append(columns)
-        columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        order = rng.permutation(len(columns["label_signal"]))
-        return {k: v[order] for k, v in columns.items()}
+        return concat_shuffled(parts, rng)
 
 
 PROCESS = Process(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from hepml_dist.data.generate import pythia as py
-from hepml_dist.data.generate.base import Process, RunContext, Schema, UnitSeeds
+from hepml_dist.data.generate.base import Process, RunContext, Schema, UnitSeeds, concat_shuffled
 from hepml_dist.data.generate.detector import CLD, reconstruct_candidates
 from hepml_dist.data.generate.jets import cluster, constituent_columns, delta_phi, delta_r, jet_schema
 
@@ -176,9 +176,7 @@ class FccTauGenerator:
                 continue
             py.reseed(pythia, seeds.pythia(instance))
             parts.append(self._jets(py.generate(pythia, n), rng, with_taus))
-        columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        order = rng.permutation(len(columns["jet_pt"]))  # mix tau and quark jets within every chunk
-        return {k: v[order] for k, v in columns.items()}
+        return concat_shuffled(parts, rng)
 
 
 PROCESS = Process(

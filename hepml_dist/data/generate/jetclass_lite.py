@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from hepml_dist.data.generate import pythia as py
-from hepml_dist.data.generate.base import Process, RunContext, Schema, UnitSeeds
+from hepml_dist.data.generate.base import Process, RunContext, Schema, UnitSeeds, concat_shuffled
 from hepml_dist.data.generate.detector import CMS, reconstruct_candidates
 from hepml_dist.data.generate.jets import cluster, constituent_columns, delta_r, jet_schema
 
@@ -119,9 +119,7 @@ class JetClassLiteGenerator:
             columns = constituent_columns(jets, candidates, MAX_CONSTITUENTS)
             columns["label_jet_class"] = np.full(len(jets), CLASSES.index(name), dtype=np.int64)
             parts.append(columns)
-        columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        order = rng.permutation(len(columns["jet_pt"]))
-        return {k: v[order] for k, v in columns.items()}
+        return concat_shuffled(parts, rng)
 
 
 PROCESS = Process(
