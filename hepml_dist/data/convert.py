@@ -31,6 +31,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -182,13 +183,19 @@ def _file_tasks(file: str, schema: Schema, step: int) -> list[Task]:
     return tasks
 
 
-def _open_tree(file: str, schema: Schema):
+@lru_cache(maxsize=16)
+def _open_root(file: str, size: int, mtime: float):  # size and mtime: a rewritten file is opened again
     import uproot
 
     try:
-        handle = uproot.open(file)
+        return uproot.open(file)
     except Exception as err:  # noqa: BLE001
         raise UserError(f"{file}: not a readable ROOT file ({err})") from None
+
+
+def _open_tree(file: str, schema: Schema):
+    stat = os.stat(file)
+    handle = _open_root(file, stat.st_size, stat.st_mtime)
     if schema.tree not in handle:
         trees = [k.split(";")[0] for k, v in handle.classnames().items() if v == "TTree"]
         raise UserError(f"{file}: no tree {schema.tree!r} (trees: {trees}); set `tree` in the schema")

@@ -12,7 +12,7 @@ ParT-like ones add `vectors` float32 [B, 4, P] = (px, py, pz, E). Padding slots 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,14 +26,22 @@ _TINY = np.float32(1e-8)
 
 @dataclass(frozen=True)
 class FeatureBuilder:
-    """How one named feature set is made: which stored columns it reads and the function that builds it."""
+    """How one named feature set is made: which stored columns it reads and the function that fills it.
+
+    `build(raw, mask, out)` writes the batch's big float32 outputs in place: `out["features"]` [B, C, P],
+    `out["vectors"]` [B, 4, P] when `vectors`, `out["mask"]` [B, 1, P] (pre-filled from the counts; a builder
+    that drops constituents rewrites it), and one [B, P] array per name in `derived`. It may return further
+    outputs (small ones, e.g. token ids) in a dict.
+    """
 
     name: str
     channels: int
     count: str  # the column with the number of real constituents / elements / objects / tokens
     padded: tuple[str, ...]  # stored columns with the constituent axis; cut or zero-padded to the batch length
     scalars: tuple[str, ...]  # per-example stored columns it reads
-    build: Callable[[Mapping[str, np.ndarray], np.ndarray], dict[str, np.ndarray]]
+    build: Callable[[Mapping[str, np.ndarray], np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray] | None]
+    vectors: bool = False
+    derived: tuple[str, ...] = ()  # extra float32 [B, P] outputs (e.g. MLPF log-ratio targets)
     per_element: tuple[str, ...] = ()  # prefixes of pass-through columns that also carry the constituent axis
     extra: Callable[[Mapping[str, np.ndarray], Sequence[str]], dict[str, np.ndarray]] | None = None
     doc: str = ""
@@ -43,36 +51,48 @@ class FeatureBuilder:
         return (self.count, *self.padded, *self.scalars)
 
 
-@dataclass
-class _Physics:
-    """Per-constituent kinematics shared by the ParT-style builders (computed once per batch)."""
+# Elementwise helpers. numpy vectorises log, exp, sqrt, atan2 and arithmetic with SIMD; hypot, arcsinh and float
+# modulo are scalar loops 10-100x slower, so they are avoided on the hot path.
 
-    px: np.ndarray
-    py: np.ndarray
-    pz: np.ndarray
-    energy: np.ndarray
-    pt: np.ndarray = field(init=False)
-    eta: np.ndarray = field(init=False)
-    phi: np.ndarray = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.pt = np.hypot(self.px, self.py)
-        self.eta = np.arcsinh(self.pz / np.maximum(self.pt, _TINY))
-        self.phi = np.arctan2(self.py, self.px)
+def _pt(px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    return np.sqrt(px * px + py * py)
+
+
+def _eta(pt: np.ndarray, pz: np.ndarray) -> np.ndarray:
+    """Pseudorapidity asinh(pz / pT) as sign(pz) ln((|pz| + |p|) / pT), without cancellation; 0 where pT = 0."""
+    apz = np.abs(pz)
+    p = np.sqrt(pt * pt + apz * apz)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eta = np.log((apz + p) / pt)
+    eta = np.copysign(eta, pz, out=eta)
+    eta[pt <= 0] = 0.0
+    return eta
+
+
+def _delta_phi(px: np.ndarray, py: np.ndarray, phi_axis: np.ndarray) -> np.ndarray:
+    """phi - phi_axis in (-pi, pi]: atan2 in the frame rotated to the axis (no angle wrapping needed)."""
+    cos_axis = np.cos(phi_axis).astype(np.float32)[:, None]
+    sin_axis = np.sin(phi_axis).astype(np.float32)[:, None]
+    return np.arctan2(py * cos_axis - px * sin_axis, px * cos_axis + py * sin_axis)
 
 
 def wrap_phi(x: np.ndarray) -> np.ndarray:
-    """Angle difference wrapped to [-pi, pi)."""
-    return (x + np.float32(np.pi)) % np.float32(2 * np.pi) - np.float32(np.pi)
+    """Angle difference wrapped to [-pi, pi]."""
+    two_pi = np.float32(2 * np.pi)
+    return x - two_pi * np.rint(x / two_pi)
 
 
 def _log(x: np.ndarray, floor: float = 1e-8) -> np.ndarray:
     return np.log(np.maximum(x, np.float32(floor)))
 
 
-def _standardise(x: np.ndarray, center: float, scale: float, lo: float = -5.0, hi: float = 5.0) -> np.ndarray:
-    """weaver's manual preprocessing: clip((x - center) * scale, lo, hi)."""
-    return np.clip((x - np.float32(center)) * np.float32(scale), np.float32(lo), np.float32(hi))
+def _standardise_into(out: np.ndarray, x: np.ndarray, center: float, scale: float, lo: float = -5.0,
+                      hi: float = 5.0) -> None:
+    """weaver's manual preprocessing, in place: out = clip((x - center) * scale, lo, hi)."""
+    np.subtract(x, np.float32(center), out=out)
+    out *= np.float32(scale)
+    np.clip(out, np.float32(lo), np.float32(hi), out=out)
 
 
 def _pid_flags(pid: np.ndarray, charge: np.ndarray) -> list[np.ndarray]:
@@ -91,19 +111,27 @@ def _pid_flags(pid: np.ndarray, charge: np.ndarray) -> list[np.ndarray]:
     return [charged_hadron, neutral_hadron, photon, electron, muon]
 
 
-def _stack(channels: Sequence[np.ndarray], mask: np.ndarray) -> np.ndarray:
-    """[B, C, P] float32 with padding (and any NaN/inf from degenerate inputs) set to 0."""
-    out = np.stack([np.asarray(c, dtype=np.float32) for c in channels], axis=1)
-    out *= mask[:, None, :]
-    np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    return out
+def _finish(features: np.ndarray, mask: np.ndarray, channels: Sequence[int] | slice = slice(None)) -> None:
+    """Zero the padding and any NaN/inf from degenerate inputs (rare: checked first, repaired only if needed).
+
+    `channels` limits this to the channels that can be non-zero in padding slots (stored padding is 0, and
+    e.g. tanh(0), clip(0) and the particle-ID flags of pid 0 are already 0 there).
+    """
+    selected = features[:, channels]
+    selected *= mask[:, None, :]
+    if not np.isfinite(selected).all():
+        np.nan_to_num(selected, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    if isinstance(channels, slice):
+        return
+    features[:, channels] = selected
 
 
-def _vectors(px, py, pz, energy, mask: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
-    out = np.stack([px, py, pz, energy], axis=1).astype(np.float32, copy=False)
-    if scale is not None:
-        out = out * scale[:, None, None]
-    return out * mask[:, None, :]
+def _fill_vectors(out: np.ndarray, raw: Mapping[str, np.ndarray], mask: np.ndarray,
+                  scale: np.ndarray | None = None) -> None:
+    for c, name in enumerate(("part_px", "part_py", "part_pz", "part_energy")):
+        np.multiply(raw[name], mask, out=out[:, c])
+        if scale is not None:
+            out[:, c] *= scale[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -116,51 +144,56 @@ _JET = ("jet_pt", "jet_eta", "jet_phi", "jet_energy")
 SOPHON_PT = 500.0  # Sophon normalises every jet to this pT (GeV)
 
 
-def _part_channels(raw: Mapping[str, np.ndarray], mask: np.ndarray, level: str, pt_scale: np.ndarray | None):
-    """The 17 ParT "full" rows in stored order; `level` picks kin (7), kinpid (13) or full (17)."""
-    p = _Physics(raw["part_px"], raw["part_py"], raw["part_pz"], raw["part_energy"])
-    jet_pt = raw["jet_pt"][:, None]
+def _part_fill(raw: Mapping[str, np.ndarray], mask: np.ndarray, out: dict[str, np.ndarray], level: str,
+               pt_scale: np.ndarray | None) -> None:
+    """The ParT "full" rows in stored order into out["features"]; `level` = kin (7), kinpid (13) or full (17)."""
+    px, py, pz, energy = raw["part_px"], raw["part_py"], raw["part_pz"], raw["part_energy"]
+    features = out["features"]
+    channel = iter(range(features.shape[1]))
+
+    def slot() -> np.ndarray:
+        return features[:, next(channel)]
+
+    pt = _pt(px, py)
     jet_eta = raw["jet_eta"][:, None]
-    jet_energy = raw["jet_energy"][:, None]
     # JetClass flips delta-eta with the sign of the jet eta (so forward and backward jets look alike)
-    deta = (p.eta - jet_eta) * np.where(jet_eta < 0, np.float32(-1), np.float32(1))
-    dphi = wrap_phi(p.phi - raw["jet_phi"][:, None])
-    pt, energy = (p.pt, p.energy) if pt_scale is None else (p.pt * pt_scale[:, None], p.energy * pt_scale[:, None])
-    kin_head = [
-        _standardise(_log(pt), 1.7, 0.7),
-        _standardise(_log(energy), 2.0, 0.7),
-        _standardise(_log(p.pt / np.maximum(jet_pt, _TINY)), -4.7, 0.7),
-        _standardise(_log(p.energy / np.maximum(jet_energy, _TINY)), -4.7, 0.7),
-        _standardise(np.hypot(deta, dphi), 0.2, 4.0),
-    ]
-    angles = [deta, dphi]
-    if level == "kin":
-        return _stack(kin_head + angles, mask), p
-    charge = raw["part_charge"]
-    pid = [charge, *_pid_flags(raw["part_pid"], charge)]
-    if level == "kinpid":
-        return _stack(kin_head + pid + angles, mask), p
-    trajectory = [
-        np.tanh(raw["part_d0val"]),
-        np.clip(raw["part_d0err"], 0.0, 1.0),
-        np.tanh(raw["part_dzval"]),
-        np.clip(raw["part_dzerr"], 0.0, 1.0),
-    ]
-    return _stack(kin_head + pid + trajectory + angles, mask), p
+    deta = (_eta(pt, pz) - jet_eta) * np.where(jet_eta < 0, np.float32(-1), np.float32(1))
+    dphi = _delta_phi(px, py, raw["jet_phi"])
+    log_pt, log_e = _log(pt), _log(energy)
+    shift = np.float32(0) if pt_scale is None else np.log(pt_scale)[:, None]
+    _standardise_into(slot(), log_pt + shift, 1.7, 0.7)
+    _standardise_into(slot(), log_e + shift, 2.0, 0.7)
+    _standardise_into(slot(), log_pt - _log(raw["jet_pt"])[:, None], -4.7, 0.7)
+    _standardise_into(slot(), log_e - _log(raw["jet_energy"])[:, None], -4.7, 0.7)
+    _standardise_into(slot(), np.sqrt(deta * deta + dphi * dphi), 0.2, 4.0)
+    if level != "kin":
+        charge = raw["part_charge"]
+        slot()[:] = charge
+        for flag in _pid_flags(raw["part_pid"], charge):
+            slot()[:] = flag
+    if level == "full":
+        np.tanh(raw["part_d0val"], out=slot())
+        np.clip(raw["part_d0err"], 0.0, 1.0, out=slot())
+        np.tanh(raw["part_dzval"], out=slot())
+        np.clip(raw["part_dzerr"], 0.0, 1.0, out=slot())
+    slot()[:] = deta
+    slot()[:] = dphi
+    # only the kinematic channels and the angles (atan2(0, -0) = pi) can be non-zero where inputs are padding
+    last = features.shape[1]
+    _finish(features, mask, [0, 1, 2, 3, 4, last - 2, last - 1])
+    _fill_vectors(out["vectors"], raw, mask, pt_scale)
 
 
 def _part_builder(level: str) -> Callable:
-    def build(raw, mask):
-        features, p = _part_channels(raw, mask, level, None)
-        return {"features": features, "vectors": _vectors(p.px, p.py, p.pz, p.energy, mask)}
+    def build(raw, mask, out):
+        _part_fill(raw, mask, out, level, None)
 
     return build
 
 
-def _sophon(raw, mask):
+def _sophon(raw, mask, out):
     scale = (np.float32(SOPHON_PT) / np.maximum(raw["jet_pt"], _TINY)).astype(np.float32)
-    features, p = _part_channels(raw, mask, "full", scale)
-    return {"features": features, "vectors": _vectors(p.px, p.py, p.pz, p.energy, mask, scale)}
+    _part_fill(raw, mask, out, "full", scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -170,25 +203,28 @@ _TAU_PADDED = ("part_px", "part_py", "part_pz", "part_energy", "part_charge", "p
                "part_d0val", "part_d0err", "part_dzval", "part_dzerr")
 
 
-def _tau_cand(raw, mask):
-    p = _Physics(raw["part_px"], raw["part_py"], raw["part_pz"], raw["part_energy"])
-    abs_deta = np.abs(p.eta - raw["jet_eta"][:, None])
-    abs_dphi = np.abs(wrap_phi(p.phi - raw["jet_phi"][:, None]))
+def _tau_cand(raw, mask, out):
+    px, py, pz, energy = raw["part_px"], raw["part_py"], raw["part_pz"], raw["part_energy"]
+    features = out["features"]
+    pt = _pt(px, py)
+    abs_deta = np.abs(_eta(pt, pz) - raw["jet_eta"][:, None], out=features[:, 0])
+    abs_dphi = np.abs(_delta_phi(px, py, raw["jet_phi"]), out=features[:, 1])
+    log_pt = np.log(np.maximum(pt, np.float32(1e-6)), out=features[:, 2])
+    log_e = np.log(np.maximum(energy, np.float32(1e-6)), out=features[:, 3])
+    # log(max(x / jet, 1e-6)) = max(log x - log jet, log 1e-6) for the floored logs above (x >= 1e-6)
+    floor = np.float32(np.log(1e-6))
+    np.maximum(log_pt - _log(raw["jet_pt"])[:, None], floor, out=features[:, 4])
+    np.maximum(log_e - _log(raw["jet_energy"])[:, None], floor, out=features[:, 5])
+    np.sqrt(abs_deta * abs_deta + abs_dphi * abs_dphi, out=features[:, 6])
     charge = raw["part_charge"]
+    features[:, 7] = charge
     charged_hadron, neutral_hadron, photon, electron, muon = _pid_flags(raw["part_pid"], charge)
-    channels = [
-        abs_deta,
-        abs_dphi,
-        _log(p.pt, 1e-6),
-        _log(p.energy, 1e-6),
-        _log(p.pt / np.maximum(raw["jet_pt"][:, None], _TINY), 1e-6),
-        _log(p.energy / np.maximum(raw["jet_energy"][:, None], _TINY), 1e-6),
-        np.hypot(abs_deta, abs_dphi),
-        charge,
-        electron, muon, photon, charged_hadron, neutral_hadron,
-        raw["part_dzval"], raw["part_dzerr"], raw["part_d0val"], raw["part_d0err"],
-    ]
-    return {"features": _stack(channels, mask), "vectors": _vectors(p.px, p.py, p.pz, p.energy, mask)}
+    for c, flag in enumerate((electron, muon, photon, charged_hadron, neutral_hadron), start=8):
+        features[:, c] = flag
+    for c, name in enumerate(("part_dzval", "part_dzerr", "part_d0val", "part_d0err"), start=13):
+        features[:, c] = raw[name]
+    _finish(features, mask)
+    _fill_vectors(out["vectors"], raw, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -203,46 +239,49 @@ def _compact(keep: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, list[np
     return np.take_along_axis(keep, order, axis=1), [np.take_along_axis(a, order, axis=1) for a in arrays]
 
 
-def _omnijet_constituents(raw, mask):
-    p = _Physics(raw["part_px"], raw["part_py"], raw["part_pz"], raw["part_energy"])
+def _omnijet_constituents(raw, mask, out):
+    px, py, pz = raw["part_px"], raw["part_py"], raw["part_pz"]
     # OmniJet takes the jet axis from the sum of the constituents' 4-vectors
-    jx, jy, jz = ((c * mask).sum(axis=1) for c in (p.px, p.py, p.pz))
-    jet_eta = np.arcsinh(jz / np.maximum(np.hypot(jx, jy), _TINY))[:, None]
-    jet_phi = np.arctan2(jy, jx)[:, None]
-    deta = p.eta - jet_eta
-    dphi = wrap_phi(p.phi - jet_phi)
+    jx, jy, jz = ((c * mask).sum(axis=1) for c in (px, py, pz))
+    pt = _pt(px, py)
+    deta = _eta(pt, pz) - _eta(_pt(jx, jy), jz)[:, None]
+    dphi = _delta_phi(px, py, np.arctan2(jy, jx))
     keep = mask & (np.abs(deta) < OMNIJET_MAX_DELTA) & (np.abs(dphi) < OMNIJET_MAX_DELTA)
-    keep, (pt, deta, dphi) = _compact(keep, p.pt, deta, dphi)
-    features = _stack([_log(pt) - np.float32(1.8), 3 * deta, 3 * dphi], keep)
-    return {"features": features, "mask": keep}
+    keep, (pt, deta, dphi) = _compact(keep, pt, deta, dphi)
+    features = out["features"]
+    np.subtract(_log(pt), np.float32(1.8), out=features[:, 0])
+    np.multiply(deta, np.float32(3), out=features[:, 1])
+    np.multiply(dphi, np.float32(3), out=features[:, 2])
+    _finish(features, keep)
+    out["mask"][:, 0] = keep
 
 
-def _omnijet_tokens(raw, mask):
+def _omnijet_tokens(raw, mask, out):
     tokens = raw["tokens"].astype(np.int64) * mask
-    return {"tokens": tokens, "features": tokens[:, None, :].astype(np.float32)}
+    out["features"][:, 0] = tokens
+    return {"tokens": tokens}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # MLPF (shared_reference/mlpf_pipeline.md section 1.1-1.2) and AOT
 
 
-def _mlpf_elements(raw, mask):
-    elements = raw["elem_features"].astype(np.float32, copy=False)
-    features = np.ascontiguousarray(elements.transpose(0, 2, 1)) * mask[:, None, :]
-    out = {"features": features}
+def _mlpf_elements(raw, mask, out):
+    elements = raw["elem_features"]
+    np.multiply(elements.transpose(0, 2, 1), mask[:, None, :], out=out["features"])
     # the loss sees pT and E as log ratios to the element's own pT/E (particleflow PR #342); 0 where no target
-    if "target_pt" in raw and "target_energy" in raw:
+    for name, target, column in (("log_pt_ratio", "target_pt", 1), ("log_energy_ratio", "target_energy", 5)):
+        ratio = out[f"target_{name}"]
+        if target not in raw:
+            ratio[:] = 0.0
+            continue
         with np.errstate(divide="ignore", invalid="ignore"):
-            for name, target, column in (("log_pt_ratio", "target_pt", 1), ("log_energy_ratio", "target_energy", 5)):
-                ratio = np.log(raw[target] / elements[:, :, column])
-                ratio[~np.isfinite(ratio) | (raw[target] <= 0) | ~mask] = 0.0
-                out[f"target_{name}"] = ratio.astype(np.float32)
-    return out
+            np.log(raw[target] / elements[:, :, column], out=ratio)
+        ratio[~np.isfinite(ratio) | (raw[target] <= 0) | ~mask] = 0.0
 
 
-def _aot_objects(raw, mask):
-    objects = raw["obj_features"].astype(np.float32, copy=False)
-    return {"features": np.ascontiguousarray(objects.transpose(0, 2, 1)) * mask[:, None, :]}
+def _aot_objects(raw, mask, out):
+    np.multiply(raw["obj_features"].transpose(0, 2, 1), mask[:, None, :], out=out["features"])
 
 
 def _event_features(raw: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -256,22 +295,22 @@ def _event_features(raw: Mapping[str, np.ndarray], names: Sequence[str]) -> dict
 FEATURE_BUILDERS: dict[str, FeatureBuilder] = {
     b.name: b
     for b in (
-        FeatureBuilder("part_full", 17, "part_n", _PART_PADDED, _JET, _part_builder("full"),
+        FeatureBuilder("part_full", 17, "part_n", _PART_PADDED, _JET, _part_builder("full"), vectors=True,
                        doc="ParT JetClass full: 5 standardised kinematic, 6 particle-ID, 4 trajectory, deta, dphi"),
-        FeatureBuilder("part_kinpid", 13, "part_n", _PART_PADDED[:6], _JET, _part_builder("kinpid"),
+        FeatureBuilder("part_kinpid", 13, "part_n", _PART_PADDED[:6], _JET, _part_builder("kinpid"), vectors=True,
                        doc="ParT kinpid: kinematics and particle ID"),
-        FeatureBuilder("part_kin", 7, "part_n", _PART_KIN_PADDED, _JET, _part_builder("kin"),
+        FeatureBuilder("part_kin", 7, "part_n", _PART_KIN_PADDED, _JET, _part_builder("kin"), vectors=True,
                        doc="ParT kin: kinematics only"),
-        FeatureBuilder("sophon_full", 17, "part_n", _PART_PADDED, _JET, _sophon,
+        FeatureBuilder("sophon_full", 17, "part_n", _PART_PADDED, _JET, _sophon, vectors=True,
                        doc="Sophon: part_full with pT and E of each jet scaled to pT = 500 GeV (vectors too)"),
-        FeatureBuilder("tau_cand", 17, "part_n", _TAU_PADDED, _JET, _tau_cand,
+        FeatureBuilder("tau_cand", 17, "part_n", _TAU_PADDED, _JET, _tau_cand, vectors=True,
                        doc="MultiParTau's 17 tau-candidate features (unstandardised, logs floored at 1e-6)"),
         FeatureBuilder("omnijet_tokens", 1, "tokens_n", ("tokens",), (), _omnijet_tokens,
                        doc="OmniJet token ids (start 0, code c -> c+1, stop K+1); `tokens` int64 plus as features"),
         FeatureBuilder("omnijet_constituents", 3, "part_n", _PART_KIN_PADDED, (), _omnijet_constituents,
                        doc="OmniJet tokenizer input: log pT - 1.8, 3 deta, 3 dphi; |deta|,|dphi| >= 0.8 dropped"),
         FeatureBuilder("mlpf_elements", 17, "elem_n", ("elem_features",), (), _mlpf_elements,
-                       per_element=("label_", "target_"),
+                       derived=("target_log_pt_ratio", "target_log_energy_ratio"), per_element=("label_", "target_"),
                        doc="MLPF CLIC tracks and clusters (17 raw features, column 0 = element type)"),
         FeatureBuilder("aot_objects", 6, "obj_n", ("obj_features",), (), _aot_objects, extra=_event_features,
                        doc="AOT objects (E, pT, eta, phi, mass, b-tag) plus the event features"),
@@ -312,6 +351,29 @@ def _fit(array: np.ndarray, length: int) -> np.ndarray:
     return np.pad(array, widths)
 
 
+Allocator = Callable[[int, np.dtype], np.ndarray]
+
+
+def _carve(alloc: Allocator, shapes: Mapping[str, tuple[int, ...]], dtype) -> dict[str, np.ndarray]:
+    """Views of one allocation, one contiguous block per name (few large buffers cross processes cheaply)."""
+    sizes = {name: int(np.prod(shape)) for name, shape in shapes.items()}
+    buffer = alloc(sum(sizes.values()), np.dtype(dtype))
+    views, offset = {}, 0
+    for name, shape in shapes.items():
+        views[name] = buffer[offset:offset + sizes[name]].reshape(shape)
+        offset += sizes[name]
+    return views
+
+
+def _pack(alloc: Allocator, arrays: Mapping[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
+    if not arrays:
+        return {}
+    views = _carve(alloc, {k: v.shape for k, v in arrays.items()}, dtype)
+    for name, values in arrays.items():
+        views[name][...] = values
+    return views
+
+
 def build_batch(
     raw: Mapping[str, np.ndarray],
     builder: FeatureBuilder,
@@ -319,31 +381,51 @@ def build_batch(
     max_length: int,
     pad_to_multiple: int | None = None,
     event_features: Sequence[str] = (),
+    alloc: Allocator | None = None,
 ) -> dict[str, np.ndarray]:
-    """Model inputs plus pass-through columns for one batch of stored columns (numpy in, numpy out)."""
+    """Model inputs plus pass-through columns for one batch of stored columns (numpy in, numpy out).
+
+    All float32 outputs live in two allocations (model inputs; the rest) and all int64 ones in one, made by
+    `alloc(n, dtype)` (default numpy): the loader passes an allocator in shared memory, so a batch crosses from
+    a DataLoader worker as three buffers and is written only once.
+    """
+    alloc = alloc or (lambda n, dtype: np.empty(n, dtype))
     counts = np.minimum(raw[builder.count], max_length)
     length = batch_length(counts, max_length, pad_to_multiple)
-    mask = np.arange(length)[None, :] < counts[:, None]
-    cut = dict(raw)
+    size = len(counts)
+    # features are computed only over the columns that hold a real constituent in some example of the batch;
+    # the rest of the output (up to `length`) is zero padding
+    busy = min(max(int(counts.max(initial=0)), 1), length)
+    mask = np.arange(busy)[None, :] < counts[:, None]
+    work = dict(raw)
     for name in builder.padded:
-        cut[name] = _fit(raw[name], length)
-    per_element = []
+        work[name] = _fit(raw[name], busy)
+    per_element = {}
     if builder.per_element:
-        per_element = [n for n in raw if n.startswith(builder.per_element) and raw[n].ndim >= 2]
-        for name in per_element:
-            cut[name] = _fit(raw[name], length)
-    out = builder.build(cut, mask)
-    out.setdefault("mask", mask)
-    out["mask"] = out["mask"].astype(np.float32)[:, None, :]
+        for name in raw:
+            if name.startswith(builder.per_element) and raw[name].ndim >= 2:
+                per_element[name] = _fit(raw[name], length)
+                work[name] = per_element[name][:, :busy]
+    shapes = {"features": (size, builder.channels, length)}
+    if builder.vectors:
+        shapes["vectors"] = (size, 4, length)
+    shapes["mask"] = (size, 1, length)
+    shapes.update({name: (size, length) for name in builder.derived})
+    out = _carve(alloc, shapes, np.float32)
+    for array in out.values():
+        array[..., busy:] = 0.0
+    views = {name: array[..., :busy] for name, array in out.items()}
+    views["mask"][:, 0] = mask
+    small = {k: _fit(v, length) if v.ndim >= 2 else v for k, v in (builder.build(work, mask, views) or {}).items()}
     if builder.extra is not None:
-        out.update(builder.extra(raw, event_features))
-    for name, values in cut.items():
-        if not is_pass_through(name) or name in out:
-            continue
-        if name.startswith("label_"):
-            out[name] = values.astype(np.int64, copy=False)
-        else:
-            out[name] = values.astype(np.float32, copy=False)
+        small.update(builder.extra(raw, event_features))
+    for name, values in {**raw, **per_element}.items():
+        if is_pass_through(name) and name not in out and name not in small:
+            small[name] = values
+    integers = {k: v for k, v in small.items() if k.startswith("label_") or k == "tokens"}
+    floats = {k: v for k, v in small.items() if k not in integers}
+    out.update(_pack(alloc, floats, np.float32))
+    out.update(_pack(alloc, integers, np.int64))
     return out
 
 

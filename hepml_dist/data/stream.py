@@ -335,28 +335,39 @@ class ShardStream:
         """Yield this epoch's batches (all of them, or those after `start`, a position saved in this epoch)."""
         import torch
 
+        tune_malloc()
         done = self._resume_point(epoch, start)
         steps = self.steps_per_epoch
         self._position = DataPosition(epoch, done, self.split, self.world_size, self.workers, self.batch_size,
                                       self.seed, len(self.shards))
         if done >= steps:
             return
-        dataset = _WorkerStream(self, epoch, done)
         num_workers = self.data.loader_workers
+        fork = num_workers > 0 and "fork" in _start_methods()
+        prefetch = 2
+        # a worker can have up to prefetch x workers requests outstanding (when the others are done): one slot each
+        ring = _SlotRing(num_workers, prefetch * num_workers + 2, self._batch_bytes()) if fork else None
+        dataset = _WorkerStream(self, epoch, done, ring)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
             num_workers=num_workers,
-            prefetch_factor=4 if num_workers else None,
+            prefetch_factor=prefetch if num_workers else None,
             persistent_workers=False,
-            multiprocessing_context="fork" if num_workers and "fork" in _start_methods() else None,
+            multiprocessing_context="fork" if fork else None,
         )
         count = done
         try:
             for batch in loader:
+                if _META + "slot" in batch:
+                    taken = ring.take(batch.pop(_META + "slot"), batch.pop(_META + "layout"))
+                    batch = taken | batch
                 for key in [k for k in batch if k.startswith(_META)]:
                     value = batch.pop(key)
                     if key == _META + "skipped":
+                        for shard in value:
+                            warnings.warn(f"data.{self.split}: skipping corrupt shard {shard} "
+                                          "(data.on_corrupt: skip)", stacklevel=2)
                         self.skipped_shards.update(value)
                 count += 1
                 self._position = DataPosition(epoch, count, self.split, self.world_size, self.workers,
@@ -385,6 +396,20 @@ class ShardStream:
                 shapes[name] = list(column.shape) if old is None else [max(a, b) for a, b in zip(old, column.shape)]
         available = [n for n in dtypes if all(n in self.manifests[i].columns for i in used)]
         return shapes, available
+
+    def _batch_bytes(self) -> int:
+        """An upper bound of one built batch's size (all outputs, aligned), for the shared slots."""
+        size, length, builder = self.batch_size, self.data.inputs.max_length, self.builder
+        floats = length * (builder.channels + (4 if builder.vectors else 0) + 1 + len(builder.derived))
+        total = size * floats * 4
+        for name in self.columns:
+            shape = self.shapes.get(name, [])
+            per_example = int(np.prod(shape)) if shape else 1
+            if shape:
+                per_example = max(per_example, length * int(np.prod(shape[1:])))
+            total += size * per_example * 8
+        total += size * (len(self.data.inputs.event_features) + 2) * 8 + size * length * 8
+        return total + 64 * (len(self.columns) + 16) + 4096
 
     def _acceptance(self) -> float:
         return self.weights.mean_weight if self.sampling else 1.0
@@ -453,6 +478,31 @@ class ShardStream:
         return min(start.batches, self.steps_per_epoch)
 
 
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> None:
+    """Keep batch-sized buffers on glibc's heap and the heap from shrinking, once per process.
+
+    By default glibc serves allocations above 128 KiB-32 MiB with fresh mmaps and trims the heap top on free, so
+    every batch's arrays are new pages; faulting them in dominates the loader's time on virtual machines (and
+    costs on bare metal too). Set HEPML_MALLOC_TUNING=0 to leave malloc alone.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or os.environ.get("HEPML_MALLOC_TUNING", "1") == "0":
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 256 << 20)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def _start_methods() -> list[str]:
     import multiprocessing
 
@@ -474,18 +524,137 @@ def _iterable_base():
     return IterableDataset
 
 
+class _Window:
+    """The examples of one window: the chunk pieces as read (views of memory-mapped shards), not concatenated."""
+
+    def __init__(self, parts: list[dict[str, np.ndarray]]):
+        self.parts = parts
+        sizes = [len(next(iter(p.values()))) for p in parts]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.size = int(self.starts[-1])
+
+    def columns(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([p[k] for p in self.parts]) for k in names}
+
+    def gather(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """The examples at `index` (window positions), copied once; rows come out in window order."""
+        index = np.sort(index)
+        bounds = np.searchsorted(index, self.starts)
+        first = self.parts[0]
+        out = {k: np.empty((len(index), *v.shape[1:]), dtype=v.dtype) for k, v in first.items()}
+        for p, part in enumerate(self.parts):
+            a, b = bounds[p], bounds[p + 1]
+            if a < b:
+                local = index[a:b] - self.starts[p]
+                for k, v in part.items():
+                    np.take(v, local, axis=0, out=out[k][a:b])
+        return out
+
+
+def _concatenate(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows of two gathered blocks, zero-padding axis 1 of padded columns cut to different widths."""
+    out = {}
+    for k, a in first.items():
+        b = second[k]
+        if a.ndim >= 2 and a.shape[1] != b.shape[1]:
+            width = max(a.shape[1], b.shape[1])
+            a, b = feats._fit(a, width), feats._fit(b, width)
+        out[k] = np.concatenate([a, b])
+    return out
+
+
+class _SlotRing:
+    """Shared memory through which DataLoader workers hand batches to the main process, reused batch after batch.
+
+    torch's default transport puts every tensor of every batch in a fresh shared-memory segment; on virtual
+    machines, faulting in those new pages costs more than building the batch. Here each worker owns a few fixed
+    slots (anonymous shared mmap, inherited by the forked workers): it builds a batch directly into a free slot
+    and sends only a small layout through the DataLoader; the main process copies the batch out into ordinary
+    memory (so what it yields is never overwritten) and frees the slot.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, workers: int, slots_per_worker: int, slot_bytes: int):
+        import mmap
+
+        self.workers, self.slots, self.slot_bytes = workers, slots_per_worker, slot_bytes
+        self.buffer = mmap.mmap(-1, workers * slots_per_worker * slot_bytes)
+        self.state = np.frombuffer(mmap.mmap(-1, max(workers * slots_per_worker, 1)), dtype=np.uint8)
+        self.next = [0] * workers
+
+    def _base(self, slot: int) -> int:
+        return slot * self.slot_bytes
+
+    def acquire(self, worker: int, timeout: float = 600.0) -> int:
+        """A free slot of `worker` (waits while the main process still holds them all)."""
+        import time
+
+        slot = worker * self.slots + self.next[worker]
+        self.next[worker] = (self.next[worker] + 1) % self.slots
+        waited = 0.0
+        while self.state[slot] != 0:
+            time.sleep(0.0002)
+            waited += 0.0002
+            if waited > timeout:
+                raise RuntimeError(f"loader worker {worker}: no free batch slot for {timeout:.0f} s")
+        return slot
+
+    def allocator(self, slot: int):
+        """alloc(n, dtype) carving aligned arrays out of the slot, for build_batch."""
+        view = memoryview(self.buffer)[self._base(slot):self._base(slot) + self.slot_bytes]
+        used = [0]
+
+        def alloc(n: int, dtype: np.dtype) -> np.ndarray:
+            start = -(-used[0] // self.ALIGN) * self.ALIGN
+            stop = start + n * dtype.itemsize
+            if stop > self.slot_bytes:
+                raise RuntimeError(f"internal error: a batch needs more than the {self.slot_bytes} bytes planned")
+            used[0] = stop
+            return np.frombuffer(view[start:stop], dtype=dtype)
+
+        return alloc
+
+    def layout(self, slot: int, batch: Mapping[str, np.ndarray]) -> dict[str, tuple[int, str, tuple[int, ...]]]:
+        base = np.frombuffer(self.buffer, dtype=np.uint8, count=1, offset=self._base(slot)).ctypes.data
+        layout = {k: (v.ctypes.data - base, v.dtype.str, v.shape) for k, v in batch.items()}
+        for name, (offset, _, _) in layout.items():
+            if not 0 <= offset < self.slot_bytes or not batch[name].flags.c_contiguous:
+                raise RuntimeError(f"internal error: batch output {name} was not built in the shared slot")
+        return layout
+
+    def publish(self, slot: int) -> None:
+        self.state[slot] = 1
+
+    def take(self, slot: int, layout: Mapping[str, tuple[int, str, tuple[int, ...]]]) -> dict:
+        """Copy a published batch out of its slot into tensors owned by the caller, and free the slot."""
+        import torch
+
+        out = {}
+        base = self._base(slot)
+        for name, (offset, dtype, shape) in layout.items():
+            dtype = np.dtype(dtype)
+            count = int(np.prod(shape, dtype=np.int64))
+            view = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=base + offset).reshape(shape)
+            out[name] = torch.from_numpy(view.copy())
+        self.state[slot] = 0
+        return out
+
+
 class _WorkerStream(_iterable_base()):  # torch is imported when the stream module is, only for this base class
     """The IterableDataset of one epoch: each DataLoader worker streams its own slot."""
 
-    def __init__(self, stream: ShardStream, epoch: int, done: int):
+    def __init__(self, stream: ShardStream, epoch: int, done: int, ring: _SlotRing | None = None):
         self.s = stream
         self.epoch = epoch
         self.done = done
+        self.ring = ring
 
     def __iter__(self) -> Iterator[dict]:
         import torch
 
         info = torch.utils.data.get_worker_info()
+        tune_malloc()
         s = self.s
         # the DataLoader's round robin always starts at its worker 0, so after k batches that worker plays the
         # part of worker k % W: the resumed batches then come in exactly the original order
@@ -497,10 +666,19 @@ class _WorkerStream(_iterable_base()):  # torch is imported when the stream modu
         slot = s.rank * s.workers + worker
         pieces = s.slots(self.epoch)[slot]
         loop = s.training or quota > s.natural_batches(s.rank)[worker]
+        ring = self.ring if info is not None else None
         produced = 0
-        for batch in self._batches(pieces, slot, skip, loop):
-            meta = {k: batch.pop(k) for k in [k for k in batch if k.startswith(_META)]}
-            yield feats.to_torch(batch) | meta
+        for raw, skipped in self._raw_batches(pieces, slot, skip, loop):
+            meta = {_META + "skipped": skipped} if skipped else {}
+            if ring is None:
+                yield feats.to_torch(self._build(raw, None)) | meta
+            else:
+                physical = info.id
+                handle = ring.acquire(physical)
+                batch = self._build(raw, ring.allocator(handle))
+                layout = ring.layout(handle, batch)
+                ring.publish(handle)
+                yield {_META + "slot": handle, _META + "layout": layout} | meta
             produced += 1
             if produced >= quota - skip:
                 return
@@ -510,8 +688,9 @@ class _WorkerStream(_iterable_base()):  # torch is imported when the stream modu
     def _window_size(self) -> int:
         return max(self.s.data.shuffle_buffer, self.s.batch_size) if self.s.training else self.s.batch_size * 4
 
-    def _batches(self, pieces: list[Piece], slot: int, skip_batches: int,
-                 loop: bool) -> Iterator[dict[str, np.ndarray]]:
+    def _raw_batches(self, pieces: list[Piece], slot: int, skip_batches: int,
+                     loop: bool) -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
+        """(stored columns of one batch, corrupt shards skipped since the last batch), batch after batch."""
         s = self.s
         size = s.batch_size
         windows = plan_windows(pieces, self._window_size())
@@ -530,42 +709,41 @@ class _WorkerStream(_iterable_base()):  # torch is imported when the stream modu
         for pass_index in passes:
             delivered = 0
             for j in range(start_window if pass_index == first_pass else 0, len(windows)):
-                arrays, skipped = self._read_window(windows[j])
+                window, skipped = self._read_window(windows[j])
                 pending += skipped
-                if arrays is None:
+                if window is None:
                     continue
-                order = self._window_order(arrays, pass_index, slot, j, yields[j])
+                order = self._window_order(window, pass_index, slot, j, yields[j])
                 position = offset if (pass_index == first_pass and j == start_window) else 0
                 while position < len(order):
                     need = size - (0 if carry is None else len(next(iter(carry.values()))))
                     take = order[position:position + need]
                     position += len(take)
-                    part = {k: v[take] for k, v in arrays.items()}
-                    carry = part if carry is None else {k: np.concatenate([carry[k], part[k]]) for k in part}
+                    part = window.gather(take)
+                    carry = part if carry is None else _concatenate(carry, part)
                     delivered += len(take)
                     if len(next(iter(carry.values()))) == size:
-                        yield self._finish(carry, pending)
+                        yield carry, pending
                         pending, carry = [], None
             if delivered == 0 and loop:
                 raise UserError(f"data.{s.split}: every shard of loader slot {slot} is unreadable "
                                 f"({sorted(s.skipped_shards)}); check the dataset with `hepml data verify`")
         if carry is not None and not loop:
-            yield self._finish(carry, pending)
+            yield carry, pending
 
     def _window_yield(self, n: int) -> int:
         return int(round(n * self.s.weights.mean_weight)) if self.s.sampling else n
 
-    def _window_order(self, arrays: Mapping[str, np.ndarray], pass_index: int, slot: int, window: int,
-                      planned: int) -> np.ndarray:
+    def _window_order(self, window: _Window, pass_index: int, slot: int, index: int, planned: int) -> np.ndarray:
         s = self.s
-        n = len(next(iter(arrays.values())))
+        n = window.size
         if not s.training:
             return np.arange(n)
-        rng = np.random.default_rng([s.seed, self.epoch, pass_index, slot, window])
+        rng = np.random.default_rng([s.seed, self.epoch, pass_index, slot, index])
         if s.sampling:
             # draw a fixed number of examples (with replacement, probability ~ weight): the stream length stays a
             # function of the manifest counts alone, which keeps epochs equal across ranks and resume exact
-            weights = s.weights.weights(arrays).astype(np.float64)
+            weights = s.weights.weights(window.columns(s.weights.columns)).astype(np.float64)
             total = weights.sum()
             if total <= 0:
                 return np.empty(0, dtype=np.int64)
@@ -574,7 +752,7 @@ class _WorkerStream(_iterable_base()):  # torch is imported when the stream modu
             return np.arange(n)
         return rng.permutation(n)
 
-    def _read_window(self, window: list[Piece]) -> tuple[dict[str, np.ndarray] | None, list[str]]:
+    def _read_window(self, window: list[Piece]) -> tuple[_Window | None, list[str]]:
         s = self.s
         parts: list[dict[str, np.ndarray]] = []
         newly_skipped: list[str] = []
@@ -604,25 +782,17 @@ class _WorkerStream(_iterable_base()):  # torch is imported when the stream modu
             except CorruptShardError as err:
                 if s.data.on_corrupt == "raise":
                     raise
-                if ref.source not in s.skipped_shards:
+                if ref.source not in s.skipped_shards:  # reported once per worker; the main process warns
                     log.warning("skipping corrupt shard %s (%s)", ref.source, err.reason)
-                    warnings.warn(f"skipping corrupt shard {ref.source}: {err.reason}", stacklevel=2)
                     s.skipped_shards.add(ref.source)
                     newly_skipped.append(ref.source)
-        if not parts:
-            return None, newly_skipped
-        if len(parts) == 1:
-            return parts[0], newly_skipped
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, newly_skipped
+        return (_Window(parts) if parts else None), newly_skipped
 
-    def _finish(self, raw: dict[str, np.ndarray], skipped: list[str]) -> dict[str, Any]:
+    def _build(self, raw: dict[str, np.ndarray], alloc) -> dict[str, np.ndarray]:
         s = self.s
-        batch = feats.build_batch(raw, s.builder, max_length=s.data.inputs.max_length,
-                                  pad_to_multiple=s.data.inputs.pad_to_multiple,
-                                  event_features=s.data.inputs.event_features)
-        if s.weights is not None and not s.sampling:
+        if s.weights is not None and not s.sampling:  # loss weights (mean 1), times any stored event weight
             weight = (s.weights.weights(raw) / s.weights.mean_weight).astype(np.float32)
-            batch["weight"] = weight * batch["weight"] if "weight" in batch else weight
-        if skipped:
-            batch[_META + "skipped"] = list(skipped)
-        return batch
+            raw = {**raw, "weight": weight * raw["weight"] if "weight" in raw else weight}
+        return feats.build_batch(raw, s.builder, max_length=s.data.inputs.max_length,
+                                 pad_to_multiple=s.data.inputs.pad_to_multiple,
+                                 event_features=s.data.inputs.event_features, alloc=alloc)

@@ -211,10 +211,13 @@ def compute_metrics(spec: JobSpec, payload: dict[str, Any], prefix: str = "val")
         total += loss
         metrics[f"{prefix}_{task.name}_loss"] = loss
         arrays = payload["arrays"][task.name]
+        # A diverged model predicts NaN: score what is finite rather than fail the whole evaluation.
         if task.kind == "regression":
-            found = regression_metrics(task, arrays["pred"], arrays["true"])
+            finite = np.isfinite(arrays["pred"]).all(axis=1)
+            found = regression_metrics(task, arrays["pred"][finite], arrays["true"][finite]) if finite.any() else {}
         else:
-            found = classification_metrics(task, arrays["scores"], arrays["label"])
+            finite = np.isfinite(arrays["scores"]).all(axis=1)
+            found = classification_metrics(task, arrays["scores"][finite], arrays["label"][finite]) if finite.any() else {}
         metrics.update({f"{prefix}_{task.name}_{k}": v for k, v in found.items()})
     metrics[f"{prefix}_loss"] = total
     return {k: (v if math.isfinite(v) else float("nan")) for k, v in metrics.items()}

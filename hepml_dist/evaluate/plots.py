@@ -1,11 +1,13 @@
 """Evaluation plots: ROC (background rejection vs signal efficiency), confusion matrices, regression response and
 resolution vs pT, and training curves. Each function returns a matplotlib Figure; `make_plots` builds them all."""
 
+import logging
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)  # mplhep styles name fonts we may lack
 
 import matplotlib.pyplot as plt  # noqa: E402
 import mplhep  # noqa: E402

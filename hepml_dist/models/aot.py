@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from hepml_dist.errors import UserError
-from hepml_dist.models.part import Block, ClassAttentionPathway, ParticleEmbedding, compute_dtype, key_padding_bias, make_head
+from hepml_dist.models.part import (
+    Block,
+    ClassAttentionPathway,
+    Packing,
+    ParticleEmbedding,
+    compute_dtype,
+    key_padding_bias,
+    make_head,
+)
 from hepml_dist.models.losses import task_losses
 from hepml_dist.models.registry import ModelFamily, register_family
 from hepml_dist.spec import JobSpec
@@ -66,10 +74,13 @@ class AnalysisObjectTransformer(nn.Module):
             raise ValueError(f"batch['features'] has {features.shape[1]} channels; this model was built for {self.input_dim}")
         mask = batch["mask"][:, 0] > 0.5
         dtype = compute_dtype(features.device)
-        x = self.embed(features, mask, packed=not self.export_mode)
+        packing = None if self.export_mode else Packing.of(mask)
+        x = self.embed(features, mask, packing)
         bias = key_padding_bias(mask, dtype)
         for block in self.blocks:
-            x = block(x, bias)
+            x = block(x, bias, packing=packing)
+        if packing is not None:
+            x = packing.unpack(x)
         event = self.event_embed(batch["event_features"]) if self.event_embed is not None else None
         if self.event_fusion == "token":  # one more object for the class token to attend to
             x = torch.cat((x, event[:, None].to(x.dtype)), dim=1)

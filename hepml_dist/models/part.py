@@ -20,6 +20,7 @@ Layout: batch-first everywhere; x is [B, P, D], the attention bias [B, H, P, P].
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,29 @@ def key_padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, None, None, :]
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Where the real tokens of a padded [B, L] batch are: `index` into the flattened B * L positions (row-major).
+
+    Per-token layers run on the packed rows [N, D] only; attention unpacks to [B, L, D], with zeros in the padding.
+    """
+
+    index: torch.Tensor
+    batch: int
+    length: int
+
+    @staticmethod
+    def of(mask: torch.Tensor) -> "Packing":
+        return Packing(mask.reshape(-1).nonzero().squeeze(1), *mask.shape)
+
+    def unpack(self, rows: torch.Tensor) -> torch.Tensor:
+        dense = rows.new_zeros(self.batch * self.length, rows.shape[-1]).index_copy(0, self.index, rows)
+        return dense.view(self.batch, self.length, -1)
+
+    def pack(self, dense: torch.Tensor) -> torch.Tensor:
+        return dense.reshape(self.batch * self.length, -1).index_select(0, self.index)
+
+
 class ParticleEmbedding(nn.Module):
     """BatchNorm over the input channels, then [LayerNorm -> Linear -> GELU] per width (a GELU after the last too)."""
 
@@ -69,14 +93,14 @@ class ParticleEmbedding(nn.Module):
             input_dim = dim
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor, packed: bool = True) -> torch.Tensor:
-        """features [B, C, P], mask [B, P] (bool) -> [B, P, D], zero at padded positions."""
+    def forward(self, features: torch.Tensor, mask: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        """features [B, C, P], mask [B, P] (bool) -> the real particles' rows [N, D] with `packing`, else [B, P, D]
+        with zeros in the padding (export; BatchNorm then uses its running statistics on every position)."""
         x = features.transpose(1, 2)
-        if not packed:  # export: every position (BatchNorm uses running statistics there)
-            x = self.layers(self.input_bn(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1))
-            return x.masked_fill(~mask[..., None], 0.0)
-        rows = self.layers(self.input_bn(x[mask]))
-        return rows.new_zeros(*mask.shape, rows.shape[-1]).masked_scatter(mask[..., None], rows)
+        if packing is not None:  # BatchNorm statistics of real particles only
+            return self.layers(self.input_bn(packing.pack(x)))
+        x = self.layers(self.input_bn(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1))
+        return x.masked_fill(~mask[..., None], 0.0)
 
 
 class PairEmbedding(nn.Module):
@@ -126,10 +150,12 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
-        """query [B, Q, D]; keys [B, K, D] (None: self-attention on query); bias broadcastable to [B, H, Q, K]."""
+    def forward(self, query: torch.Tensor, keys: torch.Tensor | None, bias: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        """query [B, Q, D] (or packed rows [N, D]); keys [B, K, D] (None: self-attention on query);
+        bias broadcastable to [B, H, Q, K]."""
         if keys is None:
-            q, k, v = self.in_proj(query).chunk(3, dim=-1)
+            qkv = self.in_proj(query)
+            q, k, v = (packing.unpack(qkv) if packing is not None else qkv).chunk(3, dim=-1)
         else:
             dim = query.shape[-1]
             q = F.linear(query, self.in_proj.weight[:dim], self.in_proj.bias[:dim])
@@ -138,7 +164,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
         )
-        return self.out_proj(out.transpose(1, 2).flatten(2))
+        out = out.transpose(1, 2).flatten(2)
+        return self.out_proj(packing.pack(out) if packing is not None else out)
 
 
 class Block(nn.Module):
@@ -162,10 +189,11 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(dim * ffn_ratio, dim)
         self.w_resid = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, cls: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cls: torch.Tensor | None = None, packing: Packing | None = None) -> torch.Tensor:
+        """x [B, P, D], or the packed real particles [N, D] with `packing`; with `cls` [B, 1, D] returns the new cls."""
         if cls is None:
             residual = x
-            h = self.attn(self.pre_attn_norm(x), None, bias)
+            h = self.attn(self.pre_attn_norm(x), None, bias, packing)
         else:
             residual = cls
             h = self.attn(cls, self.pre_attn_norm(torch.cat((cls, x), dim=1)), bias)
@@ -265,15 +293,17 @@ class ParticleTransformer(nn.Module):
         if not self.export_mode:
             features, vectors, mask = self.select_particles(features, vectors, mask)
         dtype = compute_dtype(features.device)
-        x = self.embed(features, mask, packed=not self.export_mode)
+        # Per-particle layers run on the real particles only; attention sees them unpacked (export: all positions).
+        packing = None if self.export_mode else Packing.of(mask)
+        x = self.embed(features, mask, packing)
         if self.pair_embed is not None:
             bias = self.pair_embed(vectors, mask, dtype, dense=self.export_mode)
             bias = bias.masked_fill(~mask[:, None, None, :], masked_value(dtype))  # shared by every particle block
         else:
             bias = key_padding_bias(mask, dtype)
         for block in self.blocks:
-            x = block(x, bias)
-        return x, mask
+            x = block(x, bias, packing=packing)
+        return (packing.unpack(x) if packing is not None else x), mask
 
     def task_embeddings(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Class-token embedding [B, D] after the final LayerNorm, per task (shared tasks share one tensor)."""

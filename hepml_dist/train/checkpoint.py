@@ -102,6 +102,23 @@ def remove_stale_temp_folders(run_dir: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
+FAILURE = "error.json"
+
+
+def record_failure(run_dir: Path, message: str) -> None:
+    """A deterministic training error (e.g. a non-finite loss) for the driver to report; cleared at the next start."""
+    _write_text_atomic(Path(run_dir) / FAILURE, json.dumps({"error": message}))
+
+
+def read_failure(run_dir: Path) -> str | None:
+    path = Path(run_dir) / FAILURE
+    return json.loads(path.read_text())["error"] if path.is_file() else None
+
+
+def clear_failure(run_dir: Path) -> None:
+    (Path(run_dir) / FAILURE).unlink(missing_ok=True)
+
+
 def read_state(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "state.json").read_text())
 

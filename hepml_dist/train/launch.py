@@ -163,7 +163,7 @@ def launch(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from hepml_dist.train.checkpoint import latest_checkpoint, read_state, remove_stale_temp_folders
+    from hepml_dist.train.checkpoint import clear_failure, latest_checkpoint, read_failure, read_state, remove_stale_temp_folders
     from hepml_dist.train.loop import train_loop_per_worker
     from hepml_dist.train.parallel import check_supported
     from hepml_dist.train.session import clear_stop, request_stop
@@ -176,6 +176,7 @@ def launch(
     resume_step = check_resumable(spec, run_dir)
     remove_stale_temp_folders(run_dir)
     clear_stop(run_dir)
+    clear_failure(run_dir)
     tmp = run_dir / ".spec.yaml.tmp"
     tmp.write_text(dump_spec(spec))
     os.replace(tmp, run_dir / "spec.yaml")
@@ -208,13 +209,17 @@ def launch(
     )
     with _stop_on_signals(lambda: request_stop(run_dir)), _follow_progress(spec, run_dir, interactive):
         try:
-            result = trainer.fit()
+            trainer.fit()
         except Exception as err:  # noqa: BLE001 - turn worker errors we understand into clear messages
             raise _explain(err) from None
+    failure = read_failure(run_dir)
+    if failure:
+        raise UserError(failure)
     latest = latest_checkpoint(run_dir)
     state = read_state(latest) if latest else {}
-    metrics = dict(result.metrics or {})
-    return TrainResult(run_dir, int(state.get("step", 0)), bool(state.get("finished")), bool(metrics.get("stopped")), metrics)
+    # Ray V2 keeps no metrics reported without a checkpoint: the run directory is the record of where the run stands.
+    return TrainResult(run_dir, int(state.get("step", 0)), bool(state.get("finished")), bool(state.get("stopped")),
+                       state.get("metrics", {}))
 
 
 def _explain(err: Exception) -> Exception:

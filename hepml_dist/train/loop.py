@@ -10,6 +10,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,70 +75,84 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if resume:
         tracker.log_metrics({"resumed_from": step}, step=step, epoch=epoch)
 
-    stop = StopRequest(run_dir)
     plain_logs = config.get("plain_logs", True)
     position = state.get("data_position") if resume and step % steps_per_epoch else None
     window = LogWindow(spec, ctx)
     stopped = False
-    while step < total_steps and not stopped:
-        if phase_at(spec, epoch) != phase:
-            phase = phase_at(spec, epoch)
-            engine = enter_phase(engine, spec, ctx, total_steps, steps_per_epoch, phase)
-            log(ctx, f"epoch {epoch + 1}: phase {phase + 1}, training {spec.training.phases[phase].trainable}")
-        batches = train_data.batches(epoch, start=position)
-        position = None
-        for micro_batches in iterate_micro_batches(batches, spec.training.grad_accum):
-            engine.model.train()
-            stop_agreed = False
-            for i, batch in enumerate(micro_batches):
-                batch = to_device(batch, ctx.device)
-                outputs = engine.forward(batch)
-                losses = family.losses(outputs, batch, spec)
-                names = list(losses)
-                values = [float(v.detach()) for v in losses.values()]
-                local_stop = stop.signalled or (ctx.rank == 0 and i == 0 and stop.requested())
-                flags = all_sum([float(local_stop), *[float(not math.isfinite(v)) for v in values], *values], ctx.device)
-                stop_agreed = stop_agreed or flags[0] > 0
-                bad = [n for n, f in zip(names, flags[1 : 1 + len(names)]) if f > 0]
-                last = i == len(micro_batches) - 1
-                if bad:
-                    handle_non_finite(spec, step + 1, epoch, bad, losses, ctx)
-                    engine.skip_micro_batch(last)
-                    window.skipped += 1
-                    continue
-                engine.backward(losses, last)
-                window.add(dict(zip(names, [v / ctx.world_size for v in flags[1 + len(names) :]])), batch_size(batch))
-            engine.step(step)
-            step += 1
-            window.tick()
-            at_end = step >= total_steps
-            if step % spec.training.log_interval == 0 or at_end:
-                record = window.flush(engine, epoch)
-                tracker.log_metrics(record, step=step, epoch=epoch)
-                if plain_logs:
-                    log(ctx, format_record(step, total_steps, epoch, record))
-            evaluate_now = val_data is not None and (step % spec.training.eval_interval == 0 or at_end)
-            interval = spec.checkpoint.interval or spec.training.eval_interval
-            save_now = step % interval == 0 or at_end or stop_agreed
-            metrics: dict[str, float] = {}
-            if evaluate_now:
-                metrics = evaluate(engine, val_data, spec, family, ctx)
-                tracker.log_metrics(metrics, step=step, epoch=epoch)
-                log(ctx, f"validation at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-            if save_now:
-                position_now = train_data.position.to_dict() if step % steps_per_epoch else None
-                save_checkpoint(engine, spec, run_dir, ctx, step, epoch, phase, position_now, metrics, finished=at_end)
-            if evaluate_now or save_now:
-                ctx.report({**metrics, "step": step, "epoch": epoch, "stopped": bool(stop_agreed and not at_end)})
-                window.restart_clock()  # throughput counts training time, not validation and checkpoints
-            if stop_agreed and not at_end:
-                log(ctx, f"stop requested: checkpoint at step {step} written, exiting cleanly")
-                stopped = True
-            if at_end or stopped:
-                break
-        epoch += 1
+    failure: str | None = None  # a non-finite loss under nan_policy raise: every rank sees it at the same step
+    with StopRequest(run_dir) as stop:  # SIGTERM/SIGUSR1 or the driver's stop file: checkpoint, then return
+        while step < total_steps and not stopped and not failure:
+            if phase_at(spec, epoch) != phase:
+                phase = phase_at(spec, epoch)
+                engine = enter_phase(engine, spec, ctx, total_steps, steps_per_epoch, phase)
+                log(ctx, f"epoch {epoch + 1}: phase {phase + 1}, training {spec.training.phases[phase].trainable}")
+            batches = rng_neutral(train_data.batches(epoch, start=position))
+            position = None
+            for micro_batches in iterate_micro_batches(batches, spec.training.grad_accum):
+                engine.model.train()
+                stop_agreed = False
+                for i, batch in enumerate(micro_batches):
+                    batch = to_device(batch, ctx.device)
+                    outputs = engine.forward(batch)
+                    losses = family.losses(outputs, batch, spec)
+                    names = list(losses)
+                    values = [float(v.detach()) for v in losses.values()]
+                    local_stop = stop.signalled or (ctx.rank == 0 and i == 0 and stop.requested())
+                    flags = all_sum([float(local_stop), *[float(not math.isfinite(v)) for v in values], *values], ctx.device)
+                    stop_agreed = stop_agreed or flags[0] > 0
+                    bad = [n for n, f in zip(names, flags[1 : 1 + len(names)]) if f > 0]
+                    last = i == len(micro_batches) - 1
+                    if bad and spec.training.nan_policy == "raise":
+                        failure = non_finite_message(step + 1, epoch, bad, losses, ctx)
+                        break
+                    if bad:
+                        log(ctx, "skipping micro-batch: " + non_finite_message(step + 1, epoch, bad, losses, ctx))
+                        engine.skip_micro_batch(last)
+                        window.skipped += 1
+                        continue
+                    engine.backward(losses, last)
+                    window.add(dict(zip(names, [v / ctx.world_size for v in flags[1 + len(names) :]])), batch_size(batch))
+                if failure:
+                    break
+                engine.step(step)
+                step += 1
+                window.tick()
+                at_end = step >= total_steps
+                if step % spec.training.log_interval == 0 or at_end:
+                    record = window.flush(engine, epoch)
+                    tracker.log_metrics(record, step=step, epoch=epoch)
+                    if plain_logs:
+                        log(ctx, format_record(step, total_steps, epoch, record))
+                evaluate_now = val_data is not None and (step % spec.training.eval_interval == 0 or at_end)
+                interval = spec.checkpoint.interval or spec.training.eval_interval
+                save_now = step % interval == 0 or at_end or stop_agreed
+                metrics: dict[str, float] = {}
+                if evaluate_now:
+                    metrics = evaluate(engine, val_data, spec, family, ctx)
+                    tracker.log_metrics(metrics, step=step, epoch=epoch)
+                    log(ctx, f"validation at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                if save_now:
+                    position_now = train_data.position.to_dict() if step % steps_per_epoch else None
+                    save_checkpoint(engine, spec, run_dir, ctx, step, epoch, phase, position_now, metrics, finished=at_end,
+                                    stopped=stop_agreed and not at_end)
+                if evaluate_now or save_now:
+                    ctx.report({**metrics, "step": step, "epoch": epoch, "stopped": bool(stop_agreed and not at_end)})
+                    window.restart_clock()  # throughput counts training time, not validation and checkpoints
+                if stop_agreed and not at_end:
+                    log(ctx, f"stop requested: checkpoint at step {step} written, exiting cleanly")
+                    stopped = True
+                if at_end or stopped:
+                    break
+            epoch += 1
     tracker.close()
-    return {"step": step, "stopped": stopped}
+    if failure:
+        # Ray would restart the worker group on an exception and hit the same loss again: record the error for
+        # the driver and return instead; outside Ray, raise it.
+        if ctx.rank == 0:
+            ckpt.record_failure(run_dir, failure)
+        if not ctx.in_ray:
+            raise NonFiniteLossError(failure)
+    return {"step": step, "stopped": stopped, "error": failure}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,6 +205,16 @@ def make_rank0_tracker(spec: JobSpec, run_dir: Path, ctx: WorkerContext, config:
     return make_tracker(spec, run_dir, ctx.rank, resume_step=resume_step, info=info)
 
 
+def rng_neutral(batches: Iterator[dict]) -> Iterator[dict]:
+    """Starting an epoch's DataLoader draws a seed from the global torch RNG; keep that draw out of the model's
+    random stream (dropout), so a run resumed mid-epoch continues exactly, and validation changes nothing."""
+    with torch.random.fork_rng(devices=[]):
+        first = next(batches, None)
+    if first is not None:
+        yield first
+        yield from batches
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -201,15 +226,12 @@ def batch_size(batch: dict[str, Any]) -> int:
     return 0
 
 
-def handle_non_finite(spec: JobSpec, step: int, epoch: int, bad: list[str], losses: dict, ctx: WorkerContext) -> None:
+def non_finite_message(step: int, epoch: int, bad: list[str], losses: dict, ctx: WorkerContext) -> str:
     values = ", ".join(f"{n}={float(losses[n].detach()):.4g} on rank {ctx.rank}" for n in bad)
-    message = (
+    return (
         f"non-finite loss at step {step} (epoch {epoch + 1}) in task(s) {', '.join(bad)} ({values}); "
         "lower optim.lr, set optim.clip_grad_norm, check the inputs, or set training.nan_policy: skip"
     )
-    if spec.training.nan_policy == "raise":
-        raise NonFiniteLossError(message)
-    log(ctx, "skipping micro-batch: " + message)
 
 
 class LogWindow:
@@ -270,17 +292,18 @@ def evaluate(engine, val_data, spec: JobSpec, family, ctx: WorkerContext) -> dic
     module = engine.eval_module()
     module.eval()
     collector = Collector(spec)
-    for batch in val_data.batches(0):
+    for batch in rng_neutral(val_data.batches(0)):
         batch = to_device(batch, ctx.device)
         outputs = engine.eval_forward(batch)
         collector.update(outputs, batch, family.losses(outputs, batch, spec))
     module.train()
+    engine.after_eval()
     metrics, _ = collector.reduce("val")
     return metrics
 
 
 def save_checkpoint(engine, spec: JobSpec, run_dir: Path, ctx: WorkerContext, step: int, epoch: int, phase: int | None,
-                    position: dict | None, metrics: dict[str, float], finished: bool) -> None:
+                    position: dict | None, metrics: dict[str, float], finished: bool, stopped: bool) -> None:
     """All ranks: assemble the checkpoint in a hidden folder (DeepSpeed shards from every rank), then rank 0 writes
     the model, training state and state.json, renames the folder into place, updates best.json and prunes."""
     tmp = ckpt.temp_folder(run_dir, step)
@@ -289,7 +312,8 @@ def save_checkpoint(engine, spec: JobSpec, run_dir: Path, ctx: WorkerContext, st
         tmp.mkdir(parents=True)
     ctx.barrier()
     engine.save_shards(tmp)
-    model_state = engine.full_state_dict()
+    ctx.barrier()  # every rank's shard files are complete
+    model_state = engine.full_state_dict(tmp)
     rngs = gather_to_rank0(ckpt.capture_rng(), ctx)
     if ctx.rank == 0:
         state = {
@@ -297,6 +321,7 @@ def save_checkpoint(engine, spec: JobSpec, run_dir: Path, ctx: WorkerContext, st
             "epoch": epoch,
             "phase": phase,
             "finished": finished,
+            "stopped": stopped,
             "data_position": position,
             "world_size": ctx.world_size,
             "strategy": spec.parallel.strategy,

@@ -124,11 +124,14 @@ class Engine:
     def eval_module(self) -> nn.Module:
         return self.module
 
+    def after_eval(self) -> None:
+        pass
+
     def eval_forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with autocast(self.device, self.spec.training.precision):
             return self.module(batch)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(self, folder: Path | None = None) -> dict[str, torch.Tensor] | None:
         """The fp32 weights of the bare model (rank 0; None elsewhere)."""
         return self.module.state_dict() if not distributed() or dist.get_rank() == 0 else None
 
@@ -301,15 +304,26 @@ class DeepSpeedEngine:
         # Through the engine: under ZeRO-3 every rank must take part in gathering the parameters.
         return self.forward(batch)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """fp32 weights on rank 0: gathered from the ZeRO-3 partitions (a collective), else the module's own."""
-        deepspeed = import_deepspeed()
-        rank = dist.get_rank() if distributed() else 0
+    def after_eval(self) -> None:
         if self.spec.parallel.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
-                state = {k: v.detach().float().cpu().clone() for k, v in self.engine.module.state_dict().items()} if rank == 0 else None
-            return state
-        return {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()} if rank == 0 else None
+            self.engine.empty_partition_cache()  # release gathered parameters and the eval-mode fetch trace
+
+    def full_state_dict(self, folder: Path | None = None) -> dict[str, torch.Tensor] | None:
+        """fp32 weights on rank 0. ZeRO-3: consolidated from the shard files just written to `folder` (reading
+        files, not gathering live parameters, which would disturb ZeRO-3's fetch trace of the next steps)."""
+        rank = dist.get_rank() if distributed() else 0
+        if rank != 0:
+            return None
+        if self.spec.parallel.zero_stage == 3:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            from hepml_dist.train.checkpoint import DEEPSPEED_TAG
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+            buffers = {k: v.detach().cpu() for k, v in self.engine.module.named_buffers()}
+            return {**buffers, **{k: v.float() for k, v in state.items()}}
+        return {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+                for k, v in self.engine.module.state_dict().items()}
 
     def train_state(self) -> None:
         return None  # DeepSpeed writes optimizer/scheduler/scaler state into its shard files
@@ -332,8 +346,22 @@ class DeepSpeedEngine:
         raise UserError("training.phases are supported with parallel.strategy ddp only")
 
 
+def zero3_leaf_classes(module: nn.Module) -> list[type]:
+    """Module classes ZeRO-3 must gather whole: a model may name them (`zero3_leaf_classes`); otherwise attention
+    modules that own a packed `in_proj` Linear, which they may slice instead of calling (ParT's class attention),
+    so ZeRO-3 would never see those weights being used."""
+    declared = getattr(module, "zero3_leaf_classes", None)
+    if declared is not None:
+        return list(declared)
+    return sorted({type(m) for m in module.modules() if isinstance(getattr(m, "in_proj", None), nn.Linear)}, key=str)
+
+
 def make_deepspeed_engine(module: nn.Module, spec: JobSpec, device: torch.device, total_steps: int) -> DeepSpeedEngine:
     deepspeed = import_deepspeed()
+    if spec.parallel.zero_stage == 3 and zero3_leaf_classes(module):
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(module, zero3_leaf_classes(module))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     world = dist.get_world_size() if distributed() else 1
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(module.named_parameters(), spec.optim)]

@@ -63,9 +63,17 @@ class StopRequest:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / STOP_FILE
         self.signalled = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handle)
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signalled = True

@@ -1,0 +1,102 @@
+"""The training loop on 2 plain gloo processes (no Ray, so imports are paid once per test): DeepSpeed ZeRO 1, 2
+and 3 train and resume exactly (mid-epoch, from their per-rank shards); PCGrad trains inside the loop; fine-tuning
+loads and freezes modules; a phase trains only its modules; gradient accumulation counts optimizer steps."""
+
+import json
+
+import pytest
+import torch
+
+from hepml_dist.track.tracker import read_metrics
+from hepml_dist.train.checkpoint import latest_checkpoint, list_checkpoints, load_trained, resolve_checkpoint
+from train_helpers import final_weights, max_difference, run_without_ray, tiny_job, write_jet_dataset
+
+pytestmark = pytest.mark.integration
+
+STAGES = {1: "fp32", 2: "bf16-mixed", 3: "bf16-mixed"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_jet_dataset(tmp_path_factory.mktemp("jets") / "data")
+
+
+def job(dataset, **overrides):
+    base = {"parallel": {"num_workers": 2}, "tracking": {"mode": "disabled"}}
+    return tiny_job(dataset, **{**base, **overrides})
+
+
+def deepspeed_job(dataset, stage):
+    return job(
+        dataset,
+        parallel={"num_workers": 2, "strategy": "deepspeed", "zero_stage": stage},
+        training={"precision": STAGES[stage], "epochs": 3, "eval_interval": 8, "log_interval": 4, "seed": 7},
+        checkpoint={"interval": 3, "keep_last": 10, "keep_best_by": "val_loss", "best_mode": "min"},
+    )
+
+
+def test_deepspeed_zero_stages_train_and_resume_exactly(dataset, tmp_path):
+    runs = []
+    for stage in STAGES:
+        full, resumed = tmp_path / f"zero{stage}", tmp_path / f"zero{stage}-resumed"
+        runs.append((deepspeed_job(dataset, stage), full))
+        # The same run restarted from its step-9 checkpoint (mid-epoch 2), as after a crash.
+        runs.append({"job": deepspeed_job(dataset, stage), "run_dir": resumed, "copy_from": str(full), "keep_until": 9})
+    run_without_ray(runs)
+
+    for stage in STAGES:
+        full, resumed = tmp_path / f"zero{stage}", tmp_path / f"zero{stage}-resumed"
+        losses = [r["train_loss"] for r in read_metrics(full) if "train_loss" in r]
+        assert losses[-1] < 0.5 * losses[0], f"ZeRO-{stage} did not learn: {losses}"
+        last = latest_checkpoint(full)
+        shards = {p.name for p in (last / "deepspeed").iterdir()}
+        assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= shards or stage == 3
+        if stage == 3:  # ZeRO-3 also partitions the parameters: one model-state file per rank
+            assert sum("model_states" in name for name in shards) == 2
+        assert json.loads((last / "state.json").read_text())["finished"]
+        _, model = load_trained(full)  # the consolidated fp32 model.pt rebuilds the model
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert [r["resumed_from"] for r in read_metrics(resumed) if "resumed_from" in r] == [9]
+        difference = max_difference(final_weights(full), final_weights(resumed))
+        assert difference < 1e-5, f"ZeRO-{stage}: resumed run differs by {difference}"
+
+
+def test_pcgrad_finetuning_phases_and_accumulation(dataset, tmp_path):
+    pcgrad = tmp_path / "pcgrad"
+    finetune = tmp_path / "finetune"
+    phased = tmp_path / "phased"
+    accum = tmp_path / "accum"
+    run_without_ray([
+        (job(dataset, training={"epochs": 2, "multitask": "pcgrad", "pcgrad": {"mode": "global", "order": "seeded"},
+                                "eval_interval": 8, "log_interval": 4, "seed": 7}), pcgrad),
+        # Frozen backbone: load everything but the heads from the PCGrad run, freeze the particle embedding.
+        (job(dataset, training={"epochs": 1, "init_from": str(pcgrad), "init_modules": ["^(embed|pair_embed|blocks)\\."],
+                                "freeze": ["^embed\\."], "eval_interval": 8, "log_interval": 4, "seed": 7},
+             optim={"name": "radam_lookahead", "lr": 3e-3, "lr_multipliers": {"^heads\\.": 5.0}, "weight_decay": 0.0}), finetune),
+        # MultiParTau-style second phase: from epoch 2 only the regression head learns.
+        (job(dataset, training={"epochs": 2, "phases": [{"start_epoch": 2, "trainable": ["heads\\.size\\."]}],
+                                "eval_interval": 8, "log_interval": 4, "seed": 7},
+             checkpoint={"keep_last": 5}), phased),
+        (job(dataset, training={"epochs": 2, "grad_accum": 2, "eval_interval": 4, "log_interval": 2, "seed": 7}), accum),
+    ])
+
+    records = read_metrics(pcgrad)
+    assert any("pcgrad_weight_is_signal" in r for r in records)
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert losses[-1] < losses[0]
+
+    # init_from a run directory loads its best checkpoint (the contract of resolve_checkpoint)
+    pretrained = torch.load(resolve_checkpoint(pcgrad) / "model.pt", weights_only=True)
+    tuned = final_weights(finetune)
+    for name, value in tuned.items():
+        if name.startswith("embed.") and value.is_floating_point() and "running" not in name:
+            assert torch.equal(value, pretrained[name]), f"{name} was frozen but changed"
+    assert not torch.equal(tuned["blocks.0.fc1.weight"], pretrained["blocks.0.fc1.weight"])  # loaded, then trained
+
+    epoch1 = torch.load(list_checkpoints(phased)[0] / "model.pt", weights_only=True)  # step 8, end of epoch 1
+    final = final_weights(phased)
+    changed = {n for n in final if final[n].is_floating_point() and "running" not in n and not torch.equal(final[n], epoch1[n])}
+    assert changed and all(n.startswith("heads.size.") for n in changed), changed
+
+    state = json.loads((latest_checkpoint(accum) / "state.json").read_text())
+    assert state["step"] == 8 and state["finished"]  # 2 epochs x 8 batches / 2 micro-batches per step
