@@ -345,8 +345,9 @@ class ShardStream:
         num_workers = self.data.loader_workers
         fork = num_workers > 0 and "fork" in _start_methods()
         prefetch = 2
-        # a worker can have up to prefetch x workers requests outstanding (when the others are done): one slot each
-        ring = _SlotRing(num_workers, prefetch * num_workers + 2, self._batch_bytes()) if fork else None
+        # a worker can have up to prefetch x workers requests outstanding (when the others are done), and the
+        # consumer usually holds a batch or two: a slot for each (more only cost address space, not memory)
+        ring = _SlotRing(num_workers, prefetch * num_workers + 4, self._batch_bytes()) if fork else None
         dataset = _WorkerStream(self, epoch, done, ring)
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -566,11 +567,14 @@ def _concatenate(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarra
 class _SlotRing:
     """Shared memory through which DataLoader workers hand batches to the main process, reused batch after batch.
 
-    torch's default transport puts every tensor of every batch in a fresh shared-memory segment; on virtual
-    machines, faulting in those new pages costs more than building the batch. Here each worker owns a few fixed
-    slots (anonymous shared mmap, inherited by the forked workers): it builds a batch directly into a free slot
-    and sends only a small layout through the DataLoader; the main process copies the batch out into ordinary
-    memory (so what it yields is never overwritten) and frees the slot.
+    torch's default transport puts every tensor of every batch in a fresh shared-memory segment; faulting in
+    those new pages (twice: in the worker and in the trainer) costs more than building the batch, above all on
+    virtual machines. Here each worker owns a few fixed slots of one anonymous shared mapping made before the
+    workers fork: it builds a batch directly into a free slot and sends only a small layout through the
+    DataLoader. The main process wraps the slot's memory as the batch's tensors without copying; the slot is
+    free again once the last of those tensors is garbage-collected. A worker that finds no free slot (the
+    consumer keeps many batches alive) falls back to torch's transport for that batch, so nothing is ever
+    overwritten while in use.
     """
 
     ALIGN = 64
@@ -581,24 +585,23 @@ class _SlotRing:
         self.workers, self.slots, self.slot_bytes = workers, slots_per_worker, slot_bytes
         self.buffer = mmap.mmap(-1, workers * slots_per_worker * slot_bytes)
         self.state = np.frombuffer(mmap.mmap(-1, max(workers * slots_per_worker, 1)), dtype=np.uint8)
-        self.next = [0] * workers
 
     def _base(self, slot: int) -> int:
         return slot * self.slot_bytes
 
-    def acquire(self, worker: int, timeout: float = 600.0) -> int:
-        """A free slot of `worker` (waits while the main process still holds them all)."""
+    def acquire(self, worker: int, wait: float = 0.005) -> int | None:
+        """A free slot of `worker`, waiting up to `wait` seconds; None if all are still in use."""
         import time
 
-        slot = worker * self.slots + self.next[worker]
-        self.next[worker] = (self.next[worker] + 1) % self.slots
-        waited = 0.0
-        while self.state[slot] != 0:
+        own = self.state[worker * self.slots:(worker + 1) * self.slots]
+        deadline = time.monotonic() + wait
+        while True:
+            free = np.flatnonzero(own == 0)
+            if len(free):
+                return worker * self.slots + int(free[0])
+            if time.monotonic() > deadline:
+                return None
             time.sleep(0.0002)
-            waited += 0.0002
-            if waited > timeout:
-                raise RuntimeError(f"loader worker {worker}: no free batch slot for {timeout:.0f} s")
-        return slot
 
     def allocator(self, slot: int):
         """alloc(n, dtype) carving aligned arrays out of the slot, for build_batch."""
@@ -627,18 +630,24 @@ class _SlotRing:
         self.state[slot] = 1
 
     def take(self, slot: int, layout: Mapping[str, tuple[int, str, tuple[int, ...]]]) -> dict:
-        """Copy a published batch out of its slot into tensors owned by the caller, and free the slot."""
+        """The published batch as tensors viewing the slot; the slot is freed when they are all gone."""
+        import weakref
+
         import torch
 
+        region = np.frombuffer(self.buffer, dtype=np.uint8, count=self.slot_bytes, offset=self._base(slot))
+        weakref.finalize(region, self._release, self.state, slot)
         out = {}
-        base = self._base(slot)
         for name, (offset, dtype, shape) in layout.items():
             dtype = np.dtype(dtype)
             count = int(np.prod(shape, dtype=np.int64))
-            view = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=base + offset).reshape(shape)
-            out[name] = torch.from_numpy(view.copy())
-        self.state[slot] = 0
+            view = region[offset:offset + count * dtype.itemsize].view(dtype).reshape(shape)
+            out[name] = torch.from_numpy(view)
         return out
+
+    @staticmethod
+    def _release(state: np.ndarray, slot: int) -> None:
+        state[slot] = 0
 
 
 class _WorkerStream(_iterable_base()):  # torch is imported when the stream module is, only for this base class
@@ -670,11 +679,10 @@ class _WorkerStream(_iterable_base()):  # torch is imported when the stream modu
         produced = 0
         for raw, skipped in self._raw_batches(pieces, slot, skip, loop):
             meta = {_META + "skipped": skipped} if skipped else {}
-            if ring is None:
+            handle = None if ring is None else ring.acquire(info.id)
+            if handle is None:  # in-process, or every slot still held by the consumer: torch's own transport
                 yield feats.to_torch(self._build(raw, None)) | meta
             else:
-                physical = info.id
-                handle = ring.acquire(physical)
                 batch = self._build(raw, ring.allocator(handle))
                 layout = ring.layout(handle, batch)
                 ring.publish(handle)
