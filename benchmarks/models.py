@@ -32,6 +32,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "MI250X": 191.5
 
 def synthetic_batch(spec, batch_size: int, length: int, mean_length: float, seed: int) -> dict[str, torch.Tensor]:
     """Jets with Gamma-distributed lengths (mean `mean_length`, capped at `length`), physical 4-vectors, labels."""
+    torch.manual_seed(seed)  # torch.distributions samples from the global generator
     g = torch.Generator().manual_seed(seed)
     n = torch.distributions.Gamma(torch.tensor(4.0), torch.tensor(4.0 / mean_length)).sample((batch_size,))
     n = n.round().clamp(2, length).long()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from hepml_dist.cli import app
 from hepml_dist.models import build_model, count_parameters, get_family
 from hepml_dist.models.export import example_jets
-from hepml_dist.models.part import TRIM_WARMUP_CALLS, Attention, masked_value
+from hepml_dist.models.part import TRIM_WARMUP_CALLS, Attention, masked_value, state_dict_from_weaver
 from hepml_dist.spec import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,34 +56,29 @@ def test_show_params_prints_the_count():
     assert result.stdout.strip() == "parameters: 2304688"
 
 
-def weaver_state_dict(state: dict, num_hidden: int) -> dict:
-    """Our parameter names -> weaver-core's (pair Linear layers are its 1x1 Conv1d; its head nests each hidden layer)."""
-    out = {}
-    for name, value in state.items():
-        name = name.replace("embed.layers", "embed.embed").replace("pathways.shared.blocks", "cls_blocks").replace("pathways.shared.", "")
-        if name.startswith("heads.jet_class."):
-            index, leaf = name.split(".")[2:]
-            layer = int(index) // 3
-            name = f"fc.{layer}.{leaf}" if layer == num_hidden else f"fc.{layer}.0.{leaf}"
-        if name.startswith("pair_embed.embed") and value.dim() == 2:
-            value = value[..., None]
-        out[name] = value
-    return out
-
-
-@pytest.mark.parametrize("overrides", [(), ("model.use_pre_activation_pair=true", "model.init=moco", "model.head.hidden=[24]")])
+@pytest.mark.parametrize("overrides", [(), ("model.use_pre_activation_pair=true", "model.head.hidden=[24]")])
 def test_equals_weaver_core_particle_transformer(overrides):
+    """weaver-core's model with random weights; ours loads them through state_dict_from_weaver and must agree."""
     from weaver.nn.model.ParticleTransformer import ParticleTransformer as WeaverParT
 
     spec = spec_of("part-quickstart", *overrides)
-    model = model_of("part-quickstart", *overrides)
     m = spec.model
+    torch.manual_seed(1)
     reference = WeaverParT(
         input_dim=17, num_classes=5, pair_input_dim=4, use_pre_activation_pair=m.use_pre_activation_pair,
         embed_dims=m.embed_dims, pair_embed_dims=m.pair_embed_dims, num_heads=m.num_heads, num_layers=m.num_layers,
-        num_cls_layers=m.num_cls_layers, fc_params=[(w, 0.1) for w in m.head.hidden], trim=True, weight_init=None, fix_init=False,
+        num_cls_layers=m.num_cls_layers, fc_params=[(w, 0.1) for w in m.head.hidden], trim=True,
     ).eval()
-    reference.load_state_dict(weaver_state_dict(model.state_dict(), len(m.head.hidden)), strict=True)
+    for module in reference.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    state = reference.state_dict()
+    # The published 2022 checkpoints use nn.MultiheadAttention names inside a wrapper's `mod.`.
+    published = {"mod." + k.replace("in_proj.weight", "in_proj_weight").replace("in_proj.bias", "in_proj_bias"): v
+                 for k, v in state.items()}
+    model = build_model(spec).eval()
+    model.load_state_dict(state_dict_from_weaver(published, "jet_class"), strict=True)
     batch = example_jets(6, 30, 17, seed=3)
     with torch.no_grad():
         ours = model(batch)["jet_class"]

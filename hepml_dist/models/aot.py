@@ -39,7 +39,9 @@ class EventEmbedding(nn.Module):
 
     def __init__(self, num_features: int, dim: int):
         super().__init__()
-        self.layers = nn.Sequential(nn.BatchNorm1d(num_features), nn.Linear(num_features, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.layers = nn.Sequential(
+            nn.BatchNorm1d(num_features), nn.Linear(num_features, dim), nn.GELU(), nn.Linear(dim, dim)
+        )
 
     def forward(self, event_features: torch.Tensor) -> torch.Tensor:
         return self.layers(event_features.float())
@@ -59,19 +61,24 @@ class AnalysisObjectTransformer(nn.Module):
         self.input_dim, self.event_fusion = input_dim, cfg.event_fusion
         self.embed = ParticleEmbedding(input_dim, cfg.embed_dims)
         self.blocks = nn.ModuleList(
-            Block(dim, cfg.num_heads, cfg.ffn_ratio, cfg.dropout, cfg.dropout, cfg.dropout) for _ in range(cfg.num_encoder_layers)
+            Block(dim, cfg.num_heads, cfg.ffn_ratio, cfg.dropout, cfg.dropout, cfg.dropout)
+            for _ in range(cfg.num_encoder_layers)
         )
         self.event_embed = EventEmbedding(num_event_features, dim) if cfg.event_fusion != "none" else None
         self.pathway = ClassAttentionPathway(dim, cfg.num_heads, cfg.ffn_ratio, cfg.num_class_layers)
         head_in = 2 * dim if cfg.event_fusion == "concat_head" else dim
-        self.heads = nn.ModuleDict({t.name: make_head(head_in, cfg.head_dims, "gelu", cfg.dropout, t.output_dim) for t in tasks})
+        self.heads = nn.ModuleDict(
+            {t.name: make_head(head_in, cfg.head_dims, "gelu", cfg.dropout, t.output_dim) for t in tasks}
+        )
         self.export_mode = False  # set by hepml_dist.models.export: no data-dependent shapes
 
     def embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The event representation the heads see: [B, D] or [B, 2D] (class token joined with the event embedding)."""
         features = batch["features"]
         if features.shape[1] != self.input_dim:
-            raise ValueError(f"batch['features'] has {features.shape[1]} channels; this model was built for {self.input_dim}")
+            raise ValueError(
+                f"batch['features'] has {features.shape[1]} channels; this model was built for {self.input_dim}"
+            )
         mask = batch["mask"][:, 0] > 0.5
         dtype = compute_dtype(features.device)
         packing = None if self.export_mode else Packing.of(mask)

@@ -10,10 +10,10 @@ export_app = typer.Typer(no_args_is_help=True, help="Export trained models for i
 
 @export_app.command("onnx")
 def onnx(
-    source: Annotated[Path, typer.Argument(help="Run directory (best checkpoint, else latest) or one checkpoint folder.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX file to write; default CHECKPOINT/model.onnx.")] = None,
+    source: Annotated[Path, typer.Argument(help="Run directory (best checkpoint, else latest) or a checkpoint folder.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX file; default CHECKPOINT/model.onnx.")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
-    check: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch on random inputs before writing.")] = True,
+    check: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch on random jets first.")] = True,
 ) -> None:
     """Export a ParT-family (ParT, Sophon, Multi/SingleParTau) or AOT model to ONNX with dynamic batch and length.
 

@@ -137,7 +137,8 @@ def aot_graph(spec: JobSpec, model: nn.Module, num: int, length: int) -> OnnxGra
     inputs = {"features": jets["features"], "mask": jets["mask"]}
     axes = {"features": {0: "N", 2: "n_obj"}, "mask": {0: "N", 2: "n_obj"}}
     if model.event_embed is not None:
-        inputs["event_features"] = torch.randn(num, len(spec.data.inputs.event_features), generator=torch.Generator().manual_seed(1))
+        generator = torch.Generator().manual_seed(1)
+        inputs["event_features"] = torch.randn(num, len(spec.data.inputs.event_features), generator=generator)
         axes["event_features"] = {0: "N"}
     outputs = {t.name: output_columns(t) for t in spec.tasks}
     axes.update({name: {0: "N"} for name in outputs})
@@ -149,7 +150,9 @@ GRAPHS: dict[str, Callable[[JobSpec, nn.Module, int, int], OnnxGraph]] = {"part"
 
 def build_graph(spec: JobSpec, model: nn.Module, num: int = 3, length: int = 16) -> OnnxGraph:
     if spec.model.family not in GRAPHS:
-        raise UserError(f"ONNX export is not available for model family {spec.model.family!r} (available: {', '.join(GRAPHS)})")
+        raise UserError(
+            f"ONNX export is not available for model family {spec.model.family!r} (available: {', '.join(GRAPHS)})"
+        )
     model.eval()
     model.export_mode = True
     return GRAPHS[spec.model.family](spec, model, num, length)
@@ -177,15 +180,15 @@ def _export(graph: OnnxGraph, path: Path, opset: int) -> None:
     )
 
 
-def max_difference(graph: OnnxGraph, model_for_check: nn.Module, path: Path, num: int, length: int, spec: JobSpec) -> float:
+def max_difference(spec: JobSpec, model: nn.Module, path: Path, num: int, length: int) -> float:
     """Largest |onnxruntime - PyTorch| on fresh inputs of another batch size and length than the traced ones.
 
     PyTorch runs its ordinary (packed, sparse) code path, so this also checks that the export path computes the same.
     """
     import onnxruntime
 
-    check = GRAPHS[spec.model.family](spec, model_for_check, num, length)
-    model_for_check.export_mode = False
+    check = GRAPHS[spec.model.family](spec, model, num, length)
+    model.export_mode = False
     with torch.no_grad():
         expected = check.module(*check.inputs.values())
     expected = expected if isinstance(expected, tuple) else (expected,)
@@ -202,7 +205,9 @@ class ExportResult:
     max_abs_difference: float | None
 
 
-def export_onnx(source: str | Path, out: str | Path | None = None, opset: int = OPSET, check: bool = True) -> ExportResult:
+def export_onnx(
+    source: str | Path, out: str | Path | None = None, opset: int = OPSET, check: bool = True
+) -> ExportResult:
     """Export the model of a run directory or checkpoint folder to ONNX; by default FOLDER/model.onnx."""
     from hepml_dist.train.checkpoint import load_trained, resolve_checkpoint
 
@@ -216,10 +221,12 @@ def export_onnx(source: str | Path, out: str | Path | None = None, opset: int = 
     tmp = Path(tmp_name)
     try:
         trace_to_onnx(graph, tmp, opset)
-        difference = max_difference(graph, model, tmp, 5, 23, spec) if check else None
+        difference = max_difference(spec, model, tmp, num=5, length=23) if check else None
         if difference is not None and not difference <= TOLERANCE:
-            raise UserError(f"{out}: onnxruntime differs from PyTorch by {difference:.2e} (> {TOLERANCE}); the export is not written")
-        os.replace(tmp, out)
+            raise UserError(
+                f"{out}: onnxruntime differs from PyTorch by {difference:.2e} (> {TOLERANCE}); the export is not written"
+            )
+        _publish(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     description = {
@@ -242,4 +249,12 @@ def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    _publish(Path(tmp), path)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename into place with the permissions a plain open() would give (mkstemp makes files private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)

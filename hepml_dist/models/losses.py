@@ -71,7 +71,9 @@ def mse(pred: torch.Tensor, target: torch.Tensor, task: TaskSpec) -> torch.Tenso
 def angle_pairs(task: TaskSpec) -> list[tuple[int, int]]:
     """Indices (sin, cos) of the targets named sin_X and cos_X."""
     names = task.targets or []
-    pairs = [(i, names.index("cos_" + n[4:])) for i, n in enumerate(names) if n.startswith("sin_") and "cos_" + n[4:] in names]
+    pairs = [
+        (i, names.index("cos_" + n[4:])) for i, n in enumerate(names) if n.startswith("sin_") and "cos_" + n[4:] in names
+    ]
     if not pairs:
         raise UserError(
             f"task {task.name!r}: loss huber_angular needs a pair of targets named sin_<angle> and cos_<angle> "
@@ -86,10 +88,12 @@ def huber_angular(pred: torch.Tensor, target: torch.Tensor, task: TaskSpec) -> t
     pairs = angle_pairs(task)
     angular = {i for pair in pairs for i in pair}
     plain = [i for i in range(pred.shape[-1]) if i not in angular]
-    total = F.huber_loss(pred[..., plain], target[..., plain], delta=task.huber_delta, reduction="none") @ weights[plain]
+    per_target = F.huber_loss(pred[..., plain], target[..., plain], delta=task.huber_delta, reduction="none")
+    total = per_target @ weights[plain]
     norm = weights[plain].sum()
     for s, c in pairs:
-        chord = torch.sqrt((pred[..., s] - target[..., s]).square() + (pred[..., c] - target[..., c]).square() + CHORD_EPS)
+        d_sin, d_cos = pred[..., s] - target[..., s], pred[..., c] - target[..., c]
+        chord = torch.sqrt(d_sin.square() + d_cos.square() + CHORD_EPS)
         pair_weight = 0.5 * (weights[s] + weights[c])
         total = total + pair_weight * chord
         norm = norm + pair_weight

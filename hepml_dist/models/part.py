@@ -9,14 +9,15 @@ What differs from the reference code, and why (none of it changes the function c
   * Attention is `F.scaled_dot_product_attention` with the pair bias and the padding mask folded into one float mask,
     built once per forward (fused kernels on GPUs). Masked keys get a large finite negative value rather than -inf,
     so a jet with no particles gives finite outputs instead of NaN.
-  * The particle embedding runs on the real particles only (packed), and the pair embedding on the real (a, b), a >= b
-    pairs only (weaver's "sparse" path), so BatchNorm statistics never see padding: training does not depend on how
-    much padding the loader added.
+  * Unpadding: the embedding and every per-particle layer of the blocks (projections, norms, FFN) run on the real
+    particles only (`Packing`), attention unpacks them; the pair embedding runs on the real (a, b), a >= b pairs only
+    (weaver's "sparse" path). BatchNorm statistics never see padding, so training does not depend on how much
+    padding the loader added; the padded slots' states are never read (masked keys, zero in the unpacked tensor).
   * Each batch is compacted to its longest jet (real particles first); training-time trimming keeps the reference's
     SequenceTrimmer semantics (5 warm-up calls, then a random quantile q ~ U(0.9, 1.02) of the jet lengths).
   * `export_mode` switches to dense, shape-static code (all P x P pairs, no data-dependent lengths) for ONNX.
 
-Layout: batch-first everywhere; x is [B, P, D], the attention bias [B, H, P, P].
+Layout: batch-first everywhere; x is [B, P, D] (or packed [N, D]), the attention bias [B, H, P, P].
 """
 
 import math
@@ -27,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hepml_dist.errors import UserError
-from hepml_dist.models.pairs import NUM_PAIR_FEATURES, pair_features
 from hepml_dist.models.losses import task_losses
+from hepml_dist.models.pairs import NUM_PAIR_FEATURES, pair_features
 from hepml_dist.models.registry import ModelFamily, register_family
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.data import FEATURE_SETS
@@ -121,7 +122,9 @@ class PairEmbedding(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.num_heads = num_heads
 
-    def forward(self, vectors: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, dense: bool = False) -> torch.Tensor:
+    def forward(
+        self, vectors: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, dense: bool = False
+    ) -> torch.Tensor:
         """vectors [B, 4, P], mask [B, P] -> U [B, H, P, P] in `dtype`; zero on pairs with a padded particle."""
         batch, length = mask.shape
         v = vectors.transpose(1, 2)
@@ -150,7 +153,9 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor | None, bias: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor | None, bias: torch.Tensor, packing: Packing | None = None
+    ) -> torch.Tensor:
         """query [B, Q, D] (or packed rows [N, D]); keys [B, K, D] (None: self-attention on query);
         bias broadcastable to [B, H, Q, K]."""
         if keys is None:
@@ -172,7 +177,9 @@ class Block(nn.Module):
     """ParT block: pre-LN attention with a per-"head" output scale and a post-attention LN; FFN with an inner LN and
     a learnable scale on its residual. With `cls` given it is a CaiT class-attention block (raw cls as query)."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_ratio: int, dropout: float, attn_dropout: float, activation_dropout: float):
+    def __init__(
+        self, dim: int, num_heads: int, ffn_ratio: int, dropout: float, attn_dropout: float, activation_dropout: float
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.pre_attn_norm = nn.LayerNorm(dim)
@@ -189,7 +196,9 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(dim * ffn_ratio, dim)
         self.w_resid = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, cls: torch.Tensor | None = None, packing: Packing | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor, cls: torch.Tensor | None = None, packing: Packing | None = None
+    ) -> torch.Tensor:
         """x [B, P, D], or the packed real particles [N, D] with `packing`; with `cls` [B, 1, D] returns the new cls."""
         if cls is None:
             residual = x
@@ -245,11 +254,16 @@ class ParticleTransformer(nn.Module):
     def __init__(self, cfg: PartModelSpec, tasks: list[TaskSpec], input_dim: int):
         super().__init__()
         if cfg.pair_input_dim not in (0, NUM_PAIR_FEATURES):
-            raise UserError(f"model.pair_input_dim: {cfg.pair_input_dim} is not supported; use 4 (ln kT, ln z, ln Delta, ln m^2) or 0 (no pair bias)")
+            raise UserError(
+                f"model.pair_input_dim: {cfg.pair_input_dim} is not supported; "
+                "use 4 (ln kT, ln z, ln Delta, ln m^2) or 0 (no pair bias)"
+            )
         dim = cfg.embed_dims[-1]
         self.input_dim, self.trim = input_dim, cfg.trim
         self.embed = ParticleEmbedding(input_dim, cfg.embed_dims)
-        self.pair_embed = PairEmbedding(cfg.pair_embed_dims, cfg.num_heads, cfg.use_pre_activation_pair) if cfg.pair_input_dim else None
+        self.pair_embed = (
+            PairEmbedding(cfg.pair_embed_dims, cfg.num_heads, cfg.use_pre_activation_pair) if cfg.pair_input_dim else None
+        )
         self.blocks = nn.ModuleList(
             Block(dim, cfg.num_heads, cfg.ffn_ratio, cfg.dropout, cfg.attn_dropout, cfg.activation_dropout)
             for _ in range(cfg.num_layers)
@@ -257,7 +271,9 @@ class ParticleTransformer(nn.Module):
         # Task-specific modules live under the task name (pathways.<task>, heads.<task>) so that lr multipliers and
         # freezing regexes can select them; a shared pathway is called "shared".
         names = [t.name for t in tasks] if cfg.task_pathways == "per_task" else ["shared"]
-        self.pathways = nn.ModuleDict({n: ClassAttentionPathway(dim, cfg.num_heads, cfg.ffn_ratio, cfg.num_cls_layers) for n in names})
+        self.pathways = nn.ModuleDict(
+            {n: ClassAttentionPathway(dim, cfg.num_heads, cfg.ffn_ratio, cfg.num_cls_layers) for n in names}
+        )
         self.pathway_of = {t.name: (t.name if cfg.task_pathways == "per_task" else "shared") for t in tasks}
         self.heads = nn.ModuleDict({t.name: task_head(cfg.head, t, dim) for t in tasks})
         self.export_mode = False  # set by hepml_dist.models.export: dense, shape-static code, no trimming
@@ -288,7 +304,9 @@ class ParticleTransformer(nn.Module):
         """Particle representations [B, P', D] after the particle blocks, and the mask [B, P'] they go with."""
         features, vectors = batch["features"], batch.get("vectors")
         if features.shape[1] != self.input_dim:
-            raise ValueError(f"batch['features'] has {features.shape[1]} channels; this model was built for {self.input_dim}")
+            raise ValueError(
+                f"batch['features'] has {features.shape[1]} channels; this model was built for {self.input_dim}"
+            )
         mask = batch["mask"][:, 0] > 0.5
         if not self.export_mode:
             features, vectors, mask = self.select_particles(features, vectors, mask)
@@ -340,6 +358,34 @@ def init_weights(model: nn.Module, mode: str) -> None:
             for layer, block in enumerate(model.blocks, start=1):
                 block.attn.out_proj.weight.div_(math.sqrt(2.0 * layer))
                 block.fc2.weight.div_(math.sqrt(2.0 * layer))
+
+
+def state_dict_from_weaver(state: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+    """weaver-core ParticleTransformer weights -> this model's names (shared pathway, one task named `task`).
+
+    Reads the published checkpoints of jet-universe/particle_transformer (`models/ParT_*.pt`: the `mod.` prefix of
+    its wrapper, nn.MultiheadAttention's `in_proj_weight`) and weaver-core's own; pair 1x1 convolutions become Linear.
+    """
+    renames = {"embed.embed.": "embed.layers.", "pair_embed.embed.": "pair_embed.layers.",
+               "cls_token": "pathways.shared.cls_token", "cls_blocks.": "pathways.shared.blocks.",
+               "norm.": "pathways.shared.norm."}
+    out = {}
+    for name, value in state.items():
+        name = name.removeprefix("mod.").replace(".in_proj_weight", ".in_proj.weight")
+        name = name.replace(".in_proj_bias", ".in_proj.bias")
+        if "trimmer" in name:
+            continue
+        for old, new in renames.items():
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        if name.startswith("pair_embed.layers.") and value.dim() == 3:
+            value = value.squeeze(-1)
+        if name.startswith("fc."):  # fc.<k>.0.<leaf> (hidden: Linear, act, Dropout) or fc.<k>.<leaf> (output)
+            parts = name.split(".")
+            name = f"heads.{task}.{3 * int(parts[1])}.{parts[-1]}"
+        out[name] = value
+    return out
 
 
 def build(spec: JobSpec) -> ParticleTransformer:
