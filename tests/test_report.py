@@ -153,3 +153,15 @@ def test_confident_scores_keep_their_order():
     scores = np.stack([p_jet, np.float32(1) - p_jet], axis=1)
     assert (scores[:, 1] == 1).all()
     assert np.all(np.diff(log_ratio(scores)) > 0)
+
+
+def test_non_finite_predictions_are_left_out_and_said(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    payload = fabricate_run(run_dir, dataset)
+    payload["arrays"]["decay_mode"]["scores"][:3] = np.nan  # a model that diverged on three jets
+    save_predictions(run_dir / "predictions-test.npz", payload,
+                     {"checkpoint": str(run_dir / "checkpoints" / CHECKPOINT), "split": "test"})
+    page = build_report(run_dir, with_baseline=False).read_text()
+    n = len(payload["arrays"]["decay_mode"]["label"])
+    assert f"transformer, decay_mode: 3 of {n:,} predictions are NaN or infinite" in page
+    assert "nan %" not in page.lower()

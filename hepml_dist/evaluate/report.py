@@ -396,6 +396,8 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_bas
     if with_baseline and baseline_applies(spec):
         log("baseline: gradient-boosted trees on jet-level quantities (fitted once per run, then cached)")
         models["baseline"], baseline_meta = baseline_predictions(run, max_train_jets)
+    for name, payload in models.items():
+        _drop_non_finite(name, payload, run.notes)
     sample = _sample_label(spec)
     pt_label = r"generated visible $\tau$ $p_T$ [GeV]" if "tau_id" in tasks else r"$p_T$ [GeV]"
 
@@ -427,6 +429,20 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_bas
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, target)
     return target
+
+
+def _drop_non_finite(model: str, payload: dict[str, Any], notes: list[str]) -> None:
+    """Rows with NaN/inf predictions (a diverged model) are left out of every figure and number, and counted."""
+    for task, arrays in payload["arrays"].items():
+        key = "scores" if "scores" in arrays else "pred" if "pred" in arrays else None
+        if key is None:
+            continue
+        values = arrays[key].reshape(len(arrays[key]), -1)
+        finite = np.isfinite(values).all(axis=1)
+        if not finite.all():
+            notes.append(f"{model}, {task}: {int((~finite).sum()):,} of {len(finite):,} predictions are NaN or "
+                         "infinite and are left out of every number and figure")
+            payload["arrays"][task] = {k: v[finite] for k, v in arrays.items()}
 
 
 def _tagging_section(task, present, headline, rf, sample) -> Section:
