@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 1200  # per training run: a hung run (a worker killed from outside) must not hang the benchmark
 QUICKSTART = ROOT / "jobs/multipartau-quickstart.yaml"
 SINGLE_TASK = ROOT / "jobs/singlepartau-tauid.yaml"
 # the quickstart encoder, for the single-task comparison (weaver-core's ParticleTransformer takes the same numbers)
@@ -67,7 +68,11 @@ def train_run(job: Path, data: Path, run_dir: Path, workers: int, threads: int, 
     shutil.rmtree(run_dir, ignore_errors=True)
     command = hepml("train", str(job), "--run-dir", str(run_dir), "--plain", *[a for s in sets for a in ("--set", s)])
     start = time.time()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S,
+                              env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    except subprocess.TimeoutExpired as err:  # subprocess.run has killed it; its Ray exits with it
+        raise RuntimeError(f"hepml train did not finish in {TIMEOUT_S} s:\n{(err.stdout or b'')[-2000:]!r}") from None
     if done.returncode != 0:
         raise RuntimeError(f"hepml train failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -207,7 +212,7 @@ def weaver_run(parquet: Path, workdir: Path, steps: int, batch: int, threads: in
         "--optimizer", "adamw", "--start-lr", "1e-3", "--log-file", str(workdir / "weaver.log"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir, timeout=TIMEOUT_S)
     log = (workdir / "weaver.log").read_text() if (workdir / "weaver.log").is_file() else ""
     found = re.search(r"Processed (\d+) entries in total \(avg\. speed ([\d.]+) entries/s\)", log + done.stdout + done.stderr)
     if not found:

@@ -14,7 +14,7 @@ from hepml_dist.data.generate import get_process
 from hepml_dist.data.generate.runner import generate_dataset
 from hepml_dist.errors import UserError
 from hepml_dist.evaluate.baseline import read_split
-from hepml_dist.evaluate.report import build_report, load_predictions, rejection, save_predictions
+from hepml_dist.evaluate.report import build_report, load_predictions, log_ratio, rejection, save_predictions
 from hepml_dist.spec import dump_spec, load_job
 
 runner = CliRunner()
@@ -90,7 +90,7 @@ def test_report_has_every_section_and_embeds_its_images(dataset, tmp_path):
     for anchor in ("summary", "facts", "training", "tau_id", "charge", "decay_mode", "kinematics", "baseline"):
         assert f'id="{anchor}"' in page, anchor
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 5  # training, ROC, charge, confusion, response
+    assert len(images) == 6  # training, ROC, discriminant, charge, confusion, response
     for image in images:
         assert base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n"
     # self-contained: no external scripts, styles or images
@@ -145,3 +145,23 @@ def test_rejection_counts_background_above_the_signal_quantile():
     assert (r.passing, r.background) == (0, 100) and r.text() == "&gt; 100 (0 pass)"
     r = rejection(labels, scores, 1.0)  # cut at 0.55: background scores 0.5515...0.6 pass
     assert r.passing == int((scores[10:] >= 0.55).sum()) and r.value == pytest.approx(100 / r.passing)
+
+
+def test_confident_scores_keep_their_order():
+    # float32 softmax outputs of three confident taus: p(tau) rounds to 1.0 for all, p(jet) still orders them
+    p_jet = np.array([1e-9, 1e-12, 1e-20], dtype=np.float32)
+    scores = np.stack([p_jet, np.float32(1) - p_jet], axis=1)
+    assert (scores[:, 1] == 1).all()
+    assert np.all(np.diff(log_ratio(scores)) > 0)
+
+
+def test_non_finite_predictions_are_left_out_and_said(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    payload = fabricate_run(run_dir, dataset)
+    payload["arrays"]["decay_mode"]["scores"][:3] = np.nan  # a model that diverged on three jets
+    save_predictions(run_dir / "predictions-test.npz", payload,
+                     {"checkpoint": str(run_dir / "checkpoints" / CHECKPOINT), "split": "test"})
+    page = build_report(run_dir, with_baseline=False).read_text()
+    n = len(payload["arrays"]["decay_mode"]["label"])
+    assert f"transformer, decay_mode: 3 of {n:,} predictions are NaN or infinite" in page
+    assert "nan %" not in page.lower()

@@ -36,7 +36,7 @@ WORKING_POINTS = (0.5, 0.7)
 REPORT_NAME = "report.html"
 PREDICTIONS = "predictions-{split}.npz"
 BASELINE_DIR = "baseline"
-BASELINE_VERSION = 1  # bump when the baseline's quantities or models change, to refit cached baselines
+BASELINE_VERSION = 2  # bump when the baseline's quantities or models change, to refit cached baselines
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -302,9 +302,15 @@ def run_facts(run: Run, parameters: int | None) -> list[tuple[str, str]]:
     workers = state.get("world_size", spec.parallel.num_workers)
     step = int(state.get("step", 0))
     global_batch = spec.data.batch_size * workers * spec.training.grad_accum
-    finished = max([r.get("time", 0) for r in records] + [state.get("time", 0)])
+    times = [r["time"] for r in records if r.get("time")]
+    finished = max(times + [state.get("time", 0)])
     wall = finished - run.launched if run.launched and finished else None
-    resumed = any("resumed_from" in r for r in records)
+    if times and run.launched and run.launched > min(times):
+        wall_note = " (since the last launch of this run directory; earlier launches not counted)"
+    elif any("resumed_from" in r for r in records):
+        wall_note = " (launch to last log, including Ray start-up and a restart from a checkpoint)"
+    else:
+        wall_note = " (launch to last log, including Ray start-up)"
     engine = f"{spec.parallel.strategy}" + (f" ZeRO-{spec.parallel.zero_stage}" if spec.parallel.strategy == "deepspeed" else "")
     engine += f", {spec.training.multitask}, {spec.training.precision}"
     info = run.params
@@ -319,8 +325,7 @@ def run_facts(run: Run, parameters: int | None) -> list[tuple[str, str]]:
         ("workers", f"{workers} x {', '.join(spec.parallel.accelerators)} ({html.escape(engine)})"),
         ("steps", f"{step:,} optimizer steps x {global_batch:,} jets = {step * global_batch:,} jets seen "
                   f"({step * global_batch / max(_train_examples(spec), 1):.1f} epochs of the train split)"),
-        ("wall time", _duration(wall) + (" (last launch; the run was resumed)" if resumed else
-                                         " (launch, including Ray start-up, to the last log)")),
+        ("wall time", _duration(wall) + wall_note),
         ("throughput", f"{np.median(rates):,.0f} jets/s training (median over log windows; excludes validation "
                        "and checkpoints)" if rates else "n/a"),
         ("software", html.escape(", ".join(f"{k} {info[k]}" for k in ("torch", "ray", "python") if k in info)
@@ -391,6 +396,8 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_bas
     if with_baseline and baseline_applies(spec):
         log("baseline: gradient-boosted trees on jet-level quantities (fitted once per run, then cached)")
         models["baseline"], baseline_meta = baseline_predictions(run, max_train_jets)
+    for name, payload in models.items():
+        _drop_non_finite(name, payload, run.notes)
     sample = _sample_label(spec)
     pt_label = r"generated visible $\tau$ $p_T$ [GeV]" if "tau_id" in tasks else r"$p_T$ [GeV]"
 
@@ -424,6 +431,20 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_bas
     return target
 
 
+def _drop_non_finite(model: str, payload: dict[str, Any], notes: list[str]) -> None:
+    """Rows with NaN/inf predictions (a diverged model) are left out of every figure and number, and counted."""
+    for task, arrays in payload["arrays"].items():
+        key = "scores" if "scores" in arrays else "pred" if "pred" in arrays else None
+        if key is None:
+            continue
+        values = arrays[key].reshape(len(arrays[key]), -1)
+        finite = np.isfinite(values).all(axis=1)
+        if not finite.all():
+            notes.append(f"{model}, {task}: {int((~finite).sum()):,} of {len(finite):,} predictions are NaN or "
+                         "infinite and are left out of every number and figure")
+            payload["arrays"][task] = {k: v[finite] for k, v in arrays.items()}
+
+
 def _tagging_section(task, present, headline, rf, sample) -> Section:
     classes = list(task.classes or ["background", "signal"])
     curves = {m: (a["label"].astype(int), log_ratio(a["scores"])) for m, a in present.items()}
@@ -436,13 +457,17 @@ def _tagging_section(task, present, headline, rf, sample) -> Section:
     sig = {"tau": r"$\tau$"}.get(classes[1], classes[1])
     figure = rf.roc_figure(curves, WORKING_POINTS, signal=sig + "-jet", background=classes[0], sample=sample)
     n_signal = int(next(iter(curves.values()))[0].sum())
-    text = (f"{task.name}: {classes[1]} jets against {classes[0]} jets, {n_signal:,} {classes[1]} and "
-            f"{len(next(iter(curves.values()))[0]) - n_signal:,} {classes[0]} jets of the test split. Rejection = "
-            f"1 / (fraction of {classes[0]} jets passing the score cut that keeps the stated {classes[1]} "
-            f"efficiency); &plusmn; is the Poisson error of the passing count.")
+    labels = next(iter(curves.values()))[0]
+    text = (f"{task.name}: {classes[1]} against {classes[0]}, {n_signal:,} {classes[1]} and "
+            f"{len(labels) - n_signal:,} {classes[0]} examples of the test split. Rejection = 1 / (fraction of "
+            f"{classes[0]} examples passing the cut on log(p<sub>{classes[1]}</sub> / p<sub>{classes[0]}</sub>) "
+            f"that keeps the stated {classes[1]} efficiency); &plusmn; is the Poisson error of the passing count.")
+    spread = rf.discriminant_figure(curves, signal=classes[1], background=classes[0], sample=sample)
     return Section(f"{task.name}: {classes[1]} vs {classes[0]} ROC", task.name, text,
                    [(_png(figure), "Background rejection against signal efficiency; markers at the working points; "
-                                   "lower panel: ratio to the baseline. Dotted: a single background jet passing.")])
+                                   "lower panel: ratio to the baseline. Dotted: a single background jet passing."),
+                    (_png(spread), "The discriminant of each model for signal and background jets of the test "
+                                   "split (log scale; the tails decide the rejection at high purity).")])
 
 
 def _property_section(task, present, headline, rf, sample, pt_label) -> Section:
@@ -504,7 +529,8 @@ def _regression_section(task, present, headline, rf, sample, pt_label) -> list[S
             "corrected by the predicted log(pT_vis / pT_jet); \"reco jet\" is the uncorrected jet pT. Resolution = "
             "interquartile range / median. Error bars: bootstrap.")
     return [Section(f"{task.name}: pT response and resolution", task.name, text,
-                    [(_png(figure), "Median response (top) and resolution (bottom) in bins of the generated pT.")])]
+                    [(_png(figure), "Median response (top) and resolution (bottom) in bins of the generated pT, "
+                                   "from the 2nd percentile of the pT distribution upward.")])]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -555,7 +581,8 @@ def _html(run: Run, facts, headline, sections: list[Section], models: list[str],
     summary = (f"<table><tr><th>metric (test split)</th>{''.join(f'<th>{m}</th>' for m in columns)}</tr>"
                f"{''.join(rows)}</table>")
     facts_html = "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts) + "</table>"
-    nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title.split(":")[0])}</a>' for s in sections)
+    nav = '<a href="#summary">summary</a><a href="#facts">run</a>' + "".join(
+        f'<a href="#{s.anchor}">{html.escape(s.title.split(":")[0])}</a>' for s in sections)
     body = []
     for s in sections:
         parts = [f'<h2 id="{s.anchor}">{html.escape(s.title)}</h2>']
@@ -571,8 +598,8 @@ def _html(run: Run, facts, headline, sections: list[Section], models: list[str],
         baseline_html = (
             '<h2 id="baseline">The baseline</h2><p>scikit-learn <code>HistGradientBoostingClassifier</code> '
             "(tau ID on all jets; charge and decay mode on tau jets) and <code>HistGradientBoostingRegressor</code> "
-            "(absolute error, log(pT_vis / pT_jet) on tau jets), 31 leaves, learning rate 0.1, early stopping on "
-            "10 % of the training jets. Fitted on the <b>same train split</b> as the transformer ("
+            "(absolute error, log(pT_vis / pT_jet) on tau jets), 31 leaves, learning rate 0.1, L2 1.0, at least 100 "
+            "jets per leaf, early stopping on 10 % of the training jets. Fitted on the <b>same train split</b> as the transformer ("
             + ", ".join(f"{t} {n:,}" for t, n in jets.items())
             + f" jets) in {baseline_meta.get('fit_seconds', 0):.0f} s, evaluated on the same test jets. Its inputs, "
             f"one row per jet computed from the stored candidates:</p><table>{quantities}</table>")

@@ -11,9 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import logging
+
 import matplotlib
 
 matplotlib.use("Agg")
+# mathtext glyph fallbacks of the ROOT style's TeX Gyre font are reported per glyph: not the reader's business
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+logging.getLogger("matplotlib.mathtext").setLevel(logging.ERROR)
 
 import matplotlib.pyplot as plt  # noqa: E402
 import mplhep  # noqa: E402
@@ -90,7 +95,7 @@ def training_figure(records: Sequence[Mapping[str, Any]], sample: str = "") -> F
             val_ax.legend(fontsize=11, ncol=2, loc="lower right")
         steps, values = series("lr")
         lr_ax.plot(steps, values, color="black", lw=1.5)
-        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_ylabel("learning\nrate", fontsize=20)
         lr_ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0e}" if v else "0"))
         lr_ax.set_ylim(0, None)
         lr_ax.set_xlabel("optimizer step")
@@ -155,6 +160,29 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], working_poin
     return fig
 
 
+def discriminant_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], signal: str = "signal",
+                        background: str = "background", sample: str = "") -> Figure:
+    """Distributions of each model's discriminant log(p_signal / p_background) for signal and background, unit area."""
+    with plt.style.context(STYLE):
+        fig, axes = plt.subplots(1, len(curves), figsize=(7.5 * len(curves), 6.5), squeeze=False)
+        for i, (ax, (name, (labels, disc))) in enumerate(zip(axes[0], curves.items())):
+            finite = np.isfinite(disc)
+            low, high = np.percentile(disc[finite], [0.5, 99.95])  # a few saturated outliers would squash the rest
+            bins = np.linspace(low, high, 60)
+            for value, text, style in ((1, signal, dict(histtype="stepfilled", alpha=0.35)),
+                                       (0, background, dict(histtype="step", lw=2))):
+                chosen = np.clip(disc[finite & (labels == value)], low, high)
+                ax.hist(chosen, bins=bins, density=True, color=colour(name, i) if value else "black",
+                        label=f"{text} ({len(chosen):,})", **style)
+            ax.set_yscale("log")
+            ax.set_xlabel(f"{name}: log(p$_{{{signal}}}$ / p$_{{{background}}}$)")
+            ax.set_ylabel("fraction of jets / bin width" if i == 0 else "")
+            ax.legend(fontsize=12, loc="upper center")
+            label_axes(ax, right=sample if i == len(curves) - 1 else "")
+        fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Decay modes: confusion matrices
 
@@ -198,9 +226,14 @@ def confusion_figure(matrices: Mapping[str, np.ndarray], classes: Sequence[str],
 # Kinematics: response and resolution in bins of pT
 
 
+LOW_PT_QUANTILE = 0.02
+"""pT plots start at this quantile of the jets (rounded down to a bin edge): the few taus far below the jet pT
+threshold have responses of order 2 and would crush the scale of every other bin."""
+
+
 def pt_bins(pt: np.ndarray, width: float = 5.0, minimum: int = 50) -> np.ndarray:
-    """Edges every `width` GeV over the populated range, merging the sparse top bins into one."""
-    low = np.floor(np.quantile(pt, 0.001) / width) * width
+    """Edges every `width` GeV from the LOW_PT_QUANTILE of `pt` up, merging sparse bins at either end."""
+    low = np.floor(np.quantile(pt, LOW_PT_QUANTILE) / width) * width
     high = np.ceil(np.quantile(pt, 0.999) / width) * width
     edges = list(np.arange(low, high + width / 2, width))
     while len(edges) > 2 and ((pt >= edges[-2]) & (pt < edges[-1])).sum() < minimum:
@@ -299,9 +332,9 @@ def rate_figure(series: Mapping[str, tuple[np.ndarray, np.ndarray]], ylabel: str
             ax.errorbar(centres + shift, 100 * rate, xerr=half, yerr=100 * binomial_error(k, n),
                         fmt=MARKERS.get(name, "o"), ms=7, color=colour(name, i), lw=1.5,
                         label=f"{name} (all: {total:.2f} %)")
-        ax.set_ylim(0, None)
+        ax.set_ylim(0, 1.6 * ax.get_ylim()[1])  # room for the legend above the points
         ax.set_ylabel(ylabel)
         ax.set_xlabel(pt_label)
-        ax.legend(fontsize=13)
+        ax.legend(fontsize=13, loc="upper left")
         label_axes(ax, right=sample)
     return fig
