@@ -160,6 +160,7 @@ def launch(
     address: str | None = None,
     run_dir: Path | None = None,
     progress: bool | None = None,
+    callbacks: list | None = None,
 ) -> TrainResult:
     """Train `spec` on Ray; returns where the run stands (finished, or stopped by a signal)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
@@ -207,6 +208,7 @@ def launch(
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             worker_runtime_env={"env_vars": worker_env(spec, embedded)},
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,  # e.g. Tune's TuneReportCallback when a `hepml tune` trial runs this
         ),
     )
     with _stop_on_signals(lambda: request_stop(run_dir)), _follow_progress(spec, run_dir, interactive):

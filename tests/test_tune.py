@@ -1,0 +1,77 @@
+"""`hepml tune`: the search space is parsed and checked before Ray starts; a tiny search on CPU runs each trial as
+a normal run (own run dir, metrics.jsonl, Comet archive), Tune receives the trials' validation reports, and the
+trial with the best reported metric is written out as a job that `hepml validate` accepts."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hepml_dist.cli import app
+from hepml_dist.errors import UserError
+from hepml_dist.research.tune import load_space, parse_distribution, run_tune
+from hepml_dist.spec import load_job
+from hepml_dist.track.tracker import read_metrics
+from train_helpers import ray_session, tiny_job, write_jet_dataset, write_job  # noqa: F401 (fixture)
+
+
+def test_space_parsing_and_errors(tmp_path):
+    assert parse_distribution("optim.lr", "loguniform(1e-4, 3e-3)") == ("loguniform", [1e-4, 3e-3])
+    assert parse_distribution("model.num_layers", "choice([1, 2])") == ("choice", [[1, 2]])
+    assert parse_distribution("data.batch_size", "randint(16, 65)") == ("randint", [16, 65])
+    assert parse_distribution("optim.weight_decay", 0.01) == ("fixed", [0.01])
+    for bad, message in [("loguniform(0, 1)", "positive"), ("uniform(2, 1)", "lower bound"),
+                         ("choice(1, 2)", "one non-empty list"), ("normal(0, 1)", "use one of"),
+                         ("__import__('os')", "use one of"), ("randint(1.5, 3)", "integers")]:
+        with pytest.raises(UserError, match=message):
+            parse_distribution("optim.lr", bad)
+    (tmp_path / "space.yaml").write_text("- optim.lr\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_space(tmp_path / "space.yaml")
+
+
+def test_unknown_fields_fail_before_any_trial(tmp_path):
+    job = write_job(tmp_path / "job.yaml", tiny_job(tmp_path / "data"))
+    (tmp_path / "space.yaml").write_text("optim.learning_rate: loguniform(1e-4, 1e-2)\n")
+    result = CliRunner().invoke(app, ["tune", str(job), "--space", str(tmp_path / "space.yaml"), "--trials", "2"])
+    assert result.exit_code == 2 and "optim.learning_rate" in result.output
+    (tmp_path / "space.yaml").write_text("model.num_heads: choice([2, 3])\n")  # 16 dims / 3 heads: invalid job
+    result = CliRunner().invoke(app, ["tune", str(job), "--space", str(tmp_path / "space.yaml"), "--trials", "2"])
+    assert result.exit_code == 2 and "model.num_heads = 3" in result.output
+
+
+@pytest.mark.integration
+def test_tiny_search_picks_the_trial_with_the_best_validation_loss(tmp_path, ray_session):
+    data = write_jet_dataset(tmp_path / "data", examples=900)
+    job = write_job(tmp_path / "job.yaml", tiny_job(
+        data, training={"epochs": None, "steps": 6, "eval_interval": 3, "log_interval": 3},
+        checkpoint={"keep_best_by": "val_loss", "best_mode": "min"}))
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: loguniform(1e-4, 3e-2)\nmodel.num_layers: choice([1, 2])\n")
+
+    result = run_tune(job, space, trials=3, tune_dir=tmp_path / "tune", seed=3)
+
+    rows = result["trials"]
+    assert len(rows) == 3 and all(isinstance(r["value"], float) for r in rows), rows
+    assert len({r["config"]["optim.lr"] for r in rows}) == 3
+    for row in rows:  # each trial is a normal run, and Tune saw what its workers reported
+        records = [r for r in read_metrics(row["run_dir"]) if "val_loss" in r]
+        assert records, row
+        reported = next(r for r in records if r["step"] == row["step"])
+        assert reported["val_loss"] == pytest.approx(row["value"], rel=1e-6)
+        assert list((tmp_path / "tune" / "trials" / row["name"] / "comet").glob("*.zip")) or \
+            (tmp_path / "tune" / "trials" / row["name"] / "comet").is_dir()
+        spec = load_job(f"{row['run_dir']}/spec.yaml")
+        assert spec.optim.lr == pytest.approx(row["config"]["optim.lr"])
+        assert spec.model.num_layers == row["config"]["model.num_layers"]
+    best = min(rows, key=lambda r: r["value"])
+    assert result["best"]["name"] == best["name"]
+
+    validated = CliRunner().invoke(app, ["validate", result["best_job"]])
+    assert validated.exit_code == 0, validated.output
+    tuned = load_job(result["best_job"])
+    assert tuned.optim.lr == pytest.approx(best["config"]["optim.lr"])
+    assert tuned.model.num_layers == best["config"]["model.num_layers"]
+    assert tuned.name.endswith("-tuned")
+    summary = json.loads((tmp_path / "tune" / "trials.json").read_text())
+    assert summary["best"] == best["name"]
