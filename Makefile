@@ -51,8 +51,9 @@ demo: $(STAMP)
 	$(BIN)/hepml report $(DEMO_RUN); \
 	echo "demo: finished in $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s; open $(abspath $(DEMO_RUN))/report.html"
 
+# PATH as in an activated venv: tools the tests start (hepml, ray, Ray job entrypoints) resolve to this install.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 # Re-pin every non-torch dependency from the current environment.
 lock: $(STAMP)

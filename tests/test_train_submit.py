@@ -27,7 +27,10 @@ def hepml(*args: str) -> subprocess.CompletedProcess:
 def ray_head():
     """A separate Ray cluster with the Jobs API, on its own ports; every process it started is ended by pid."""
     temp = tempfile.mkdtemp(prefix="hr", dir="/tmp")  # short: Ray's socket paths are limited to 107 bytes
-    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_USAGE_STATS_ENABLED": "0",
+    # The head runs job entrypoints (`python -m hepml_dist.cli ...`) with its own PATH: like a cluster node whose
+    # environment has hepml_dist installed, it must find this interpreter first, whether or not the venv is active.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
