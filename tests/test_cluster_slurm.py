@@ -352,8 +352,12 @@ def test_quickstart_trains_on_a_two_node_ray_cluster_in_the_container(slurm: Fak
     _assert_torn_down(job_id)
 
 
+STEPS = 150
+
+
 def test_preemption_checkpoints_requeues_and_the_requeued_run_finishes(slurm: FakeSlurm, jets: Path) -> None:
-    job_id, done = _submit(slurm, *_quickstart(jets, steps_per_epoch=30, epochs=1, eval_interval=10))
+    # Many steps after the first checkpoint: on a loaded machine the signal must still land mid-run.
+    job_id, done = _submit(slurm, *_quickstart(jets, steps_per_epoch=STEPS, epochs=1, eval_interval=10))
     assert done.returncode == 0, done.stderr
     run_dir = slurm.root / "runs" / f"part-quickstart-{job_id}"
     slurm.wait_job(job_id, lambda f: bool(_checkpoints(run_dir)), "the first checkpoint", 180)
@@ -363,7 +367,7 @@ def test_preemption_checkpoints_requeues_and_the_requeued_run_finishes(slurm: Fa
     log = slurm.log(job_id)
     assert "USR1" in log and "requeueing job" in log, log
     stopped = _checkpoints(run_dir)[-1]
-    assert not stopped["finished"] and 10 <= stopped["step"] < 30, stopped
+    assert not stopped["finished"] and 10 <= stopped["step"] < STEPS, stopped
     _assert_torn_down(job_id)
     # SLURM holds a requeued job for 120 s (BeginTime); release it once the first run has left the nodes.
     slurm.wait_job(job_id, lambda f: slurm.idle(), "the nodes to be idle", 60)
@@ -374,7 +378,7 @@ def test_preemption_checkpoints_requeues_and_the_requeued_run_finishes(slurm: Fa
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", log
     assert "(restart 1)" in log and f"resuming from step {stopped['step']}" in log, log
     last = _checkpoints(run_dir)[-1]
-    assert last["finished"] and last["step"] == 30
+    assert last["finished"] and last["step"] == STEPS
     _assert_torn_down(job_id)
 
 
