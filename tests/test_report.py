@@ -165,3 +165,14 @@ def test_non_finite_predictions_are_left_out_and_said(dataset, tmp_path):
     n = len(payload["arrays"]["decay_mode"]["label"])
     assert f"transformer, decay_mode: 3 of {n:,} predictions are NaN or infinite" in page
     assert "nan %" not in page.lower()
+
+
+def test_checkpoint_named_relative_to_another_directory(dataset, tmp_path):
+    # `hepml evaluate runs/x` run from the repository writes "runs/x/checkpoints/step-..." into metrics.json
+    run_dir = tmp_path / "run"
+    fabricate_run(run_dir, dataset)
+    evaluation = json.loads((run_dir / "metrics.json").read_text())
+    evaluation["checkpoint"] = f"runs/run/checkpoints/{CHECKPOINT}"
+    (run_dir / "metrics.json").write_text(json.dumps(evaluation))
+    page = build_report(run_dir, with_baseline=False).read_text()
+    assert "120 optimizer steps" in page  # the checkpoint's state.json was found

@@ -141,8 +141,11 @@ def load_run(run_dir: str | Path) -> Run:
         checkpoint, split = Path(evaluation["checkpoint"]), str(evaluation["split"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"{evaluation_file}: unreadable ({err}); run `hepml evaluate {path}` again") from None
-    if not checkpoint.is_absolute():
-        checkpoint = path / checkpoint
+    # metrics.json names the checkpoint as `hepml evaluate` was given it (possibly relative to another directory):
+    # the run's own checkpoints folder is the reliable place to look
+    own = path / "checkpoints" / checkpoint.name
+    if own.is_dir() or not checkpoint.is_dir():
+        checkpoint = own
     state_file = checkpoint / "state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     params_file = path / "params.json"
