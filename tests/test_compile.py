@@ -1,7 +1,8 @@
 """`training.compile: true`: the engines run the model through torch.compile (inductor), applied from outside the
 model, and a small ParT computes the same outputs and gradients as in eager mode (to float32 round-off).
 
-Compiling costs tens of seconds of CPU on first use (inductor builds C++ kernels; later runs hit torch's cache).
+Compiling costs tens of seconds of CPU per graph and shape on first use (inductor builds C++ kernels; later runs
+hit torch's on-disk cache), so both tests are marked integration.
 """
 
 import copy
@@ -22,11 +23,18 @@ RTOL, ATOL = 1e-4, 1e-5
 def setup(tmp_path_factory):
     data = write_jet_dataset(tmp_path_factory.mktemp("jets") / "data", examples=800)
     # no dropout and no random trimming: eager and compiled see the same function
-    job = tiny_job(data, model={"dropout": 0.0}, training={"compile": True}, tracking={"mode": "disabled"},
+    # two class-attention blocks as in the JetClass ParT (the case that dynamic-shape compilation got wrong)
+    job = tiny_job(data, model={"dropout": 0.0, "num_cls_layers": 2}, training={"compile": True},
+                   tracking={"mode": "disabled"},
                    data={"loader_workers": 0})
     spec = parse_spec(job)
     stream = ShardStream(spec.data, "train", rank=0, world_size=1, seed=0, training=True)
     batches = list(stream.batches(0))[:3]
+    # and batches of shorter jets: their longest jets set new sequence lengths (new shapes for the compiled graphs)
+    every = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    for longest in (6, 9):
+        keep = every["mask"].sum((1, 2)) <= longest
+        batches.append({k: v[keep] for k, v in every.items()})
     return spec, batches
 
 
@@ -48,6 +56,7 @@ def frames_compiled() -> int:
     return sum(counters["frames"].values())
 
 
+@pytest.mark.integration
 def test_ddp_engine_compiles_and_matches_eager(setup):
     spec, batches = setup
     family = get_family(spec.model.family)
@@ -57,7 +66,9 @@ def test_ddp_engine_compiles_and_matches_eager(setup):
     assert engine.module is model and engine.model is model  # one process: no DDP wrapper, compiled in place
     assert not any("_orig_mod" in k for k in model.state_dict())  # checkpoints keep the bare model's names
 
-    for batch in batches[:2]:  # training mode, forward and backward
+    lengths = [int(b["mask"].sum((1, 2)).max()) for b in batches]
+    assert len({lengths[0], lengths[3], lengths[4]}) == 3
+    for batch in (batches[0], batches[3], batches[4], batches[1]):  # training mode, forward and backward
         out_eager, out_compiled = eager(batch), engine.forward(batch)
         assert_close(out_eager, out_compiled, "train output")
         loss_eager = sum(family.losses(out_eager, batch, spec).values())
@@ -86,7 +97,12 @@ def test_deepspeed_engine_compiles_and_trains_like_eager(setup, monkeypatch):
     spec = spec.model_copy(update={"parallel": spec.parallel.model_copy(update={"strategy": "deepspeed", "zero_stage": 2})})
     family = get_family(spec.model.family)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29613", "RANK": "0", "LOCAL_RANK": "0",
+    import socket
+
+    with socket.socket() as probe:  # a free port on loopback
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(key, value)
     dist.init_process_group("gloo", rank=0, world_size=1)

@@ -189,6 +189,10 @@ def make_pcgrad(module: nn.Module, spec: JobSpec) -> PCGrad:
 
 
 COMPILE_BACKEND = "inductor"
+# Static shapes: every new sequence length gets its own graph (until torch's recompile limit, after which that part
+# runs eagerly). Dynamic-shape graphs are not used because torch 2.13 reuses a backward kernel with the strides
+# of an earlier length for ParT's class-attention blocks (an assert_size_stride failure in backward; pytorch#165506).
+COMPILE_OPTIONS = {"dynamic": False}
 
 
 def compile_model(module: nn.Module) -> nn.Module:
@@ -197,7 +201,7 @@ def compile_model(module: nn.Module) -> nn.Module:
     are unchanged, and evaluation runs compiled too. Data-dependent parts (ParT's packing and trimming) become
     graph breaks, not errors. Compiled once per module (a new phase's engine reuses it)."""
     if getattr(module, "_compiled_call_impl", None) is None:
-        module.compile(backend=COMPILE_BACKEND)
+        module.compile(backend=COMPILE_BACKEND, **COMPILE_OPTIONS)
     return module
 
 
@@ -387,7 +391,7 @@ def make_deepspeed_engine(module: nn.Module, spec: JobSpec, device: torch.device
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, spec.schedule, total_steps),
     )
     if spec.training.compile:
-        engine.compile(backend=COMPILE_BACKEND)  # DeepSpeed's own entry point: module.compile, its hooks kept eager
+        engine.compile(backend=COMPILE_BACKEND, compile_kwargs=dict(COMPILE_OPTIONS))  # DeepSpeed's own entry point: module.compile, its hooks kept eager
     return DeepSpeedEngine(engine.module, engine, spec, device)
 
 
