@@ -132,6 +132,22 @@ def test_tau_candidate_features_match_a_direct_computation():
             np.testing.assert_allclose(batch["features"][j, :, i], expected, rtol=2e-4, atol=2e-5)
 
 
+def test_tau_ipsig_adds_signed_log_significances_to_the_tau_features():
+    raw = raw_batch("tau_cand")
+    raw["part_d0err"][1, 0] = raw["part_dzerr"][1, 0] = 0.0  # a neutral candidate: no track, no significance
+    plain = build_batch(raw, get_builder("tau_cand"), max_length=10)["features"]
+    batch = build_batch(raw, get_builder("tau_cand_ipsig"), max_length=10)
+    extended = batch["features"]
+    np.testing.assert_array_equal(extended[:, :17], plain)
+    for j in range(len(raw["part_n"])):
+        for i in range(int(raw["part_n"][j])):
+            for c, (value, error) in ((17, ("part_dzval", "part_dzerr")), (18, ("part_d0val", "part_d0err"))):
+                v, e = float(raw[value][j, i]), float(raw[error][j, i])
+                expected = math.copysign(math.log1p(abs(v / e)), v) if e > 0 else 0.0
+                assert extended[j, c, i] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert (extended[:, 17:] * (1 - batch["mask"]) == 0).all()  # padding stays 0
+
+
 def test_omnijet_constituents_drop_far_particles_and_compact():
     raw = raw_batch("omnijet_constituents", n=4, width=10)
     raw["part_px"][0, 1] *= -1  # send one particle to the other side of the jet (|delta phi| > 0.8)

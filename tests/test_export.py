@@ -65,7 +65,7 @@ def test_multitask_export_has_one_output_per_task(tmp_path):
     result = runner.invoke(app, ["export", "onnx", str(run)])
     assert result.exit_code == 0, result.output
     path = run / "checkpoints" / "step-00000100" / "model.onnx"
-    jets = example_jets(4, 20, 17, seed=1)
+    jets = example_jets(4, 20, model.input_dim, seed=1)
     got = onnx_outputs(path, {"pf_features": jets["features"], "pf_vectors": jets["vectors"], "pf_mask": jets["mask"]})
     with torch.no_grad():
         expected = model(jets)

@@ -117,7 +117,7 @@ def test_sdpa_attention_equals_plain_softmax_with_bias_and_mask():
 @pytest.mark.parametrize("job", ["part-quickstart", "multipartau-quickstart"])
 def test_invariant_to_constituent_order(job):
     model = model_of(job)
-    batch = example_jets(5, 20, 17, seed=1)
+    batch = example_jets(5, 20, model.input_dim, seed=1)
     order = torch.randperm(20)  # shuffles real and padded slots together
     shuffled = {k: v[..., order] for k, v in batch.items()}
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_every_parameter_gets_a_gradient_with_all_task_losses():
     g = torch.Generator().manual_seed(0)
     for step in range(TRIM_WARMUP_CALLS + 1):  # the last step trims
         model.zero_grad()
-        batch = {**example_jets(16, 20, 17, seed=step), **tau_labels(16, g)}
+        batch = {**example_jets(16, 20, model.input_dim, seed=step), **tau_labels(16, g)}
         losses = get_family("part").losses(model(batch), batch, spec)
         sum(losses.values()).backward()
     assert set(losses) == {"tau_id", "charge", "decay_mode", "kinematics"}
@@ -225,3 +225,38 @@ def test_moco_init_scales_output_projections_with_depth():
         assert block.attn.out_proj.weight.abs().max() <= bound
         assert block.attn.out_proj.weight.abs().max() > 0.8 * bound
         assert block.attn.in_proj.bias.abs().max() == 0
+
+
+@pytest.mark.parametrize("job", ["part-quickstart", "multipartau-quickstart"])
+def test_static_shape_code_trains_like_the_packed_code(job):
+    """`static_shapes` (what torch.compile runs): dense pairs, lengths rounded up to 16; the same outputs,
+    gradients and BatchNorm running statistics as the packed code in training mode, and in eval mode."""
+    packed, static = (model_of(job, "model.trim=false").train() for _ in range(2))
+    for module in (*packed.modules(), *static.modules()):  # the same function: no dropout anywhere
+        if isinstance(module, (torch.nn.Dropout, Attention)):
+            module.p = module.dropout = 0.0
+    static.static_shapes = True
+    spec = spec_of(job)
+    g = torch.Generator().manual_seed(1)
+    batch = padded(example_jets(12, 19, packed.input_dim, seed=3), 40)
+    if job.startswith("multipartau"):
+        batch |= tau_labels(12, g)
+    else:
+        batch["label_jet_class"] = torch.randint(0, spec.tasks[0].output_dim, (12,), generator=g)
+    family = get_family("part")
+    outputs = {}
+    for name, model in (("packed", packed), ("static", static)):
+        outputs[name] = model(batch)
+        sum(family.losses(outputs[name], batch, spec).values()).backward()
+    for task in outputs["packed"]:
+        torch.testing.assert_close(outputs["static"][task], outputs["packed"][task], atol=2e-5, rtol=1e-4)
+    grads = {n: p.grad for n, p in packed.named_parameters()}
+    for n, p in static.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=2e-5, rtol=1e-3, msg=lambda m: f"{n}: {m}")
+    buffers = dict(packed.named_buffers())
+    for n, b in static.named_buffers():
+        torch.testing.assert_close(b, buffers[n], atol=1e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+    packed.eval(), static.eval()
+    with torch.no_grad():
+        for task, value in packed(batch).items():
+            torch.testing.assert_close(static(batch)[task], value, atol=2e-5, rtol=1e-4)

@@ -113,7 +113,7 @@ BAD_CASES = {
     "wrong_type": ("extends: BASE\ndata: {batch_size: many}\n", [], "data.batch_size:"),
     "bad_enum": ("extends: BASE\nparallel: {strategy: horovod}\n", [], "parallel.strategy:"),
     "negative_lr": ("extends: BASE\noptim: {lr: -0.001}\n", [], "optim.lr: Input should be greater than 0"),
-    "pcgrad_zero3": ("extends: BASE\nparallel: {strategy: deepspeed, zero_stage: 3}\n", [], "training.multitask: PCGrad needs"),
+    "pcgrad_zero3": ("extends: BASE\ntraining: {multitask: pcgrad}\nparallel: {strategy: deepspeed, zero_stage: 3}\n", [], "training.multitask: PCGrad needs"),
     "mixed_vendors": ("extends: BASE\nparallel: {accelerator: [A100, MI250X], gpus_per_worker: 1}\n", [],
                       "parallel.accelerator: one job cannot mix A100 and MI250X"),
     "heads_not_dividing": ("extends: BASE\nmodel: {embed_dims: [64, 128, 66]}\n", [], "model.embed_dims: model width 66 is not divisible by 4"),
@@ -126,7 +126,7 @@ BAD_CASES = {
                                    [], "tasks[0].targets: a regression task needs"),
     "loss_for_wrong_kind": ("extends: BASE\ntasks:\n  - {name: r, kind: regression, targets: [x], loss: ce}\ntraining: {multitask: sum}\n",
                             [], "tasks[0].loss: loss 'ce' does not fit a regression task"),
-    "pcgrad_single_task": ("extends: BASE\ntasks:\n  - {name: t, kind: binary}\n", [], "training.multitask: PCGrad resolves conflicts"),
+    "pcgrad_single_task": ("extends: BASE\ntraining: {multitask: pcgrad}\ntasks:\n  - {name: t, kind: binary}\n", [], "training.multitask: PCGrad resolves conflicts"),
     "unknown_family": ("extends: BASE\nmodel: {family: gnn}\n", [], "model: unknown model family 'gnn'"),
     "missing_data": ("name: x\nmodel: {family: aot}\ntasks: [{name: s, kind: binary}]\n", [], "data: required field is missing"),
     "missing_extends": ("extends: nowhere.yaml\nname: x\n", [], "extends: base job 'nowhere.yaml' not found"),
@@ -146,8 +146,8 @@ BAD_CASES = {
                            [], "tasks[0].num_classes: next-token prediction over 8192 codes has 8194 classes"),
     "deepspeed_lookahead": ("extends: BASE\nparallel: {strategy: deepspeed, zero_stage: 1}\noptim: {name: radam_lookahead}\ntraining: {multitask: sum, phases: []}\n",
                             [], "optim.name: with DeepSpeed use one of adamw, adam"),
-    "deepspeed_pcgrad": ("extends: BASE\nparallel: {strategy: deepspeed, zero_stage: 1}\n", [], "training.multitask: PCGrad runs with parallel.strategy: ddp"),
-    "pcgrad_protect_unknown": ("extends: BASE\ntraining: {pcgrad: {protect: [kinematic]}}\n", [], "training.pcgrad.protect[0]: no task named 'kinematic'"),
+    "deepspeed_pcgrad": ("extends: BASE\ntraining: {multitask: pcgrad}\nparallel: {strategy: deepspeed, zero_stage: 1}\n", [], "training.multitask: PCGrad runs with parallel.strategy: ddp"),
+    "pcgrad_protect_unknown": ("extends: BASE\ntraining: {multitask: pcgrad, pcgrad: {protect: [kinematic]}}\n", [], "training.pcgrad.protect[0]: no task named 'kinematic'"),
 }
 
 

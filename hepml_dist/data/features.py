@@ -223,6 +223,14 @@ def _tau_cand(raw, mask, out):
         features[:, c] = flag
     for c, name in enumerate(("part_dzval", "part_dzerr", "part_d0val", "part_d0err"), start=13):
         features[:, c] = raw[name]
+    if features.shape[1] > 17:
+        # The published features give each impact parameter and its error separately, in mm; a network that
+        # trains for minutes does not learn their ratio, which is what separates a tau's displaced tracks from
+        # prompt ones. Signed log(1 + |value / error|); neutral candidates (error 0) get 0.
+        for c, (value, error) in enumerate((("part_dzval", "part_dzerr"), ("part_d0val", "part_d0err")), start=17):
+            has_track = raw[error] > 0
+            significance = raw[value] / np.where(has_track, raw[error], np.float32(1))
+            features[:, c] = np.where(has_track, np.sign(significance) * np.log1p(np.abs(significance)), 0)
     _finish(features, mask)
     _fill_vectors(out["vectors"], raw, mask)
 
@@ -305,6 +313,8 @@ FEATURE_BUILDERS: dict[str, FeatureBuilder] = {
                        doc="Sophon: part_full with pT and E of each jet scaled to pT = 500 GeV (vectors too)"),
         FeatureBuilder("tau_cand", 17, "part_n", _TAU_PADDED, _JET, _tau_cand, vectors=True,
                        doc="MultiParTau's 17 tau-candidate features (unstandardised, logs floored at 1e-6)"),
+        FeatureBuilder("tau_cand_ipsig", 19, "part_n", _TAU_PADDED, _JET, _tau_cand, vectors=True,
+                       doc="tau_cand plus the signed log impact-parameter significances of dz and d0 (demo job)"),
         FeatureBuilder("omnijet_tokens", 1, "tokens_n", ("tokens",), (), _omnijet_tokens,
                        doc="OmniJet token ids (start 0, code c -> c+1, stop K+1); `tokens` int64 plus as features"),
         FeatureBuilder("omnijet_constituents", 3, "part_n", _PART_KIN_PADDED, (), _omnijet_constituents,

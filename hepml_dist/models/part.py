@@ -16,6 +16,10 @@ What differs from the reference code, and why (none of it changes the function c
   * Each batch is compacted to its longest jet (real particles first); training-time trimming keeps the reference's
     SequenceTrimmer semantics (5 warm-up calls, then a random quantile q ~ U(0.9, 1.02) of the jet lengths).
   * `export_mode` switches to dense, shape-static code (all P x P pairs, no data-dependent lengths) for ONNX.
+  * `static_shapes` (set when the engine compiles the model) also runs the dense code, with the batch compacted to
+    a multiple of STATIC_LENGTH_MULTIPLE: a handful of shapes for torch.compile instead of one per batch. Its
+    BatchNorms take their training statistics over the real particles (pairs) only, so it trains like the packed
+    code (tests/test_compile.py).
 
 Layout: batch-first everywhere; x is [B, P, D] (or packed [N, D]), the attention bias [B, H, P, P].
 """
@@ -37,6 +41,7 @@ from hepml_dist.spec.model_part import HeadSpec, PartModelSpec
 from hepml_dist.spec.tasks import TaskSpec
 
 TRIM_WARMUP_CALLS = 5
+STATIC_LENGTH_MULTIPLE = 16  # static_shapes: batch lengths 16, 32, ... (capped at the padded length)
 TRIM_QUANTILE_RANGE = (0.9, 1.02)
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -57,6 +62,22 @@ def key_padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, 1, P] additive attention bias: 0 for real keys, a large negative value for padded ones."""
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, masked_value(dtype))
     return bias[:, None, None, :]
+
+
+def masked_batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """`norm` on rows x [N, C] as if only the rows where `counted` [N] (bool) is true had been passed (the others
+    are normalised with the same statistics). In eval mode (running statistics) it is `norm(x)`."""
+    if not norm.training:
+        return norm(x)
+    ignored = ~counted[:, None]
+    count = counted.sum().to(x.dtype)
+    mean = x.masked_fill(ignored, 0.0).sum(0) / count
+    var = (x - mean).masked_fill(ignored, 0.0).square().sum(0) / count
+    with torch.no_grad():  # as nn.BatchNorm1d: exponential average (momentum), unbiased variance
+        norm.num_batches_tracked.add_(1)
+        norm.running_mean.lerp_(mean, norm.momentum)
+        norm.running_var.lerp_(var * count / (count - 1).clamp(min=1), norm.momentum)
+    return (x - mean) * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias
 
 
 @dataclass(frozen=True)
@@ -96,11 +117,12 @@ class ParticleEmbedding(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
         """features [B, C, P], mask [B, P] (bool) -> the real particles' rows [N, D] with `packing`, else [B, P, D]
-        with zeros in the padding (export; BatchNorm then uses its running statistics on every position)."""
+        with zeros in the padding (dense code: export and static shapes; BatchNorm statistics of real particles)."""
         x = features.transpose(1, 2)
         if packing is not None:  # BatchNorm statistics of real particles only
             return self.layers(self.input_bn(packing.pack(x)))
-        x = self.layers(self.input_bn(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1))
+        x = masked_batch_norm(self.input_bn, x.reshape(-1, x.shape[-1]), mask.reshape(-1))
+        x = self.layers(x).view(*mask.shape, -1)
         return x.masked_fill(~mask[..., None], 0.0)
 
 
@@ -128,9 +150,14 @@ class PairEmbedding(nn.Module):
         """vectors [B, 4, P], mask [B, P] -> U [B, H, P, P] in `dtype`; zero on pairs with a padded particle."""
         batch, length = mask.shape
         v = vectors.transpose(1, 2)
-        if dense:  # export: every (a, b) pair, static shapes
+        if dense:  # every (a, b) pair, static shapes
             pairs = pair_features(v[:, :, None, :], v[:, None, :, :])
-            u = self.layers(pairs.reshape(-1, NUM_PAIR_FEATURES)).view(batch, length, length, -1)
+            # BatchNorm statistics over the pairs the sparse path embeds: real ones with a >= b
+            counted = (mask[:, :, None] & mask[:, None, :]).tril().reshape(-1)
+            u = pairs.reshape(-1, NUM_PAIR_FEATURES)
+            for layer in self.layers:
+                u = masked_batch_norm(layer, u, counted) if isinstance(layer, nn.BatchNorm1d) else layer(u)
+            u = u.view(batch, length, length, -1)
             pair_mask = mask[:, :, None, None] & mask[:, None, :, None]
             return u.masked_fill(~pair_mask, 0.0).permute(0, 3, 1, 2).to(dtype)  # as the sparse path
         # The features are symmetric in (a, b): embed each real pair with a >= b once, then mirror it.
@@ -277,6 +304,7 @@ class ParticleTransformer(nn.Module):
         self.pathway_of = {t.name: (t.name if cfg.task_pathways == "per_task" else "shared") for t in tasks}
         self.heads = nn.ModuleDict({t.name: task_head(cfg.head, t, dim) for t in tasks})
         self.export_mode = False  # set by hepml_dist.models.export: dense, shape-static code, no trimming
+        self.static_shapes = False  # set by the engine when it compiles the model (see the module docstring)
         self._trim_calls = 0
         init_weights(self, cfg.init)
 
@@ -296,6 +324,8 @@ class ParticleTransformer(nn.Module):
             length = n_real.max()
             order = mask.to(torch.uint8).argsort(dim=1, descending=True, stable=True)
         length = max(int(length), 1)
+        if self.static_shapes:
+            length = min(-(-length // STATIC_LENGTH_MULTIPLE) * STATIC_LENGTH_MULTIPLE, mask.shape[1])
         order = order[:, :length]
         gather = lambda t: t.gather(2, order[:, None, :].expand(-1, t.shape[1], -1))  # noqa: E731
         return gather(features), gather(vectors) if vectors is not None else None, mask.gather(1, order)
@@ -312,10 +342,11 @@ class ParticleTransformer(nn.Module):
             features, vectors, mask = self.select_particles(features, vectors, mask)
         dtype = compute_dtype(features.device)
         # Per-particle layers run on the real particles only; attention sees them unpacked (export: all positions).
-        packing = None if self.export_mode else Packing.of(mask)
+        dense = self.export_mode or self.static_shapes
+        packing = None if dense else Packing.of(mask)
         x = self.embed(features, mask, packing)
         if self.pair_embed is not None:
-            bias = self.pair_embed(vectors, mask, dtype, dense=self.export_mode)
+            bias = self.pair_embed(vectors, mask, dtype, dense=dense)
             bias = bias.masked_fill(~mask[:, None, None, :], masked_value(dtype))  # shared by every particle block
         else:
             bias = key_padding_bias(mask, dtype)

@@ -14,6 +14,7 @@ FEATURE_SETS: dict[str, int] = {
     "part_kin": 7,
     "sophon_full": 17,  # as part_full, with pT and E of the jet scaled to pT = 500 GeV
     "tau_cand": 17,  # the 17 FCC-ee tau-candidate features of MultiParTau
+    "tau_cand_ipsig": 19,  # tau_cand + signed log(1 + |IP / error|) of dz and d0
     "omnijet_tokens": 1,  # token ids from a trained OmniJet tokenizer
     "omnijet_constituents": 3,  # (log pT - 1.8, 3 Delta eta, 3 Delta phi), tokenizer input
     "mlpf_elements": 17,  # CLIC tracks and clusters

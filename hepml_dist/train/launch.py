@@ -139,8 +139,18 @@ def start_ray(spec: JobSpec, address: str | None) -> bool:
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
+        runtime_env={"worker_process_setup_hook": "hepml_dist.train.launch.quiet_embedded_ray_worker"},
     )
     return True
+
+
+def quiet_embedded_ray_worker() -> None:
+    """Run in every worker process of the embedded Ray. Ray Train's placement-group cleaner asks the state API
+    whether the controller lives; without a dashboard (not started here: nothing to serve on a laptop) the query
+    fails and it warns every few seconds, thousands of lines per run. It still cleans up when the driver dies."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def worker_env(spec: JobSpec, embedded: bool) -> dict[str, str]:

@@ -189,10 +189,11 @@ def make_pcgrad(module: nn.Module, spec: JobSpec) -> PCGrad:
 
 
 COMPILE_BACKEND = "inductor"
-# Static shapes: every new sequence length gets its own graph (until torch's recompile limit, after which that part
-# runs eagerly). Dynamic-shape graphs are not used because torch 2.13 reuses a backward kernel with the strides
-# of an earlier length for ParT's class-attention blocks (an assert_size_stride failure in backward; pytorch#165506).
+# Static shapes: one graph per shape (ParT's static-shape code keeps them few). Dynamic-shape graphs are not used:
+# torch 2.13 reuses a backward kernel with the strides of an earlier length in ParT's class-attention blocks
+# (an assert_size_stride failure in backward, seen with tests/test_compile.py's two class blocks).
 COMPILE_OPTIONS = {"dynamic": False}
+COMPILE_RECOMPILE_LIMIT = 32
 
 
 def compile_model(module: nn.Module) -> nn.Module:
@@ -201,8 +202,20 @@ def compile_model(module: nn.Module) -> nn.Module:
     are unchanged, and evaluation runs compiled too. Data-dependent parts (ParT's packing and trimming) become
     graph breaks, not errors. Compiled once per module (a new phase's engine reuses it)."""
     if getattr(module, "_compiled_call_impl", None) is None:
+        prepare_for_compile(module)
         module.compile(backend=COMPILE_BACKEND, **COMPILE_OPTIONS)
     return module
+
+
+def prepare_for_compile(module: nn.Module) -> None:
+    """Switch a model with data-dependent shapes to its static-shape code (`static_shapes`, ParT and its
+    descendants: sequence lengths rounded up to a multiple of 16 instead of one graph per batch length), and give
+    torch room for the few graphs that remain (train and eval, each bucket of lengths, the last short batch)."""
+    import torch._dynamo
+
+    if hasattr(module, "static_shapes"):
+        module.static_shapes = True
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
 
 
 def make_ddp_engine(module: nn.Module, spec: JobSpec, device: torch.device, total_steps: int, lr: float | None = None,
@@ -391,7 +404,9 @@ def make_deepspeed_engine(module: nn.Module, spec: JobSpec, device: torch.device
         lr_scheduler=lambda optimizer: build_scheduler(optimizer, spec.schedule, total_steps),
     )
     if spec.training.compile:
-        engine.compile(backend=COMPILE_BACKEND, compile_kwargs=dict(COMPILE_OPTIONS))  # DeepSpeed's own entry point: module.compile, its hooks kept eager
+        prepare_for_compile(engine.module)
+        # DeepSpeed's own entry point: module.compile, its hooks kept eager
+        engine.compile(backend=COMPILE_BACKEND, compile_kwargs=dict(COMPILE_OPTIONS))
     return DeepSpeedEngine(engine.module, engine, spec, device)
 
 
