@@ -33,16 +33,21 @@ def wrap_phi(dphi: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pair_features(vectors_a: torch.Tensor, vectors_b: torch.Tensor) -> torch.Tensor:
+def pair_features(vectors_a: torch.Tensor, vectors_b: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
     """[..., 4] (ln kT, ln z, ln Delta, ln m^2) for broadcastable 4-vector tensors [..., 4] (px, py, pz, E).
 
-    Always in float32 and outside autocast: the logarithms of small differences need the precision.
+    Always in float32 and outside autocast: the logarithms of small differences need the precision. `same`
+    (bool, broadcastable to [...]) marks pairs of a particle with itself: their Delta is exactly 0 (compiled
+    kernels may compute the two rapidities of one particle differently in the last bit, and ln Delta of a
+    round-off difference is far from ln EPS).
     """
     with torch.autocast(device_type=vectors_a.device.type, enabled=False):
         a, b = vectors_a.float(), vectors_b.float()
         pt_a, y_a, phi_a = pt_rapidity_phi(a)
         pt_b, y_b, phi_b = pt_rapidity_phi(b)
         delta = torch.sqrt((y_a - y_b).square() + wrap_phi(phi_a - phi_b).square())
+        if same is not None:
+            delta = delta.masked_fill(same, 0.0)
         pt_min = torch.minimum(pt_a, pt_b)
         ln_kt = torch.log((pt_min * delta).clamp(min=EPS))
         ln_z = torch.log((pt_min / (pt_a + pt_b).clamp(min=EPS)).clamp(min=EPS))

@@ -151,7 +151,9 @@ class PairEmbedding(nn.Module):
         batch, length = mask.shape
         v = vectors.transpose(1, 2)
         if dense:  # every (a, b) pair, static shapes
-            pairs = pair_features(v[:, :, None, :], v[:, None, :, :])
+            position = torch.arange(length, device=mask.device)
+            itself = position[:, None] == position[None, :]  # (not torch.eye: ONNX Runtime has no bool EyeLike)
+            pairs = pair_features(v[:, :, None, :], v[:, None, :, :], same=itself)
             # BatchNorm statistics over the pairs the sparse path embeds: real ones with a >= b
             counted = (mask[:, :, None] & mask[:, None, :]).tril().reshape(-1)
             u = pairs.reshape(-1, NUM_PAIR_FEATURES)
