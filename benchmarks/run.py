@@ -3,6 +3,7 @@
     python benchmarks/run.py                      # everything; writes benchmarks/results.md and prints it
     python benchmarks/run.py --quick              # short measurements (a smoke run, numbers are rough)
     python benchmarks/run.py --only train         # one of: loader, models, train
+    python benchmarks/run.py --compile            # the model benchmark also times torch.compile (minutes more)
 
 Each sub-benchmark is its own script (benchmarks/loader.py, models.py, train.py) run in a fresh process, so one
 cannot warm or slow another. This script collects their numbers into one Markdown table (our figure, weaver-core's
@@ -145,6 +146,11 @@ def model_rows(stdout: str, data) -> list[tuple]:
             if theirs and theirs.get("mfu"):
                 note += f" (weaver-core MFU {100 * theirs['mfu']:.1f} %)"
         rows.append((f"model: {model}", ours["jets_per_s"], theirs["jets_per_s"] if theirs else None, "jets/s", note))
+        compiled = pair.get("hepml_dist compiled")
+        if compiled:
+            rows.append((f"model: {model}, training.compile: true", compiled["jets_per_s"],
+                         theirs["jets_per_s"] if theirs else None, "jets/s",
+                         f"torch.compile (inductor) / eager: {compiled['jets_per_s'] / ours['jets_per_s']:.2f}x"))
     return rows
 
 
@@ -207,6 +213,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short measurements: a smoke run, rough numbers")
     parser.add_argument("--only", choices=list(SUITES), action="append", help="run only these (repeatable)")
     parser.add_argument("--out", type=Path, default=HERE / "results.md", help="Markdown file to write")
+    parser.add_argument("--compile", action="store_true",
+                        help="the model benchmark also times our models under torch.compile (compiling takes minutes)")
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
@@ -221,7 +229,9 @@ def main() -> None:
             continue
         print(f"[bench] {name} ...", flush=True)
         try:
-            stdout, data, seconds = run_script(name, modes["quick" if args.quick else "full"], logs / f"{name}.log")
+            extra = ["--compile", "--warmup", "12"] if args.compile and name == "models" else []
+            stdout, data, seconds = run_script(name, modes["quick" if args.quick else "full"] + extra,
+                                               logs / f"{name}.log")
         except RuntimeError as err:
             print(err, file=sys.stderr)
             skipped[name] = f"failed, see {logs / (name + '.log')}"

@@ -104,6 +104,8 @@ def test_report_has_every_section_and_embeds_its_images(dataset, tmp_path):
     # perfectly separated fabricated scores: no background jet passes, quoted as a lower bound
     n_background = int((payload["arrays"]["tau_id"]["label"] == 0).sum())
     assert f"&gt; {n_background:,} (0 pass)" in page
+    # which background jets pass both models' cuts (none here: the transformer's pass nothing)
+    assert re.search(r"at 50 % 0 \(transformer\) and [\d,]+ \(baseline\) pass, 0 of them both", page)
     charge_row = re.search(r"<td>charge: accuracy</td><td[^>]*>([^<]*)</td>", page).group(1)
     assert charge_row.startswith("100.00 ")
     assert (run_dir / "baseline" / "predictions-test.npz").is_file()  # fitted once, then cached

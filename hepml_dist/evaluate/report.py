@@ -234,6 +234,23 @@ def rejection(labels: np.ndarray, scores: np.ndarray, efficiency: float) -> Reje
     return Rejection(len(background) / max(passing, 1), passing, len(background))
 
 
+def passing_background(labels: np.ndarray, scores: np.ndarray, efficiency: float) -> np.ndarray:
+    """Bool per example: a background example passing the cut that keeps `efficiency` of the signal."""
+    return (labels == 0) & (scores >= np.quantile(scores[labels == 1], 1 - efficiency))
+
+
+def _shared_background(curves: dict[str, tuple[np.ndarray, np.ndarray]], background: str) -> str:
+    """Which background examples pass both models' cuts: when most do, the two models keep the same, most
+    signal-like background, and a difference of a few passing examples is noise, not a better model."""
+    (name_a, (labels, a)), (name_b, (_, b)) = curves.items()
+    parts = []
+    for wp in WORKING_POINTS:
+        pass_a, pass_b = passing_background(labels, a, wp), passing_background(labels, b, wp)
+        parts.append(f"at {100 * wp:.0f} % {int(pass_a.sum()):,} ({name_a}) and {int(pass_b.sum()):,} ({name_b}) "
+                     f"pass, {int((pass_a & pass_b).sum()):,} of them both")
+    return f"{background.capitalize()} examples passing the cuts: " + "; ".join(parts) + "."
+
+
 def log_ratio(scores: np.ndarray) -> np.ndarray:
     """log(p1 / p0), the discriminant of a binary classifier. Ranking by p1 alone ties confident jets at
     p1 = 1.0 in float32, while p0 keeps its relative precision down to 1e-38: the log ratio orders them all."""
@@ -465,6 +482,8 @@ def _tagging_section(task, present, headline, rf, sample) -> Section:
             f"{len(labels) - n_signal:,} {classes[0]} examples of the test split. Rejection = 1 / (fraction of "
             f"{classes[0]} examples passing the cut on log(p<sub>{classes[1]}</sub> / p<sub>{classes[0]}</sub>) "
             f"that keeps the stated {classes[1]} efficiency); &plusmn; is the Poisson error of the passing count.")
+    if len(curves) == 2:
+        text += " " + _shared_background(curves, classes[0])
     spread = rf.discriminant_figure(curves, signal=classes[1], background=classes[0], sample=sample)
     return Section(f"{task.name}: {classes[1]} vs {classes[0]} ROC", task.name, text,
                    [(_png(figure), "Background rejection against signal efficiency; markers at the working points; "

@@ -310,6 +310,7 @@ class ParticleTransformer(nn.Module):
         self._trim_calls = 0
         init_weights(self, cfg.init)
 
+    @torch.compiler.disable  # reads the batch's longest length: eager, so the compiled graphs around it see few shapes
     def select_particles(self, features, vectors, mask):
         """Real particles first, cut to the longest jet; in training, the reference's random trimming."""
         n_real = mask.sum(dim=1)

@@ -63,4 +63,5 @@ class TrainingSpec(Section):
     nan_policy: Literal["raise", "skip"] = "raise"
     """A non-finite loss stops the run with an error naming step and task, or skips that batch."""
     compile: bool = False
-    """Wrap the model with torch.compile."""
+    """Wrap the model with torch.compile (inductor, static shapes; ParT then runs its static-shape code). Slower
+    on CPU (0.57x eager for MultiParTau): see docs/predict-and-tune.md before switching it on."""
