@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements.lock
 	PIP_CONSTRAINT=$(CURDIR)/$(VENV)/torch-constraint.txt $(BIN)/python -m pip install -q -c requirements.lock -e ".[dev,gen,export]"
 	touch $@
 
-# The demo, end to end on 2 CPU cores (~20 min): generate FCC-ee tau and quark jets with Pythia 8 (a complete
+# The demo, end to end on 2 CPU cores (~11 min): generate FCC-ee tau and quark jets with Pythia 8 (a complete
 # dataset with the same events and seed is reused), train MultiParTau on 2 DDP workers of an embedded Ray,
 # evaluate on the test split, write the HTML report (with a gradient-boosted baseline) and print its path.
 # Smaller: make demo DEMO_EVENTS=20000 DEMO_DATA=data/fcc-tau-20k DEMO_RUN=runs/demo-20k DEMO_SET="--set ..."
