@@ -57,7 +57,7 @@ def label_axes(ax, right: str = "", left: str = "Simulation", x: float = 0.0, y:
 def integer_steps(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def training_figure(records: Sequence[Mapping[str, Any]], sample: str = "") -> F
                         label=key.removeprefix("val_").replace("_", " "))
         val_ax.set_ylabel("validation")
         if val_scores:
-            val_ax.legend(fontsize=11, ncol=2, loc="lower right")
+            val_ax.legend(fontsize=11, ncol=2, loc="best", framealpha=0.8)
         steps, values = series("lr")
         lr_ax.plot(steps, values, color="black", lw=1.5)
         lr_ax.set_ylabel("learning\nrate", fontsize=20)
