@@ -63,7 +63,9 @@ def train_run(job: Path, data: Path, run_dir: Path, workers: int, threads: int, 
         "training.epochs=null", f"training.steps={steps}", "training.log_interval=1",
         f"training.eval_interval={10 * steps}", f"checkpoint.interval={10 * steps}", "tracking.mode=disabled",
         f"parallel.num_workers={workers}", f"parallel.cpus_per_worker={max(1, threads // workers)}",
-        f"data.batch_size={batch}", "data.steps_per_epoch=null", "data.loader_workers=1", *extra,
+        f"data.batch_size={batch}", "data.steps_per_epoch=null", "data.loader_workers=1",
+        # CPU cores against weaver on the same cores (the single-task job extends the A100 multipartau.yaml)
+        "parallel.accelerator=cpu", "parallel.gpus_per_worker=0", *extra,
     ]
     shutil.rmtree(run_dir, ignore_errors=True)
     command = hepml("train", str(job), "--run-dir", str(run_dir), "--plain", *[a for s in sets for a in ("--set", s)])

@@ -144,6 +144,24 @@ def start_ray(spec: JobSpec, address: str | None) -> bool:
     return True
 
 
+def check_local_gpus(spec: JobSpec) -> None:
+    """An embedded Ray has this machine's GPUs only: a job asking for more would wait for them forever (Ray Train
+    retries an infeasible worker group), so say so before starting."""
+    p = spec.parallel
+    wanted = p.num_workers * p.gpus_per_worker
+    if wanted <= 0:
+        return
+    import torch
+
+    have = torch.cuda.device_count()  # CUDA and ROCm builds alike
+    if have < wanted:
+        raise UserError(
+            f"parallel: {p.num_workers} worker(s) x {p.gpus_per_worker:g} GPU ({', '.join(p.accelerators)}) need "
+            f"{wanted:g} GPU(s), and this machine has {have}. Run it on a GPU node (hepml submit / SLURM, "
+            "docs/ray.md), or train on CPU here: --set parallel.accelerator=cpu --set parallel.gpus_per_worker=0"
+        )
+
+
 def quiet_embedded_ray_worker() -> None:
     """Run in every worker process of the embedded Ray. Ray Train's placement-group cleaner asks the state API
     whether the controller lives; without a dashboard (not started here: nothing to serve on a laptop) the query
@@ -183,6 +201,9 @@ def launch(
     from hepml_dist.track.tracker import run_info
 
     check_supported(spec)
+    address = address or (spec.cluster.address if spec.cluster.address != "local" else None)
+    if not address or address == "local":
+        check_local_gpus(spec)
     spec = absolute_paths(spec)
     run_dir = (run_dir or default_run_dir(spec)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +217,6 @@ def launch(
     if resume_step is not None:
         print(f"[hepml] {run_dir}: resuming from step {resume_step}", flush=True)
 
-    address = address or (spec.cluster.address if spec.cluster.address != "local" else None)
     embedded = start_ray(spec, address)
     interactive = sys.stdout.isatty() if progress is None else progress
     trainer = TorchTrainer(
