@@ -16,10 +16,10 @@ What differs from the reference code, and why (none of it changes the function c
   * Each batch is compacted to its longest jet (real particles first); training-time trimming keeps the reference's
     SequenceTrimmer semantics (5 warm-up calls, then a random quantile q ~ U(0.9, 1.02) of the jet lengths).
   * `export_mode` switches to dense, shape-static code (all P x P pairs, no data-dependent lengths) for ONNX.
-  * `static_shapes` (set when the engine compiles the model) also runs the dense code, with the batch compacted to
-    a multiple of STATIC_LENGTH_MULTIPLE: a handful of shapes for torch.compile instead of one per batch. Its
-    BatchNorms take their training statistics over the real particles (pairs) only, so it trains like the packed
-    code (tests/test_compile.py).
+  * `static_shapes` (set when the engine compiles the model) runs per-position code with static shapes: every
+    a >= b pair of the batch compacted to a multiple of STATIC_LENGTH_MULTIPLE, so torch.compile sees a handful of
+    shapes instead of one per batch. Its BatchNorms take their training statistics over the real particles
+    (pairs) only, so it trains like the packed code (tests/test_models_part.py, tests/test_compile.py).
 
 Layout: batch-first everywhere; x is [B, P, D] (or packed [N, D]), the attention bias [B, H, P, P].
 """
@@ -66,18 +66,23 @@ def key_padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def masked_batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
     """`norm` on rows x [N, C] as if only the rows where `counted` [N] (bool) is true had been passed (the others
-    are normalised with the same statistics). In eval mode (running statistics) it is `norm(x)`."""
+    are normalised with the same statistics). In eval mode (running statistics) it is `norm(x)`.
+
+    The statistics are two matrix-vector products and the normalisation one fused multiply-add: x can be
+    millions of rows (every pair of a padded batch), where each elementwise pass costs as much as a matmul.
+    Rows that are not counted must be finite (they get weight 0)."""
     if not norm.training:
         return norm(x)
-    ignored = ~counted[:, None]
-    count = counted.sum().to(x.dtype)
-    mean = x.masked_fill(ignored, 0.0).sum(0) / count
-    var = (x - mean).masked_fill(ignored, 0.0).square().sum(0) / count
+    weight = counted.to(x.dtype)
+    count = weight.sum()
+    mean = (weight @ x) / count
+    var = ((weight @ (x * x)) / count - mean * mean).clamp(min=0.0)
     with torch.no_grad():  # as nn.BatchNorm1d: exponential average (momentum), unbiased variance
         norm.num_batches_tracked.add_(1)
         norm.running_mean.lerp_(mean, norm.momentum)
         norm.running_var.lerp_(var * count / (count - 1).clamp(min=1), norm.momentum)
-    return (x - mean) * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias
+    scale = norm.weight * torch.rsqrt(var + norm.eps)
+    return torch.addcmul(norm.bias - mean * scale, x, scale)
 
 
 @dataclass(frozen=True)
@@ -145,21 +150,37 @@ class PairEmbedding(nn.Module):
         self.num_heads = num_heads
 
     def forward(
-        self, vectors: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, dense: bool = False
+        self, vectors: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, layout: str = "sparse"
     ) -> torch.Tensor:
-        """vectors [B, 4, P], mask [B, P] -> U [B, H, P, P] in `dtype`; zero on pairs with a padded particle."""
+        """vectors [B, 4, P], mask [B, P] -> U [B, H, P, P] in `dtype`; zero on pairs with a padded particle.
+
+        `layout`: "sparse" embeds the real a >= b pairs (data-dependent count); "triangle" every a >= b pair of the
+        padded batch (static shapes, for torch.compile); "square" every (a, b) pair (static, for the ONNX export,
+        which cannot trace torch.tril_indices of a dynamic length)."""
         batch, length = mask.shape
         v = vectors.transpose(1, 2)
-        if dense:  # every (a, b) pair, static shapes
-            position = torch.arange(length, device=mask.device)
-            itself = position[:, None] == position[None, :]  # (not torch.eye: ONNX Runtime has no bool EyeLike)
-            pairs = pair_features(v[:, :, None, :], v[:, None, :, :], same=itself)
-            # BatchNorm statistics over the pairs the sparse path embeds: real ones with a >= b
-            counted = (mask[:, :, None] & mask[:, None, :]).tril().reshape(-1)
+        if layout != "sparse":
+            if layout == "triangle":
+                rows, cols = torch.tril_indices(length, length, device=mask.device)
+                pairs = pair_features(v[:, rows], v[:, cols], same=rows == cols)  # [B, T, 4]
+                counted = mask[:, rows] & mask[:, cols]
+            else:
+                position = torch.arange(length, device=mask.device)
+                itself = position[:, None] == position[None, :]  # (not torch.eye: ONNX Runtime has no bool EyeLike)
+                pairs = pair_features(v[:, :, None, :], v[:, None, :, :], same=itself)
+                # BatchNorm statistics over the pairs the sparse path embeds: real ones with a >= b
+                counted = (mask[:, :, None] & mask[:, None, :]).tril()
             u = pairs.reshape(-1, NUM_PAIR_FEATURES)
             for layer in self.layers:
-                u = masked_batch_norm(layer, u, counted) if isinstance(layer, nn.BatchNorm1d) else layer(u)
-            u = u.view(batch, length, length, -1)
+                u = masked_batch_norm(layer, u, counted.reshape(-1)) if isinstance(layer, nn.BatchNorm1d) else layer(u)
+            if layout == "triangle":
+                u = u.view(batch, -1, self.num_heads)
+                square = u.new_zeros(batch, length, length, self.num_heads)
+                square[:, rows, cols] = u
+                square[:, cols, rows] = u
+                u = square
+            else:
+                u = u.view(batch, length, length, -1)
             pair_mask = mask[:, :, None, None] & mask[:, None, :, None]
             return u.masked_fill(~pair_mask, 0.0).permute(0, 3, 1, 2).to(dtype)  # as the sparse path
         # The features are symmetric in (a, b): embed each real pair with a >= b once, then mirror it.
@@ -349,7 +370,8 @@ class ParticleTransformer(nn.Module):
         packing = None if dense else Packing.of(mask)
         x = self.embed(features, mask, packing)
         if self.pair_embed is not None:
-            bias = self.pair_embed(vectors, mask, dtype, dense=dense)
+            layout = "square" if self.export_mode else "triangle" if self.static_shapes else "sparse"
+            bias = self.pair_embed(vectors, mask, dtype, layout=layout)
             bias = bias.masked_fill(~mask[:, None, None, :], masked_value(dtype))  # shared by every particle block
         else:
             bias = key_padding_bias(mask, dtype)
