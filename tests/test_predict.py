@@ -211,3 +211,102 @@ def test_ray_workers_keep_input_order(trained, tmp_path, ray_session):
     for key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-7, err_msg=key)
     assert json.dumps(summary)  # the summary is plain data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every model family: per-element outputs (MLPF), event features (AOT), token inputs (OmniJet-alpha)
+
+
+def _token_dataset(folder, n=90, length=32, vocab=514, seed=0):
+    """OmniJet token sequences (start 0, codes, stop vocab-1), as `hepml data tokenize` writes them."""
+    from hepml_dist.data.format import DatasetWriter
+
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(3, length + 1, n)
+    tokens = np.zeros((n, length), np.int64)
+    for row, count in zip(tokens, counts):
+        row[1:count - 1] = rng.integers(1, vocab - 1, count - 2)
+        row[count - 1] = vocab - 1
+    columns = {"tokens": tokens, "tokens_n": counts.astype(np.int32), "label_is_tau": rng.integers(0, 2, n),
+               "jet_pt": rng.exponential(20.0, n).astype(np.float32)}
+    with DatasetWriter(folder, schema="tokens-test", splits=(0.5, 0.25, 0.25), chunk_size=16, chunks_per_shard=2) as w:
+        w.add(columns)
+    return folder
+
+
+FAMILIES = {  # job, how its data is made, an observer column
+    "mlpf": ("mlpf-quickstart", ["clic-events", "-n", "24"], "gen_met"),
+    "aot": ("aot-quickstart", ["events-met", "-n", "400"], "event_ht"),
+    "omnijet": ("omnijet-tau-quickstart", None, "jet_pt"),
+}
+
+
+def _expected_scores(task, logits):
+    if task.kind == "regression":
+        return logits
+    if logits.shape[-1] == 1:  # bce: one logit, both classes written
+        p = torch.sigmoid(logits)
+        return torch.cat([1 - p, p], dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_writes_what_it_computes_in_process(family, tmp_path):
+    from hepml_dist.research.predict import output_names
+    from hepml_dist.spec import load_job
+
+    job, generate, observer = FAMILIES[family]
+    data = tmp_path / "data"
+    if generate is None:
+        _token_dataset(data)
+    else:
+        result = CliRunner().invoke(app, ["data", "generate", *generate, "--out", str(data), "--workers", "1"])
+        assert result.exit_code == 0, result.output
+    splits = [f"data.{s}={data / s}" for s in ("train", "val", "test")]
+    spec = load_job(f"jobs/{job}.yaml", [*splits, "data.loader_workers=0"])
+    torch.manual_seed(5)
+    model = build_model(spec).eval()
+    run = tmp_path / "run"
+    write_model_checkpoint(run / "checkpoints" / "step-00000001", spec, model, {"step": 1})
+
+    # reference: the job's evaluation loader (stored order), the model called directly, real elements only
+    stream = ShardStream(spec.data, "test", rank=0, world_size=1, seed=0, training=False)
+    names = output_names(spec)
+    expected: dict[str, list] = {}
+    per_element = family == "mlpf"
+    for batch in stream.batches(0):
+        with torch.no_grad():
+            outputs = model(batch)
+        real = batch["mask"][:, 0].bool()
+        columns = {}
+        for task in spec.tasks:
+            value = outputs[task.name]
+            if per_element and value.shape[1] != real.shape[1]:
+                value = value.transpose(1, 2)
+            scores = _expected_scores(task, value.float())
+            columns |= {name: scores[..., k] for k, name in enumerate(names[task.name])}
+        truth = [k for k in batch if k.startswith(("label_", "target_"))]
+        columns |= {k: batch[k] for k in truth}
+        columns[observer] = batch[observer]
+        for name, value in columns.items():
+            if per_element and value.ndim == 2:
+                value = value[real]  # event after event, as the output's jagged columns flatten
+            expected.setdefault(name, []).append(value.numpy())
+    expected = {k: np.concatenate(v) for k, v in expected.items()}
+
+    for suffix in (".root", ".parquet"):
+        out = tmp_path / f"pred{suffix}"
+        summary = predict(run, [str(data / "test")], out, observers=[observer])
+        assert summary["rows"] == stream.examples
+        got = (uproot.open(out)["Events"].arrays(library="ak") if suffix == ".root" else ak.from_parquet(out))
+        outputs = [n for task in spec.tasks for n in names[task.name]]
+        assert set(outputs) <= set(got.fields)
+        assert set(summary["truth"]) <= set(got.fields) and summary["truth"]
+        for name in [*outputs, *summary["truth"], observer]:
+            values = ak.to_numpy(ak.flatten(got[name], axis=None))
+            if name.startswith("label_"):
+                assert np.issubdtype(values.dtype, np.integer), name
+            np.testing.assert_allclose(values, expected[name], rtol=1e-5, atol=1e-6, err_msg=f"{suffix} {name}")
+        if per_element:
+            np.testing.assert_array_equal(ak.num(got["label_existence"]), got["n_elements"])
+            assert "target_log_pt_ratio" in summary["truth"]  # derived by the loader, written next to its prediction

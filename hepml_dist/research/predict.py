@@ -194,7 +194,11 @@ def plan_shards(spec, patterns: Sequence[str], observers: list[str]) -> tuple[li
 
 
 def truth_columns(spec, available) -> list[str]:
-    """The labels and targets of the model's tasks that the input holds (written next to the outputs)."""
+    """The labels and targets of the model's tasks that the input holds or the feature builder derives from it
+    (MLPF's log pT and energy ratios), written next to the outputs."""
+    from hepml_dist.data import features as feats
+
+    available = {*available, *feats.get_builder(spec.data.inputs.features).derived}
     wanted: list[str] = []
     for task in spec.tasks:
         keys = [f"target_{t}" for t in task.targets or []] if task.kind == "regression" else [task.label_key]
@@ -322,7 +326,6 @@ class Predictor:
 
         parts: list[dict[str, Any]] = []
         inputs = self.spec.data.inputs
-        keep = [*self.plan.truth, *self.plan.observers]
         precision = self.spec.training.precision if self.device.type == "cuda" else "fp32"
         for block in self.blocks(unit):
             n = len(next(iter(block.values())))
@@ -334,9 +337,26 @@ class Predictor:
                 with torch.no_grad(), autocast(self.device, precision):
                     outputs = self.model(batch)
                 part = output_columns(self.spec, outputs, batch.get("mask"))
-                part.update({k: np.asarray(raw[k]) for k in keep})
+                part.update(truth_of(self.plan.truth, raw, built, batch.get("mask"), per_element=ELEMENTS in part))
+                part.update({k: np.asarray(raw[k]) for k in self.plan.observers})
                 parts.append(part)
         return concatenate(parts)
+
+
+def truth_of(names: Sequence[str], raw: dict[str, np.ndarray], built: dict[str, np.ndarray], mask,
+             per_element: bool) -> dict[str, Any]:
+    """Truth columns of one batch, as the loader gives them to the loss (derived targets included); per-element
+    ones (MLPF) are cut to the real elements, as the outputs are."""
+    out: dict[str, Any] = {}
+    real = mask[:, 0].bool().cpu().numpy() if mask is not None else None
+    for name in names:
+        value = built[name] if name in built else raw[name]
+        if per_element and value.ndim >= 2 and real is not None:
+            value = value[:, :real.shape[1]]
+            out[name] = [row[keep] for row, keep in zip(value, real)]
+        else:
+            out[name] = np.asarray(value)
+    return out
 
 
 def concatenate(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -365,9 +385,16 @@ def _awkward_columns(table: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     jagged = {k: ak.Array(v) for k, v in table.items() if isinstance(v, list)}
     if jagged:
         counts = flat.pop(ELEMENTS)
-        jagged = {k: ak.values_astype(v, np.float32) for k, v in jagged.items()}
+        # model outputs are written as float32; integer truth (labels) keeps its type
+        jagged = {k: v if _is_integer(v) else ak.values_astype(v, np.float32) for k, v in jagged.items()}
         flat[ELEMENTS] = counts
     return flat, jagged
+
+
+def _is_integer(array) -> bool:
+    import awkward as ak
+
+    return np.issubdtype(ak.to_numpy(ak.flatten(array[:0], axis=None)).dtype, np.integer)
 
 
 class OutputWriter:
