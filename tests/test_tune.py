@@ -3,6 +3,7 @@ a normal run (own run dir, metrics.jsonl, Comet archive), Tune receives the tria
 trial with the best reported metric is written out as a job that `hepml validate` accepts."""
 
 import json
+import zipfile
 
 import pytest
 from typer.testing import CliRunner
@@ -52,15 +53,18 @@ def test_tiny_search_picks_the_trial_with_the_best_validation_loss(tmp_path, ray
     result = run_tune(job, space, trials=3, tune_dir=tmp_path / "tune", seed=3)
 
     rows = result["trials"]
-    assert len(rows) == 3 and all(isinstance(r["value"], float) for r in rows), rows
+    assert len(rows) == 3 and all(isinstance(r["value"], float) and r["error"] is None for r in rows), rows
     assert len({r["config"]["optim.lr"] for r in rows}) == 3
     for row in rows:  # each trial is a normal run, and Tune saw what its workers reported
         records = [r for r in read_metrics(row["run_dir"]) if "val_loss" in r]
         assert records, row
         reported = next(r for r in records if r["step"] == row["step"])
         assert reported["val_loss"] == pytest.approx(row["value"], rel=1e-6)
-        assert list((tmp_path / "tune" / "trials" / row["name"] / "comet").glob("*.zip")) or \
-            (tmp_path / "tune" / "trials" / row["name"] / "comet").is_dir()
+        archives = list((tmp_path / "tune" / "trials" / row["name"] / "comet").glob("*.zip"))
+        assert len(archives) == 1, archives  # its own tracker entry, complete even when ASHA stopped the trial
+        with zipfile.ZipFile(archives[0]) as archive:
+            messages = archive.read("messages.json").decode()
+        assert '"val_loss"' in messages and f"{row['config']['optim.lr']:.6g}"[:5] in messages
         spec = load_job(f"{row['run_dir']}/spec.yaml")
         assert spec.optim.lr == pytest.approx(row["config"]["optim.lr"])
         assert spec.model.num_layers == row["config"]["model.num_layers"]
@@ -75,3 +79,32 @@ def test_tiny_search_picks_the_trial_with_the_best_validation_loss(tmp_path, ray
     assert tuned.name.endswith("-tuned")
     summary = json.loads((tmp_path / "tune" / "trials.json").read_text())
     assert summary["best"] == best["name"]
+
+
+@pytest.mark.integration
+def test_a_stopped_trial_checkpoints_and_closes_its_tracker(tmp_path, ray_session):
+    """What ASHA's cut does to a trial: Tune calls stop() on its trainable and then ends the actor. The run must
+    checkpoint and close its Comet archive before that, not be killed mid-write."""
+    from ray import tune
+
+    from hepml_dist.research.tune import trial_run_class
+    from hepml_dist.train.checkpoint import latest_checkpoint, read_state
+    from hepml_dist.train.session import STOP_FILE
+
+    data = write_jet_dataset(tmp_path / "data", examples=900)
+    base = load_job(write_job(tmp_path / "job.yaml", tiny_job(
+        data, training={"epochs": None, "steps": 400, "eval_interval": 3, "log_interval": 3}))).model_dump(mode="json")
+    trial = tune.with_parameters(trial_run_class(), base=base, source="job.yaml", name="tiny",
+                                 trials_dir=tmp_path / "trials")(config={"optim.lr": 1e-3})
+    first = trial.train()  # one Tune result: the run's first validation report
+    assert first["step"] == 3 and isinstance(first["val_loss"], float)
+    trial.stop()
+
+    run_dir = tmp_path / "trials" / "tiny-default"  # no Tune trial id outside a search
+    state = read_state(latest_checkpoint(run_dir))
+    assert state["stopped"] and not state["finished"] and 3 <= state["step"] < 400
+    assert not (run_dir / STOP_FILE).exists()
+    archives = list((run_dir / "comet").glob("*.zip"))
+    assert len(archives) == 1
+    with zipfile.ZipFile(archives[0]) as archive:
+        assert '"val_loss"' in archive.read("messages.json").decode()

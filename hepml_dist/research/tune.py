@@ -10,11 +10,12 @@ space.yaml maps spec fields (any, by their dotted path) to a distribution:
     data.batch_size: randint(256, 1025)        # upper bound excluded, as in Ray Tune
     model.embed_dims: choice([[64, 64], [128, 128]])
 
-How it runs (Ray Train V2 with Tune): each trial is a Tune *function trainable* that builds the trial's spec from the
-job with the sampled values applied through the same machinery as `--set`, and launches an ordinary TorchTrainer
-(`hepml_dist.train.launch`) for it: its own run directory (<tune dir>/trials/<job name>-<trial>), checkpoints,
-metrics.jsonl and tracker entry. The workers' validation reports reach Tune through Ray Train's
-TuneReportCallback, so ASHA can stop poor trials at the validation points (time axis: the optimizer step).
+How it runs (Ray Train V2 with Tune): each trial is a Tune trainable (`TrialRun`) that builds the trial's spec from
+the job with the sampled values applied through the same machinery as `--set`, and launches an ordinary
+TorchTrainer (`hepml_dist.train.launch`) for it: its own run directory (<tune dir>/trials/<job name>-<trial>),
+checkpoints, metrics.jsonl and tracker entry. The workers' validation reports reach Tune through a Ray queue, so
+ASHA can stop poor trials at the validation points (time axis: the optimizer step). A stopped trial checkpoints
+and closes its tracker before its actor goes away.
 The trainable itself reserves almost nothing (0.01 CPU): the workers' CPUs/GPUs are reserved by the inner
 TorchTrainer, never at the Tune level, where Tune would hold them and the inner workers would wait forever.
 Instead the number of concurrent trials is capped at what the cluster's CPUs and GPUs can run at once.
@@ -36,6 +37,7 @@ from hepml_dist.errors import UserError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 TRAINABLE_CPU = 0.01  # the trial driver only waits on its TorchTrainer
+STOP_WAIT_S = 300  # how long a stopped trial waits for its run to checkpoint and exit (Tune force-kills at 600 s)
 
 
 def parse_distribution(field: str, text: Any) -> tuple[str, list[Any]] | Any:
@@ -185,16 +187,6 @@ def run_tune(job: Path, space_file: Path, *, trials: int, metric: str = "val_los
     source, name = str(job), base_spec.name
     trials_dir = tune_dir / "trials"
 
-    def trial(config: dict[str, Any]) -> None:
-        from ray import tune as tune_in_trial
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        from hepml_dist.train.launch import launch
-
-        trial_name = f"{name}-{tune_in_trial.get_context().get_trial_id()}"
-        spec = trial_spec(base, config, trial_name, source)
-        launch(spec, run_dir=trials_dir / trial_name, progress=False, callbacks=[TuneReportCallback()])
-
     try:
         limit = concurrent or max_concurrent(base_spec, trials)
         steps = total_steps(base_spec)
@@ -203,13 +195,16 @@ def run_tune(job: Path, space_file: Path, *, trials: int, metric: str = "val_los
             schedule = ASHAScheduler(time_attr="step", max_t=steps or 10**9, grace_period=grace, reduction_factor=2)
         else:
             schedule = FIFOScheduler()
+        trainable = tune.with_parameters(trial_run_class(), base=base, source=source, name=name,
+                                         trials_dir=trials_dir)
         tuner = tune.Tuner(
-            tune.with_resources(trial, {"CPU": TRAINABLE_CPU}),
+            tune.with_resources(trainable, {"CPU": TRAINABLE_CPU}),
             param_space={field: to_tune(dist) for field, dist in space.items()},
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=trials, scheduler=schedule,
-                                        max_concurrent_trials=limit,
-                                        search_alg=BasicVariantGenerator(random_state=seed)),
-            run_config=tune.RunConfig(name="tune", storage_path=str(tune_dir), verbose=0),
+                                        search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=limit)),
+            # the runs write their own checkpoints; Tune has nothing to save for a trial
+            run_config=tune.RunConfig(name="tune", storage_path=str(tune_dir), verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
         )
         grid = tuner.fit()
     finally:
@@ -233,6 +228,79 @@ def run_tune(job: Path, space_file: Path, *, trials: int, metric: str = "val_los
     _write_atomic(tune_dir / "trials.json", json.dumps({"metric": metric, "mode": mode, "best": best["name"],
                                                         "trials": rows}, indent=1, default=str))
     return {"trials": rows, "best": best, "best_job": str(out), "tune_dir": str(tune_dir)}
+
+
+def trial_run_class():
+    """The Tune trainable of one trial (a class, built on first use so that importing this module needs no Ray)."""
+    import queue
+    import threading
+
+    import ray
+    from ray import tune
+    from ray.train.v2.api.callback import UserCallback
+    from ray.tune.result import RESULT_DUPLICATE
+    from ray.util.queue import Empty, Queue
+
+    from hepml_dist.train.launch import launch
+    from hepml_dist.train.session import clear_stop, request_stop
+
+    class ReportsToQueue(UserCallback):
+        """Runs in the Ray Train controller: forwards rank 0's reports to the trial through a Ray queue."""
+
+        def __init__(self, reports: Queue):
+            self.reports = reports
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self.reports.put(dict(metrics[0]))
+
+    class TrialRun(tune.Trainable):
+        """One trial: an ordinary training run (own run dir, checkpoints, metrics.jsonl, Comet entry) in a thread;
+        each validation report of its workers is one Tune result.
+
+        Tune ends a trial it stops (ASHA's cut, or max_t reached) by terminating this actor, which takes the
+        run's Ray Train controller and workers with it. Left to that, a stopped trial lost whatever it was
+        writing: its last checkpoint or its Comet archive (found empty in the tests). cleanup() therefore
+        asks the run to checkpoint and exit (the STOP file that SIGTERM also uses) and waits for it.
+        """
+
+        def setup(self, config, base, source, name, trials_dir):
+            spec = trial_spec(base, config, f"{name}-{self.trial_id}", source)
+            self.run_dir = Path(trials_dir) / spec.name
+            self.reports = Queue(actor_options={"num_cpus": 0})
+            self.error: BaseException | None = None
+            self.thread = threading.Thread(target=self._train, args=(spec,), name="hepml-trial", daemon=True)
+            self.thread.start()
+
+        def _train(self, spec) -> None:
+            try:
+                launch(spec, run_dir=self.run_dir, progress=False, callbacks=[ReportsToQueue(self.reports)])
+            except BaseException as err:  # noqa: BLE001 - raised in step(), in Tune's thread
+                self.error = err
+
+        def step(self) -> dict[str, Any]:
+            while True:
+                finished = not self.thread.is_alive()  # read before the queue: a finished run has put everything
+                try:
+                    return self.reports.get(timeout=0.5)
+                except (Empty, queue.Empty):
+                    if not finished:
+                        continue
+                if self.error is not None:
+                    raise self.error
+                return {RESULT_DUPLICATE: True}  # the run finished: Tune keeps its last report as the result
+
+        def cleanup(self) -> None:
+            if self.thread.is_alive():
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                request_stop(self.run_dir)
+                self.thread.join(timeout=STOP_WAIT_S)
+            clear_stop(self.run_dir)
+            try:
+                self.reports.shutdown()
+            except ray.exceptions.RayError:
+                pass
+
+    return TrialRun
 
 
 def summarise(grid, metric: str, name: str, trials_dir: Path) -> list[dict[str, Any]]:
