@@ -165,10 +165,15 @@ def check_local_gpus(spec: JobSpec) -> None:
 def quiet_embedded_ray_worker() -> None:
     """Run in every worker process of the embedded Ray. Ray Train's placement-group cleaner asks the state API
     whether the controller lives; without a dashboard (not started here: nothing to serve on a laptop) the query
-    fails and it warns every few seconds, thousands of lines per run. It still cleans up when the driver dies."""
+    fails and it warns every few seconds, thousands of lines per run. It still cleans up when the driver dies.
+    Each rank also logs every `ray.train.report` in full ("Reporting training result N: TrainingReport(...)"),
+    which repeats the validation line rank 0 already prints."""
     import logging
 
+    from ray.train.v2._internal.execution import context as train_context
+
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # that module names its logger by path
 
 
 def worker_env(spec: JobSpec, embedded: bool) -> dict[str, str]:

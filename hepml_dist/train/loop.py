@@ -10,6 +10,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from hepml_dist.data.stream import ShardStream
 
     seed = spec.training.seed
-    train_data = ShardStream(spec.data, "train", rank=ctx.rank, world_size=ctx.world_size, seed=seed, training=True)
-    val_data = (
-        ShardStream(spec.data, "val", rank=ctx.rank, world_size=ctx.world_size, seed=seed, training=False) if spec.data.val else None
-    )
+    with warnings.catch_warnings(record=True) as advice:  # e.g. too few shards: said once, by rank 0, as a log line
+        warnings.simplefilter("always")
+        train_data = ShardStream(spec.data, "train", rank=ctx.rank, world_size=ctx.world_size, seed=seed, training=True)
+        val_data = (
+            ShardStream(spec.data, "val", rank=ctx.rank, world_size=ctx.world_size, seed=seed, training=False) if spec.data.val else None
+        )
+    for item in advice:
+        log(ctx, f"warning: {item.message}")
     steps_per_epoch = optimizer_steps_per_epoch(spec, train_data.steps_per_epoch)
     total_steps = spec.training.steps or (spec.training.epochs or 1) * steps_per_epoch
 
