@@ -310,3 +310,85 @@ def test_every_family_writes_what_it_computes_in_process(family, tmp_path):
         if per_element:
             np.testing.assert_array_equal(ak.num(got["label_existence"]), got["n_elements"])
             assert "target_log_pt_ratio" in summary["truth"]  # derived by the loader, written next to its prediction
+
+
+def _particleflow_events(n: int, seed: int = 0) -> dict:
+    """CLIC events as particleflow's postprocessing parquet holds them: per event X_track [tracks][16],
+    X_cluster [clusters][17], ytarget_* [elements][13] (PDG, charge, pT, eta, sin phi, cos phi, E, ...), genjet,
+    genmet."""
+    rng = np.random.default_rng(seed)
+    tracks, clusters = rng.integers(0, 6, n), rng.integers(1, 8, n)
+
+    def elements(counts, width, kind):
+        rows = []
+        for count in counts:
+            x = rng.normal(0.0, 1.0, (count, width)).astype(np.float32)
+            x[:, 0] = kind
+            x[:, 1] = rng.exponential(5.0, count) + 0.5  # pT / ET
+            x[:, 5] = x[:, 1] * 1.4  # p / E
+            rows.append(x.tolist())
+        return ak.Array(rows)
+
+    def targets(counts, pdgs):
+        rows = []
+        for count in counts:
+            y = np.zeros((count, 13), np.float32)
+            y[:, 0] = rng.choice(pdgs, count)
+            y[:, 2] = np.where(y[:, 0] != 0, rng.exponential(5.0, count) + 0.5, 0.0)
+            y[:, 3], y[:, 4], y[:, 5] = rng.normal(0, 1, count), rng.uniform(-1, 1, count), rng.uniform(-1, 1, count)
+            y[:, 6] = y[:, 2] * 1.5
+            rows.append(y.tolist())
+        return ak.Array(rows)
+
+    return {
+        "event": np.arange(n, dtype=np.int64) + 7_000_000_001,
+        "X_track": elements(tracks, 16, 1.0), "X_cluster": elements(clusters, 17, 2.0),
+        "ytarget_track": targets(tracks, [0, 211, -321, 2212, 11, -13]),
+        "ytarget_cluster": targets(clusters, [0, 22, 130, 2112]),
+        "genjet": ak.Array([rng.normal(10, 2, (k, 4)).tolist() for k in rng.integers(0, 4, n)]),
+        "genmet": rng.exponential(10.0, n).astype(np.float32),
+    }
+
+
+def test_mlpf_from_raw_particleflow_files_through_the_clic_schema(tmp_path):
+    """The shipped clic-events schema turns particleflow parquet into the MLPF inputs and truth (tracks, then
+    clusters; PDG -> class), and predict writes, per event, what the model computes on those elements."""
+    from hepml_dist.spec import load_job
+
+    events = _particleflow_events(9)
+    raw_file = tmp_path / "clic_0.parquet"
+    ak.to_parquet(ak.zip(events, depth_limit=1), raw_file, row_group_size=4)
+    spec = load_job("jobs/mlpf-quickstart.yaml")
+    torch.manual_seed(2)
+    model = build_model(spec).eval()
+    write_model_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000001", spec, model, {"step": 1})
+
+    out = tmp_path / "pred.root"
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), "--data", str(raw_file), "--out", str(out),
+                                      "--schema", "clic-events", "--observers", "event", "--step-size", "4"])
+    assert result.exit_code == 0, result.output
+    got = uproot.open(out)["Events"].arrays(library="ak")
+    np.testing.assert_array_equal(ak.to_numpy(got["event"]), events["event"])  # input order, int64 kept
+
+    pdg_class = {0: 0, 211: 1, -321: 1, 2212: 1, 130: 2, 2112: 2, 22: 3, 11: 4, -13: 5}
+    for i in range(len(events["event"])):
+        track, cluster = np.asarray(events["X_track"][i].to_list()), np.asarray(events["X_cluster"][i].to_list())
+        track = track.reshape(-1, 16)
+        elements = np.concatenate([np.pad(track, ((0, 0), (0, 1))), cluster]).astype(np.float32)
+        truth = np.concatenate([np.asarray(events[f"ytarget_{k}"][i].to_list()).reshape(-1, 13)
+                                for k in ("track", "cluster")])
+        n = len(elements)
+        assert got["n_elements"][i] == n
+        classes = [pdg_class[int(p)] for p in truth[:, 0]]
+        np.testing.assert_array_equal(ak.to_numpy(got["label_particle_class"][i]), classes)
+        np.testing.assert_array_equal(ak.to_numpy(got["label_existence"][i]), (truth[:, 0] != 0).astype(int))
+        ratio = np.where(truth[:, 0] != 0, np.log(np.maximum(truth[:, 2], 1e-30) / elements[:, 1]), 0.0)
+        np.testing.assert_allclose(ak.to_numpy(got["target_log_pt_ratio"][i]), ratio, rtol=1e-5, atol=1e-6)
+
+        batch = {"features": torch.from_numpy(elements.T[None].copy()), "mask": torch.ones(1, 1, n)}
+        with torch.no_grad():
+            outputs = model(batch)
+        scores = torch.softmax(outputs["particle_class"].reshape(n, -1) if outputs["particle_class"].shape[1] == n
+                               else outputs["particle_class"][0].T, dim=-1)
+        np.testing.assert_allclose(ak.to_numpy(got["score_particle_class_photon"][i]), scores[:, 3].numpy(),
+                                   rtol=1e-4, atol=1e-5)

@@ -53,9 +53,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as advice:  # e.g. too few shards: said once, by rank 0, as a log line
         warnings.simplefilter("always")
         train_data = ShardStream(spec.data, "train", rank=ctx.rank, world_size=ctx.world_size, seed=seed, training=True)
-        val_data = (
-            ShardStream(spec.data, "val", rank=ctx.rank, world_size=ctx.world_size, seed=seed, training=False) if spec.data.val else None
-        )
+        val_data = None
+        if spec.data.val:
+            val_data = ShardStream(spec.data, "val", rank=ctx.rank, world_size=ctx.world_size, seed=seed, training=False)
     for item in advice:
         log(ctx, f"warning: {item.message}")
     steps_per_epoch = optimizer_steps_per_epoch(spec, train_data.steps_per_epoch)
