@@ -79,6 +79,8 @@ def test_tiny_search_picks_the_trial_with_the_best_validation_loss(tmp_path, ray
     assert tuned.name.endswith("-tuned")
     summary = json.loads((tmp_path / "tune" / "trials.json").read_text())
     assert summary["best"] == best["name"]
+    plot = tmp_path / "tune" / "search.png"
+    assert result["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 20_000
 
 
 @pytest.mark.integration

@@ -122,6 +122,52 @@ def training_curves_figure(records: list[dict[str, Any]]) -> Figure:
     return fig
 
 
+def search_figure(trials: list[dict[str, Any]], curves: dict[str, list[tuple[int, float]]], metric: str,
+                  mode: str, log_fields: set[str] = frozenset()) -> Figure:
+    """A hyper-parameter search at a glance: each trial's validation metric against the optimizer step (a line
+    that ends early is a trial the scheduler cut), then the reported metric against each searched field, one
+    colour per trial in every panel."""
+    fields = sorted({k for t in trials for k, v in t["config"].items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    ranked = [t for t in trials if isinstance(t.get("value"), float)]
+    best = (min if mode == "min" else max)(ranked, key=lambda t: t["value"])["name"] if ranked else None
+    last_step = max((t.get("step") or 0 for t in ranked), default=0)
+    values = [v for points in curves.values() for _, v in points]
+    log_y = bool(values) and min(values) > 0 and max(values) / min(values) > 20
+    with plt.style.context(STYLE):
+        fig, axes = plt.subplots(1, 1 + len(fields), figsize=(8 + 6 * len(fields), 6.5), squeeze=False)
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        curve_ax = axes[0][0]
+        for index, trial in enumerate(trials):
+            colour = colours[index % len(colours)]
+            is_best = trial["name"] == best
+            note = " (best)" if is_best else " (cut)" if (trial.get("step") or last_step) < last_step else ""
+            points = curves.get(trial["name"]) or []
+            if points:
+                steps, ys = zip(*points)
+                curve_ax.plot(steps, ys, "o-", color=colour, ms=3, lw=2.5 if is_best else 1,
+                              label=trial["name"].rsplit("_", 1)[-1] + note)
+            for ax, field in zip(axes[0][1:], fields):
+                x = trial["config"].get(field)
+                if isinstance(trial.get("value"), float) and isinstance(x, (int, float)):
+                    ax.scatter([x], [trial["value"]], color=colour, s=90 if is_best else 40,
+                               edgecolors="black" if is_best else "none", zorder=3)
+        curve_ax.set_xlabel("optimizer step")
+        curve_ax.set_ylabel(metric)
+        if len(trials) <= 12:
+            curve_ax.legend(fontsize="x-small", title="trial", title_fontsize="x-small")
+        for ax, field in zip(axes[0][1:], fields):
+            if field in log_fields:
+                ax.set_xscale("log")
+            ax.set_xlabel(field)
+            ax.set_ylabel(f"{metric}, last reported")
+        for ax in axes[0]:
+            if log_y:
+                ax.set_yscale("log")
+        fig.tight_layout()
+    return fig
+
+
 def make_plots(spec: JobSpec, payload: dict[str, Any], records: list[dict[str, Any]] | None = None) -> dict[str, Figure]:
     """Every plot that the merged Collector payload (and the training records) allow, by file name."""
     figures: dict[str, Figure] = {}

@@ -90,3 +90,4 @@ def tune(
         shown = f"{value:.5g}" if isinstance(value, float) else str(value)
         typer.echo(f"{row['name']:24s} {metric}={shown:12s} {row['overrides']}")
     typer.echo(f"best: {result['best']['name']} {metric}={result['best']['value']:.5g} -> {result['best_job']}")
+    typer.echo(f"curves and values of every trial: {result['plot']}")

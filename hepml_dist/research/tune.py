@@ -227,7 +227,28 @@ def run_tune(job: Path, space_file: Path, *, trials: int, metric: str = "val_los
     _write_atomic(Path(out), header + dump_spec(best_spec))
     _write_atomic(tune_dir / "trials.json", json.dumps({"metric": metric, "mode": mode, "best": best["name"],
                                                         "trials": rows}, indent=1, default=str))
-    return {"trials": rows, "best": best, "best_job": str(out), "tune_dir": str(tune_dir)}
+    plot = plot_search(rows, metric, mode, {f for f, (kind, _) in space.items() if kind == "loguniform"}, tune_dir)
+    return {"trials": rows, "best": best, "best_job": str(out), "tune_dir": str(tune_dir), "plot": str(plot)}
+
+
+def plot_search(rows: list[dict[str, Any]], metric: str, mode: str, log_fields: set[str], tune_dir: Path) -> Path:
+    """search.png: every trial's validation curve (from its metrics.jsonl) and the metric against each field."""
+    import matplotlib.pyplot as plt
+
+    from hepml_dist.evaluate.plots import search_figure
+    from hepml_dist.track.tracker import read_metrics
+
+    curves = {}
+    for row in rows:
+        records = read_metrics(row["run_dir"]) if Path(row["run_dir"]).is_dir() else []
+        curves[row["name"]] = [(r["step"], r[metric]) for r in records if isinstance(r.get(metric), (int, float))]
+    figure = search_figure(rows, curves, metric, mode, log_fields)
+    path = tune_dir / "search.png"
+    tmp = path.with_name(".search.png.tmp")
+    figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
 
 
 def trial_run_class():
