@@ -64,7 +64,7 @@ def test_tiny_search_picks_the_trial_with_the_best_validation_loss(tmp_path, ray
         assert len(archives) == 1, archives  # its own tracker entry, complete even when ASHA stopped the trial
         with zipfile.ZipFile(archives[0]) as archive:
             messages = archive.read("messages.json").decode()
-        assert '"val_loss"' in messages and f"{row['config']['optim.lr']:.6g}"[:5] in messages
+        assert '"val_loss"' in messages and f'"paramValue":{row["config"]["optim.lr"]!r}' in messages
         spec = load_job(f"{row['run_dir']}/spec.yaml")
         assert spec.optim.lr == pytest.approx(row["config"]["optim.lr"])
         assert spec.model.num_layers == row["config"]["model.num_layers"]
