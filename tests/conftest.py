@@ -2,7 +2,7 @@
 
 import os
 
-# Comet must not probe cloud metadata or resolve its backend host (see shared/reference/feasibility_ml.md).
+# Comet's environment probes (cloud metadata, backend-host IP lookup) are switched off: no traffic leaves loopback.
 for key, value in {
     "COMET_AUTO_LOG_ENV_DETAILS": "false",
     "COMET_AUTO_LOG_ENV_HOST": "false",
