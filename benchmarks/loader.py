@@ -143,7 +143,7 @@ def weaver_config(path: Path, case: str) -> str:
         feature_vars = [[f, None] for f in features]
         labels = {"type": "custom", "value": {"truth_label": "label_is_tau"}}
         pad = "constant"
-    else:  # JetClass_full.yaml of the particle_transformer repository (shared/reference section 1.2)
+    else:  # data/JetClass/JetClass_full.yaml of jet-universe/particle_transformer 2925bdb
         length = 128
         new = {
             "part_mask": "ak.ones_like(part_energy)",

@@ -9,7 +9,7 @@ Both sides get the same batches (jets with a realistic spread of lengths, zero-p
 threads and precision, training mode with sequence trimming on; timings are interleaved to share machine noise.
 On a GPU it runs in bf16 autocast and reports MFU from a FLOP count (torch.utils.flop_counter) over the same steps.
 With --compile a third row times our model under torch.compile (as `training.compile: true` applies it, through
-hepml_dist.train.parallel.compile_model) and reports its speed relative to eager; compilation and the recompiles
+hepml_dist.train.engine.compile_model) and reports its speed relative to eager; compilation and the recompiles
 for new shapes happen in the warm-up steps, so give it more of them (--warmup 12).
 
     python benchmarks/models.py --threads 2 --batch-part 64 --batch-tau 256        # CPU
@@ -153,9 +153,9 @@ def compare(name, spec, ours, theirs, batch_size, length, mean_length, args, dev
     ]
     models = {"hepml_dist": ours.to(device).train(), "weaver-core": theirs.to(device).train()}
     if args.compile:
-        from hepml_dist.train.parallel import compile_model
+        from hepml_dist.train.engine import compile_model
 
-        models["hepml_dist compiled"] = compile_model(copy.deepcopy(ours))
+        models["hepml_dist compiled"] = compile_model(copy.deepcopy(ours), spec.model.family)
         # what compiling runs, without compiling it: separates the cost of the static-shape (dense) code from the
         # gain of the compiler
         models["hepml_dist static shapes, eager"] = copy.deepcopy(ours)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hepml_dist.data.format import DatasetWriter, Manifest
+from hepml_dist.data.manifest import Manifest
+from hepml_dist.data.writer import DatasetWriter
 
 JETCLASS_LABELS = ["label_QCD", "label_Hbb", "label_Hcc", "label_Hgg", "label_H4q", "label_Hqql", "label_Zqq",
                    "label_Wqq", "label_Tbqq", "label_Tbl"]

@@ -3,9 +3,7 @@
 import numpy as np
 import pytest
 
-from hepml_dist.data.format import DatasetWriter
-from hepml_dist.data.generate import get_process
-from hepml_dist.data.generate.runner import generate_dataset
+from hepml_dist.data.writer import DatasetWriter
 from hepml_dist.errors import UserError
 from hepml_dist.evaluate.baseline import (
     JET_QUANTITIES,
@@ -14,6 +12,8 @@ from hepml_dist.evaluate.baseline import (
     predict_baseline,
     read_split,
 )
+from hepml_dist.generate import get_process
+from hepml_dist.generate.runner import generate_dataset
 
 
 @pytest.fixture(scope="module")

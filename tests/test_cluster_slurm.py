@@ -274,7 +274,7 @@ def _write_jets(out_dir: Path, examples: int = 1200, particles: int = 16, seed: 
     """Five classes of jets (the part-quickstart tasks) that differ in constituent count and spread."""
     import numpy as np
 
-    from hepml_dist.data.format import DatasetWriter
+    from hepml_dist.data.writer import DatasetWriter
 
     rng = np.random.default_rng(seed)
     label = rng.integers(0, 5, examples)

@@ -9,12 +9,12 @@ import copy
 
 import pytest
 import torch
+from train_helpers import tiny_job, write_jet_dataset
 
 from hepml_dist.data.stream import ShardStream
 from hepml_dist.models import build_model, get_family
 from hepml_dist.spec import parse_spec
-from hepml_dist.train.parallel import make_engine
-from train_helpers import tiny_job, write_jet_dataset
+from hepml_dist.train.engine import make_engine
 
 RTOL, ATOL = 1e-4, 1e-5
 

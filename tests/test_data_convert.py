@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from hepml_dist.cli import app
 from hepml_dist.data import convert as convert_module
 from hepml_dist.data.convert import convert, load_schema, shipped_schemas
-from hepml_dist.data.format import read_manifest
+from hepml_dist.data.manifest import read_manifest
 from hepml_dist.data.stream import ShardStream
 from hepml_dist.errors import UserError
 from hepml_dist.spec.data import DataSpec
@@ -122,7 +122,7 @@ def test_two_root_files_are_interleaved_and_reproducible_with_workers(tmp_path):
                      chunk_size=50, step_size=60, workers=2)
     assert [s.sha256 for s in first.splits["train"].shards] == [s.sha256 for s in second.splits["train"].shards]
     for shard in first.splits["train"].shards[:-1]:  # both classes in every full shard: the inputs were mixed
-        from hepml_dist.data.format import iter_shard_chunks
+        from hepml_dist.data.reader import iter_shard_chunks
 
         labels = np.concatenate([a["label_jet_class"] for _, a in
                                  iter_shard_chunks(tmp_path / "one" / shard.path, columns=["label_jet_class"])])
@@ -181,7 +181,7 @@ def test_parquet_fcc_tau_labels_targets_and_selection(tmp_path):
     kept = np.asarray(table["gen_jet_tau_decaymode"]) != 16
     assert manifest.splits["train"].examples == kept.sum()
     assert "weight" not in manifest.columns  # optional column, absent from these files
-    from hepml_dist.data.format import iter_shard_chunks
+    from hepml_dist.data.reader import iter_shard_chunks
 
     data = [a for s in manifest.splits["train"].shards for _, a in iter_shard_chunks(tmp_path / "ds" / s.path)]
     data = {k: np.concatenate([d[k] for d in data]) for k in data[0]}

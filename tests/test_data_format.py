@@ -9,12 +9,9 @@ import pytest
 from data_helpers import random_jets, write_jets
 
 from hepml_dist.data.check import verify_dataset
-from hepml_dist.data.format import (
-    CorruptShardError,
-    DatasetWriter,
-    iter_shard_chunks,
-    read_manifest,
-)
+from hepml_dist.data.manifest import CorruptShardError, read_manifest
+from hepml_dist.data.reader import iter_shard_chunks
+from hepml_dist.data.writer import DatasetWriter
 from hepml_dist.errors import UserError
 
 

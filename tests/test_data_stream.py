@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from data_helpers import write_jets
 
-from hepml_dist.data.format import CorruptShardError, read_manifest
-from hepml_dist.data.stream import DataPosition, ShardStream, plan_slots, slot_bounds
+from hepml_dist.data.manifest import CorruptShardError, read_manifest
+from hepml_dist.data.plan import DataPosition, plan_slots, slot_bounds
+from hepml_dist.data.stream import ShardStream
 from hepml_dist.spec.data import DataSpec
 
 

@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from hepml_dist.cli import app
+from hepml_dist.inference.export import example_jets
 from hepml_dist.models import build_model
-from hepml_dist.models.export import example_jets
+from hepml_dist.runs import write_model_checkpoint
 from hepml_dist.spec import load_job
-from hepml_dist.train.checkpoint import write_model_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

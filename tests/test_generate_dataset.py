@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from hepml_dist.cli import app
-from hepml_dist.data.format import iter_shard_chunks, read_manifest
+from hepml_dist.data.manifest import read_manifest
+from hepml_dist.data.reader import iter_shard_chunks
 
 runner = CliRunner()
 

@@ -6,10 +6,10 @@ One work unit per process, run in this process (no shards): a few hundred events
 import numpy as np
 import pytest
 
-from hepml_dist.data.generate import clic_events, events_met, fcc_tau, jetclass_lite
-from hepml_dist.data.generate.base import RunContext, check_columns, unit_seeds
-from hepml_dist.data.generate.detector import impact_parameters
-from hepml_dist.data.generate.jets import cluster, padded_constituents
+from hepml_dist.generate import clic_events, events_met, fcc_tau, jetclass_lite
+from hepml_dist.generate.base import RunContext, check_columns, unit_seeds
+from hepml_dist.generate.detector import impact_parameters
+from hepml_dist.generate.jets import cluster, padded_constituents
 
 
 def run_unit(module, events, seed=7):

@@ -10,8 +10,9 @@ import pytest
 from data_helpers import random_jets
 from pydantic import ValidationError
 
-from hepml_dist.data.format import DatasetWriter
-from hepml_dist.data.stream import GroupedStream, ShardStream
+from hepml_dist.data.groups import GroupedStream
+from hepml_dist.data.loader import open_stream
+from hepml_dist.data.writer import DatasetWriter
 from hepml_dist.spec.data import DataSpec
 
 SHARES = {"bulk": 0.5, "mid": 0.3, "rare": 0.2}
@@ -50,7 +51,7 @@ def composition(batches) -> np.ndarray:
 
 def test_shares_are_met_with_equal_batch_counts_per_rank(groups):
     spec = spec_for(groups)
-    streams = [ShardStream(spec, "train", rank=r, world_size=2, seed=5) for r in range(2)]
+    streams = [open_stream(spec, "train", rank=r, world_size=2, seed=5) for r in range(2)]
     assert all(isinstance(s, GroupedStream) for s in streams)
     # the epoch ends when the group with least data per share runs out: rare has 700 / (ceil(6.4) x 2 ranks)
     caps = np.ceil(np.array(list(SHARES.values())) * BATCH)
@@ -79,7 +80,7 @@ def test_no_example_twice_within_an_epoch_and_epochs_reproducible(groups):
     spec = spec_for(groups)
     indices = []
     for rank in range(2):
-        stream = ShardStream(spec, "train", rank=rank, world_size=2, seed=5)
+        stream = open_stream(spec, "train", rank=rank, world_size=2, seed=5)
         first, again = list(stream.batches(0)), list(stream.batches(0))
         for a, b in zip(first, again):
             np.testing.assert_array_equal(a["jet_index"].numpy(), b["jet_index"].numpy())
@@ -92,23 +93,23 @@ def test_no_example_twice_within_an_epoch_and_epochs_reproducible(groups):
 
 def test_resume_mid_epoch_gives_the_remaining_batches(groups):
     spec = spec_for(groups)
-    reference = list(ShardStream(spec, "train", rank=1, world_size=2, seed=9).batches(0))
-    stream = ShardStream(spec, "train", rank=1, world_size=2, seed=9)
+    reference = list(open_stream(spec, "train", rank=1, world_size=2, seed=9).batches(0))
+    stream = open_stream(spec, "train", rank=1, world_size=2, seed=9)
     iterator = stream.batches(0)
     for _ in range(5):
         next(iterator)
     position = stream.position.to_dict()
     iterator.close()
-    rest = list(ShardStream(spec, "train", rank=1, world_size=2, seed=9).batches(0, start=position))
+    rest = list(open_stream(spec, "train", rank=1, world_size=2, seed=9).batches(0, start=position))
     assert len(rest) == len(reference) - 5
     for a, b in zip(reference[5:], rest):
         np.testing.assert_array_equal(a["jet_index"].numpy(), b["jet_index"].numpy())
 
 
 def test_counts_do_not_depend_on_loader_workers(groups):
-    one = composition(list(ShardStream(spec_for(groups, loader_workers=0), "train", rank=0, world_size=1,
+    one = composition(list(open_stream(spec_for(groups, loader_workers=0), "train", rank=0, world_size=1,
                                        seed=5).batches(0)))
-    two = composition(list(ShardStream(spec_for(groups, loader_workers=2), "train", rank=0, world_size=1,
+    two = composition(list(open_stream(spec_for(groups, loader_workers=2), "train", rank=0, world_size=1,
                                        seed=5).batches(0)))
     np.testing.assert_array_equal(one, two)
 
@@ -126,12 +127,13 @@ def test_spec_rules_and_paths(groups, tmp_path):
     with pytest.raises(ValidationError):
         DataSpec(groups=[{**groups[0], "share": 0}])
 
-    from hepml_dist.spec import parse_spec
-    from hepml_dist.train.launch import absolute_paths
     from train_helpers import tiny_job
+
+    from hepml_dist.runs import absolute_paths
+    from hepml_dist.spec import parse_spec
 
     job = tiny_job(tmp_path, data={"train": None, "groups": [{"name": "a", "share": 1.0, "train": "rel/train"}]})
     spec = absolute_paths(parse_spec(job))
     assert Path(spec.data.groups[0].train).is_absolute()  # Ray workers run in other directories
     with pytest.raises(Exception, match="evaluate on data.val"):
-        ShardStream(spec_for(groups), "train", rank=0, world_size=1, seed=0, training=False)
+        open_stream(spec_for(groups), "train", rank=0, world_size=1, seed=0, training=False)

@@ -11,7 +11,7 @@ import torch
 
 from hepml_dist.evaluate.mlpf import cluster_jets, evaluate_batches, evaluate_particles, missing_et, target_particles
 from hepml_dist.models import build_model, get_family
-from hepml_dist.models.mlpf import padding_fraction
+from hepml_dist.models.mlpf.model import padding_fraction
 from hepml_dist.spec import load_job
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from hepml_dist.cli import app
 from hepml_dist.models import build_model, get_family
-from hepml_dist.models.omnijet import VectorQuantizer
+from hepml_dist.models.omnijet.model import VectorQuantizer
 from hepml_dist.omnijet.preprocess import codes_to_tokens, constituent_features, physical_constituents, tokens_to_codes
+from hepml_dist.runs import write_model_checkpoint
 from hepml_dist.spec import load_job
 from hepml_dist.spec.model_omnijet import TokenizerSpec
-from hepml_dist.train.checkpoint import write_model_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TAU_JOBS = sorted(ROOT.glob("jobs/omnijet-tau-*-*.yaml"))
@@ -231,7 +231,7 @@ def test_loaded_tokenizer_is_not_reinitialised_by_its_first_training_batch():
 
 
 def test_stage_metrics_for_the_validation_of_tokenizer_and_backbone():
-    from hepml_dist.models.omnijet_losses import omnijet_metrics
+    from hepml_dist.models.omnijet.losses import omnijet_metrics
 
     spec = shrink(load_job(ROOT / "jobs/omnijet-tokenizer.yaml"))
     model = build_model(spec).eval()
@@ -290,8 +290,10 @@ def test_tokenizer_preprocessing_matches_the_loaders_feature_builder():
 
 
 def test_tokenize_and_generate_commands_end_to_end(tmp_path):
-    from hepml_dist.data.format import DatasetWriter, iter_shard_chunks, read_manifest
+    from hepml_dist.data.manifest import read_manifest
+    from hepml_dist.data.reader import iter_shard_chunks
     from hepml_dist.data.stream import ShardStream
+    from hepml_dist.data.writer import DatasetWriter
 
     runner = CliRunner()
     torch.manual_seed(0)

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from hepml_dist.cli import app
+from hepml_dist.inference.export import example_jets
 from hepml_dist.models import build_model, count_parameters, get_family
-from hepml_dist.models.export import example_jets
-from hepml_dist.models.part import TRIM_WARMUP_CALLS, Attention, masked_value, state_dict_from_weaver
+from hepml_dist.models.blocks import Attention, masked_value
+from hepml_dist.models.part.model import TRIM_WARMUP_CALLS, state_dict_from_weaver
 from hepml_dist.spec import load_job
 
 ROOT = Path(__file__).resolve().parents[1]

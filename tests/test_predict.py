@@ -10,16 +10,16 @@ import pytest
 import torch
 import uproot
 import yaml
+from train_helpers import MAX_PARTICLES, ray_session, tiny_job, write_jet_dataset  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
 from hepml_dist.cli import app
 from hepml_dist.data import features as feats
 from hepml_dist.data.stream import ShardStream
+from hepml_dist.inference.predict import predict
 from hepml_dist.models import build_model
-from hepml_dist.research.predict import predict
+from hepml_dist.runs import write_model_checkpoint
 from hepml_dist.spec import parse_spec
-from hepml_dist.train.checkpoint import write_model_checkpoint
-from train_helpers import MAX_PARTICLES, ray_session, tiny_job, write_jet_dataset  # noqa: F401 (fixture)
 
 SCORES = ["score_is_signal_bkg", "score_is_signal_sig"]
 REGRESSION = "size_log_n_pred"
@@ -219,7 +219,7 @@ def test_ray_workers_keep_input_order(trained, tmp_path, ray_session):
 
 def _token_dataset(folder, n=90, length=32, vocab=514, seed=0):
     """OmniJet token sequences (start 0, codes, stop vocab-1), as `hepml data tokenize` writes them."""
-    from hepml_dist.data.format import DatasetWriter
+    from hepml_dist.data.writer import DatasetWriter
 
     rng = np.random.default_rng(seed)
     counts = rng.integers(3, length + 1, n)
@@ -252,7 +252,7 @@ def _expected_scores(task, logits):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_writes_what_it_computes_in_process(family, tmp_path):
-    from hepml_dist.research.predict import output_names
+    from hepml_dist.inference.predict import output_names
     from hepml_dist.spec import load_job
 
     job, generate, observer = FAMILIES[family]

@@ -10,11 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from hepml_dist.cli import app
-from hepml_dist.data.generate import get_process
-from hepml_dist.data.generate.runner import generate_dataset
 from hepml_dist.errors import UserError
 from hepml_dist.evaluate.baseline import read_split
 from hepml_dist.evaluate.report import build_report, load_predictions, log_ratio, rejection, save_predictions
+from hepml_dist.generate import get_process
+from hepml_dist.generate.runner import generate_dataset
 from hepml_dist.spec import dump_spec, load_job
 
 runner = CliRunner()

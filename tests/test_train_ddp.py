@@ -10,12 +10,12 @@ import time
 import zipfile
 
 import pytest
+from train_helpers import final_weights, max_difference, ray_session, tiny_job, write_jet_dataset  # noqa: F401
 
+from hepml_dist.runs import list_checkpoints, load_trained, read_best
 from hepml_dist.spec import parse_spec
 from hepml_dist.track.tracker import read_metrics
-from hepml_dist.train.checkpoint import list_checkpoints, load_trained, read_best
 from hepml_dist.train.launch import launch
-from train_helpers import final_weights, max_difference, ray_session, tiny_job, write_jet_dataset  # noqa: F401
 
 pytestmark = pytest.mark.integration
 

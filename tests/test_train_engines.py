@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
-from hepml_dist.track.tracker import read_metrics
-from hepml_dist.train.checkpoint import latest_checkpoint, list_checkpoints, load_trained, resolve_checkpoint
 from train_helpers import final_weights, max_difference, run_without_ray, tiny_job, write_jet_dataset
+
+from hepml_dist.runs import latest_checkpoint, list_checkpoints, load_trained, resolve_checkpoint
+from hepml_dist.track.tracker import read_metrics
 
 pytestmark = pytest.mark.integration
 

@@ -7,13 +7,13 @@ import time
 
 import psutil
 import pytest
+from train_helpers import ray_session, tiny_job, write_jet_dataset  # noqa: F401
 
 from hepml_dist.errors import UserError
 from hepml_dist.spec import parse_spec
 from hepml_dist.track.tracker import read_metrics
 from hepml_dist.train.launch import launch
 from hepml_dist.train.loop import NonFiniteLossError, train_loop_per_worker
-from train_helpers import ray_session, tiny_job, write_jet_dataset  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -82,9 +82,9 @@ def test_non_finite_batches_are_skipped_when_asked(dataset, tmp_path):
 
 
 def test_run_directory_of_another_job_is_refused(dataset, tmp_path):
-    from hepml_dist.train.launch import check_resumable
-    from hepml_dist.train.checkpoint import write_model_checkpoint
     from hepml_dist.models import build_model
+    from hepml_dist.runs import write_model_checkpoint
+    from hepml_dist.train.launch import check_resumable
 
     spec = parse_spec(tiny_job(dataset))
     write_model_checkpoint(tmp_path / "checkpoints" / "step-00000004", spec, build_model(spec), {"step": 4})

@@ -5,11 +5,11 @@ direct computations, and the generated DeepSpeed config."""
 import numpy as np
 import pytest
 import torch
+from train_helpers import tiny_job
 
 from hepml_dist.evaluate.metrics import Collector, compute_metrics, merge_payloads, rejection_at
 from hepml_dist.spec import parse_spec
-from hepml_dist.train.parallel import deepspeed_config, zero3_leaf_classes
-from train_helpers import tiny_job
+from hepml_dist.train.deepspeed_engine import deepspeed_config, zero3_leaf_classes
 
 
 @pytest.fixture

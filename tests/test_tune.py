@@ -6,14 +6,14 @@ import json
 import zipfile
 
 import pytest
+from train_helpers import ray_session, tiny_job, write_jet_dataset, write_job  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
 from hepml_dist.cli import app
 from hepml_dist.errors import UserError
-from hepml_dist.research.tune import load_space, parse_distribution, run_tune
 from hepml_dist.spec import load_job
 from hepml_dist.track.tracker import read_metrics
-from train_helpers import ray_session, tiny_job, write_jet_dataset, write_job  # noqa: F401 (fixture)
+from hepml_dist.tune.search import load_space, parse_distribution, run_tune
 
 
 def test_space_parsing_and_errors(tmp_path):
@@ -89,14 +89,14 @@ def test_a_stopped_trial_checkpoints_and_closes_its_tracker(tmp_path, ray_sessio
     checkpoint and close its Comet archive before that, not be killed mid-write."""
     from ray import tune
 
-    from hepml_dist.research.tune import trial_run_class
-    from hepml_dist.train.checkpoint import latest_checkpoint, read_state
+    from hepml_dist.runs import latest_checkpoint, read_state
     from hepml_dist.train.session import STOP_FILE
+    from hepml_dist.tune.search import TrialRun
 
     data = write_jet_dataset(tmp_path / "data", examples=900)
     base = load_job(write_job(tmp_path / "job.yaml", tiny_job(
         data, training={"epochs": None, "steps": 400, "eval_interval": 3, "log_interval": 3}))).model_dump(mode="json")
-    trial = tune.with_parameters(trial_run_class(), base=base, source="job.yaml", name="tiny",
+    trial = tune.with_parameters(TrialRun, base=base, source="job.yaml", name="tiny",
                                  trials_dir=tmp_path / "trials")(config={"optim.lr": 1e-3})
     first = trial.train()  # one Tune result: the run's first validation report
     assert first["step"] == 3 and isinstance(first["val_loss"], float)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from hepml_dist.data.format import DatasetWriter
+from hepml_dist.data.writer import DatasetWriter
 
 MAX_PARTICLES = 12
 
@@ -148,7 +148,7 @@ def run_without_ray(runs: list[tuple[dict[str, Any], Path]] | list[dict[str, Any
 def final_weights(run_dir: Path) -> dict[str, Any]:
     import torch
 
-    from hepml_dist.train.checkpoint import latest_checkpoint
+    from hepml_dist.runs import latest_checkpoint
 
     return torch.load(latest_checkpoint(run_dir) / "model.pt", weights_only=True)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hepml_dist.data.format import CorruptShardError, Manifest, iter_shard_chunks, read_manifest
+from hepml_dist.data.manifest import CorruptShardError, Manifest, read_manifest
+from hepml_dist.data.reader import iter_shard_chunks
 
 
 @dataclass

@@ -1,51 +1,52 @@
-"""The `hepml data ...` command group. Each data tool adds its command to `data_app`.
+"""`hepml data convert/verify/inspect/weights/plot`: make datasets from ROOT/parquet, check them, look at them.
 
-Heavy libraries (uproot, awkward, torch via webdataset) are imported inside the commands.
+The other `hepml data` commands live with their areas: `generate` (hepml_dist.generate) and `tokenize`
+(hepml_dist.omnijet); the group is assembled in hepml_dist.cli.
 """
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
+from hepml_dist.cli.options import Overrides
+from hepml_dist.data.check import column_ranges, verify_dataset
+from hepml_dist.data.convert import convert, load_schema
+from hepml_dist.data.manifest import read_manifest
+from hepml_dist.data.plot import plot_dataset
+from hepml_dist.data.reweight import compute_weights
 from hepml_dist.errors import UserError
+from hepml_dist.spec import load_job
 
-data_app = typer.Typer(
-    no_args_is_help=True,
-    help="Make, check and look at datasets: convert, generate, verify, inspect, weights, tokenize, plot.",
-)
+app = typer.Typer()
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(data_app, name="data")
-
-
-def _console():
-    from rich.console import Console
-
+def _console() -> Console:
     return Console(width=160 if not Console().is_terminal else None)
 
 
-def _progress():
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
+def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(),
                     console=_console())
 
 
-def _parse_split(text: str) -> tuple[float, float, float]:
+def parse_fractions(text: str, option: str) -> tuple[float, float, float]:
+    """`0.7,0.1,0.2` -> the train, val and test fractions; a UserError naming `option` otherwise."""
     try:
         values = tuple(float(x) for x in text.split(","))
     except ValueError:
         values = ()
     if len(values) != 3:
-        raise UserError(f"--split {text}: give three fractions train,val,test, e.g. 0.7,0.1,0.2")
+        raise UserError(f"{option} {text!r}: give three fractions train,val,test, e.g. 0.7,0.1,0.2")
     return values  # type: ignore[return-value]
 
 
-@data_app.command("convert")
+@app.command("convert")
 def convert_command(
     inputs: Annotated[list[Path], typer.Argument(help="ROOT or parquet files (globs expanded by the shell).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset directory to write.")],
@@ -60,10 +61,8 @@ def convert_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset or interrupted run at --out.")] = False,
 ) -> None:
     """Convert ROOT/parquet files into shards. Rerun the same command to resume an interrupted conversion."""
-    from hepml_dist.data.convert import convert, load_schema
-
     loaded = load_schema(schema)
-    fractions = _parse_split(split)
+    fractions = parse_fractions(split, "--split")
     with _progress() as progress:
         task = progress.add_task(f"convert ({loaded.name})", total=None)
 
@@ -78,8 +77,6 @@ def convert_command(
 
 
 def _print_summary(manifest, title: str) -> None:
-    from rich.table import Table
-
     table = Table(title=title)
     for column in ("split", "shards", "examples", "MB", "classes"):
         table.add_column(column, justify="right" if column in ("shards", "examples", "MB") else "left")
@@ -91,15 +88,12 @@ def _print_summary(manifest, title: str) -> None:
     _console().print(table)
 
 
-@data_app.command("verify")
+@app.command("verify")
 def verify_command(
     directory: Annotated[Path, typer.Argument(help="Dataset directory (with manifest.json).")],
     quick: Annotated[bool, typer.Option(help="Checksums and sizes only; do not decode the chunks.")] = False,
 ) -> None:
     """Check every shard's size, sha256 and example counts against the manifest; exit 1 naming bad shards."""
-    from hepml_dist.data.check import verify_dataset
-    from hepml_dist.data.format import read_manifest
-
     manifest = read_manifest(directory)
     total = sum(s.bytes for info in manifest.splits.values() for s in info.shards)
     with _progress() as progress:
@@ -115,18 +109,13 @@ def verify_command(
     typer.echo(f"{shards} shard(s), {examples:,} examples: all match the manifest")
 
 
-@data_app.command("inspect")
+@app.command("inspect")
 def inspect_command(
     directory: Annotated[Path, typer.Argument(help="Dataset directory (with manifest.json).")],
     split: Annotated[str, typer.Option(help="Split whose columns are summarised.")] = "train",
     max_shards: Annotated[int, typer.Option(min=1, help="Shards read for the column ranges.")] = 2,
 ) -> None:
     """Counts per split and class, and the range of every column (padding excluded)."""
-    from rich.table import Table
-
-    from hepml_dist.data.check import column_ranges
-    from hepml_dist.data.format import read_manifest
-
     manifest = read_manifest(directory)
     _print_summary(manifest, f"{directory} (schema {manifest.schema}, converter {manifest.converter_version}, "
                              f"seed {manifest.seed})")
@@ -143,27 +132,20 @@ def inspect_command(
     _console().print(table)
 
 
-@data_app.command("weights")
+@app.command("weights")
 def weights_command(
     directory: Annotated[Path, typer.Argument(help="Dataset directory (with manifest.json).")],
     job: Annotated[Path, typer.Option(help="Job file whose data.reweight settings to use.")],
     splits: Annotated[str, typer.Option(help="Splits whose histograms define the weights (comma list).")] = "train",
-    overrides: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a job field.")] = None,
+    overrides: Overrides = None,
 ) -> None:
     """Compute Sophon-style flat 2D weights per class group and store them with the dataset."""
-    from rich.table import Table
-
-    from hepml_dist.data.reweight import compute_weights
-    from hepml_dist.spec import load_job
-
     spec = load_job(job, overrides or [])
     if spec.data.reweight is None:
         raise UserError(f"{job}: data.reweight is not set; add it (variables, bins, groups) to compute weights")
     with _progress() as progress:
         path = compute_weights(directory, spec.data.reweight, splits=[s.strip() for s in splits.split(",")],
                                progress=progress)
-    import json
-
     stored = json.loads(path.read_text())
     table = Table(title=f"weights written to {path}")
     for column in ("group", "weight", "examples", "sampled share"):
@@ -174,3 +156,16 @@ def weights_command(
     _console().print(table)
     means = ", ".join(f"{k}: {v:.3f}" for k, v in stored["mean_weight"].items())
     typer.echo(f"mean weight (fraction kept by sampling) {means}")
+
+
+@app.command()
+def plot(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory (with manifest.json).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the PNG files (default DIR/plots).")
+                   ] = None,
+    split: Annotated[str, typer.Option(help="Split to read.")] = "train",
+    max_examples: Annotated[int, typer.Option(help="Read at most this many examples.")] = 200_000,
+) -> None:
+    """Histograms of every stored feature and label, one curve per class, as PNG files."""
+    files = plot_dataset(dataset, out or dataset / "plots", split=split, max_examples=max_examples)
+    typer.echo(f"{len(files)} plots in {out or dataset / 'plots'}")

@@ -36,12 +36,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import awkward as ak
 import numpy as np
+import pyarrow.parquet as pq
+import uproot
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hepml_dist.data import expressions
-from hepml_dist.data.format import DatasetWriter, Manifest
+from hepml_dist.data.manifest import Manifest
+from hepml_dist.data.writer import DatasetWriter
 from hepml_dist.errors import UserError
 
 CHECKPOINT_EVERY_SHARDS = 4  # writer checkpoints (for resuming) after about this many new shards
@@ -153,20 +157,19 @@ class Task:
 
 def plan_tasks(files: Sequence[str], schema: Schema, step: int) -> list[Task]:
     """Work units of about `step` examples, interleaved across files (file 0 part 0, file 1 part 0, ...)."""
-    per_file = [_file_tasks(f, schema, step) for f in files]
+    per_file = [file_tasks(f, schema, step) for f in files]
     out = []
     for k in range(max((len(t) for t in per_file), default=0)):
         out += [tasks[k] for tasks in per_file if k < len(tasks)]
     return out
 
 
-def _file_tasks(file: str, schema: Schema, step: int) -> list[Task]:
+def file_tasks(file: str, schema: Schema, step: int) -> list[Task]:
     if not Path(file).is_file():
         raise UserError(f"{file}: input file not found")
     if schema.format == "root":
-        entries = _open_tree(file, schema).num_entries
+        entries = open_tree(file, schema).num_entries
         return [Task(file, a, min(a + step, entries)) for a in range(0, entries, step)]
-    import pyarrow.parquet as pq
 
     try:
         meta = pq.ParquetFile(file).metadata
@@ -185,7 +188,6 @@ def _file_tasks(file: str, schema: Schema, step: int) -> list[Task]:
 
 @lru_cache(maxsize=16)
 def _open_root(file: str, size: int, mtime: float):  # size and mtime: a rewritten file is opened again
-    import uproot
 
     try:
         return uproot.open(file)
@@ -193,7 +195,7 @@ def _open_root(file: str, size: int, mtime: float):  # size and mtime: a rewritt
         raise UserError(f"{file}: not a readable ROOT file ({err})") from None
 
 
-def _open_tree(file: str, schema: Schema):
+def open_tree(file: str, schema: Schema):
     stat = os.stat(file)
     handle = _open_root(file, stat.st_size, stat.st_mtime)
     if schema.tree not in handle:
@@ -204,13 +206,11 @@ def _open_tree(file: str, schema: Schema):
 
 def _read_inputs(task: Task, schema: Schema, names: set[str]):
     if schema.format == "root":
-        tree = _open_tree(task.file, schema)
+        tree = open_tree(task.file, schema)
         present = set(tree.keys())
         columns = sorted(names & present)
         missing = names - present
         return tree.arrays(columns, entry_start=task.start, entry_stop=task.stop, library="ak"), missing
-    import awkward as ak
-    import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(task.file)
     present = set(parquet.schema_arrow.names)
@@ -233,8 +233,6 @@ def _default_dtype(name: str, counts: set[str]) -> np.dtype:
 
 def pad_jagged(values, length: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Jagged [N, var, ...] -> zero-padded numpy [N, length, ...] and the clipped counts (vectorised)."""
-    import awkward as ak
-
     clipped = values[:, :length]
     counts = ak.to_numpy(ak.num(clipped, axis=1)).astype(np.int64)
     flat = ak.flatten(clipped, axis=1)
@@ -250,8 +248,6 @@ def pad_jagged(values, length: int, dtype: np.dtype) -> tuple[np.ndarray, np.nda
 
 
 def _as_numpy(value: Any, n: int, dtype: np.dtype, name: str, where: str) -> np.ndarray:
-    import awkward as ak
-
     if np.isscalar(value):
         return np.full(n, value, dtype=dtype)
     if isinstance(value, ak.Array):
@@ -270,8 +266,6 @@ def _as_numpy(value: Any, n: int, dtype: np.dtype, name: str, where: str) -> np.
 
 def convert_task(task: Task, schema: Schema) -> dict[str, np.ndarray]:
     """Read one work unit and evaluate the schema on it."""
-    import awkward as ak
-
     where = f"{task.file} [{task.start}:{task.stop}]"
     arrays, missing = _read_inputs(task, schema, schema.inputs())
     required = set()
@@ -354,23 +348,19 @@ def convert(
                            chunks_per_shard=max(1, -(-shard_size // chunk_size)), source_files=files, meta=meta,
                            overwrite=overwrite, resume=True)
     done = int((writer.resumed_progress or {}).get("tasks_done", 0))
-    shards_at_checkpoint = _shard_count(writer)
+    shards_at_checkpoint = writer.shards_written
     examples = writer.examples_added
     for index, columns in enumerate(_results(tasks[done:], schema, workers), start=done):
         writer.add(columns)
         examples = writer.examples_added
-        if _shard_count(writer) - shards_at_checkpoint >= CHECKPOINT_EVERY_SHARDS:
+        if writer.shards_written - shards_at_checkpoint >= CHECKPOINT_EVERY_SHARDS:
             writer.checkpoint({"tasks_done": index + 1})
-            shards_at_checkpoint = _shard_count(writer)
+            shards_at_checkpoint = writer.shards_written
         if on_progress:
             on_progress(index + 1, len(tasks), examples)
     if on_progress and done == len(tasks):
         on_progress(len(tasks), len(tasks), examples)
     return writer.close()
-
-
-def _shard_count(writer: DatasetWriter) -> int:
-    return sum(len(info.shards) for info in writer._infos.values())
 
 
 def _results(tasks: Sequence[Task], schema: Schema, workers: int) -> Iterator[dict[str, np.ndarray]]:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
+import awkward as ak
 import numpy as np
 
 from hepml_dist.errors import UserError
@@ -24,14 +25,7 @@ _T = ("t", "tau", "E", "e", "energy", "fE")
 _RHO, _ETA, _PHI, _M = ("rho", "pt", "pT"), ("eta",), ("phi",), ("mass", "m", "M")
 
 
-def _ak():
-    import awkward as ak
-
-    return ak
-
-
 def _fields(v) -> list[str]:
-    ak = _ak()
     return list(ak.fields(v)) if isinstance(v, ak.Array) else []
 
 
@@ -109,7 +103,6 @@ def _mass(v):
 
 
 def _where(condition, a, b):
-    ak = _ak()
     if any(isinstance(x, ak.Array) for x in (condition, a, b)):
         return ak.where(condition, a, b)
     return np.where(condition, a, b)
@@ -143,7 +136,7 @@ def _pid_from_flags(charge, charged_hadron, neutral_hadron, photon, electron, mu
     return _where(electron != 0, -11 * charge, pid)
 
 
-_TAU_REDUCED = np.full(17, 5, dtype=np.int64)  # full decay modes 0..16 -> 0..5 (shared/reference/omnijet_tau.md 2.3)
+_TAU_REDUCED = np.full(17, 5, dtype=np.int64)  # full decay modes 0..16 -> 0..5 (HEP-KBFI/ml-tau-en-reg ad3edb7 enreg/tools/general.py)
 _TAU_REDUCED[[0]] = 0
 _TAU_REDUCED[[1]] = 1
 _TAU_REDUCED[[2, 3, 4]] = 2
@@ -174,7 +167,6 @@ def _column(x, index):
 
 def _concat_elements(*groups, width: int | None = None):
     """Concatenate per-event element lists (tracks first), each padded with zeros to `width` features."""
-    ak = _ak()
     parts = []
     for group in groups:
         if width is not None:
@@ -184,7 +176,7 @@ def _concat_elements(*groups, width: int | None = None):
 
 
 def _num(x):
-    return _ak().num(x, axis=1)
+    return ak.num(x, axis=1)
 
 
 FUNCTIONS: dict[str, Callable[..., Any]] = {

@@ -1,6 +1,6 @@
 """Feature builders: stored raw columns of a batch -> the model inputs of docs/architecture.md ("The batch").
 
-One builder per name in `hepml_dist.spec.data.FEATURE_SETS`, all vectorised numpy over the whole batch (no
+One builder per name in `hepml_dist.spec.data.FEATURE_SETS` (which declares its channel count), all vectorised numpy over the whole batch (no
 per-jet Python). The loader calls `build_batch(raw, inputs)` in its worker processes, so the cost runs in
 parallel with training. Pair features (ln kT, ln z, ln Delta, ln m^2) are not built here: the model computes
 them on the device from `vectors`.
@@ -15,8 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from hepml_dist.errors import UserError
+from hepml_dist.spec.data import FEATURE_SETS
 
 # Columns passed through to the batch unchanged (besides dtype): truth, weights, and observers for evaluation.
 PASS_THROUGH_PREFIXES = ("label_", "target_", "weight", "jet_", "gen_", "genjet_", "event_")
@@ -35,7 +37,6 @@ class FeatureBuilder:
     """
 
     name: str
-    channels: int
     count: str  # the column with the number of real constituents / elements / objects / tokens
     padded: tuple[str, ...]  # stored columns with the constituent axis; cut or zero-padded to the batch length
     scalars: tuple[str, ...]  # per-example stored columns it reads
@@ -49,6 +50,11 @@ class FeatureBuilder:
     @property
     def columns(self) -> tuple[str, ...]:
         return (self.count, *self.padded, *self.scalars)
+
+    @property
+    def channels(self) -> int:
+        """Channels of `features` (declared with the name in hepml_dist.spec.data.FEATURE_SETS)."""
+        return FEATURE_SETS[self.name]
 
 
 # Elementwise helpers. numpy vectorises log, exp, sqrt, atan2 and arithmetic with SIMD; hypot, arcsinh and float
@@ -135,7 +141,8 @@ def _fill_vectors(out: np.ndarray, raw: Mapping[str, np.ndarray], mask: np.ndarr
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# ParT / Sophon (JetClass, JetClass-II), shared_reference/part_sophon_weaver.md section 1.2 and 3.2
+# ParT / Sophon (JetClass, JetClass-II): jet-universe/particle_transformer 2925bdb data/JetClass/JetClass_full.yaml
+# and jet-universe/sophon 9dd6dd6 data/JetClassII/JetClassII_full.yaml
 
 _PART_PADDED = ("part_px", "part_py", "part_pz", "part_energy", "part_charge", "part_pid",
                 "part_d0val", "part_d0err", "part_dzval", "part_dzerr")
@@ -197,7 +204,8 @@ def _sophon(raw, mask, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# MultiParTau / SingleParTau: the 17 FCC-ee tau candidate features (shared_reference/omnijet_tau.md section 2.5)
+# MultiParTau / SingleParTau: the 17 FCC-ee tau candidate features (HEP-KBFI/ml-tau-model 1f0c0cd,
+# mltau/tools/io/ParT_dataloader.py build_tensors; arXiv:2606.18460)
 
 _TAU_PADDED = ("part_px", "part_py", "part_pz", "part_energy", "part_charge", "part_pid",
                "part_d0val", "part_d0err", "part_dzval", "part_dzerr")
@@ -236,7 +244,7 @@ def _tau_cand(raw, mask, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# OmniJet-alpha (shared_reference/omnijet_tau.md section 1.1)
+# OmniJet-alpha (arXiv:2403.05618; uhh-pd-ml/omnijet_alpha 1c8d442, configs/experiment/experiment_tokenization_transformer.yaml)
 
 OMNIJET_MAX_DELTA = 0.8  # constituents with |Delta eta| or |Delta phi| >= 0.8 are dropped before tokenizing
 
@@ -271,7 +279,7 @@ def _omnijet_tokens(raw, mask, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# MLPF (shared_reference/mlpf_pipeline.md section 1.1-1.2) and AOT
+# MLPF (jpata/particleflow v2.2.0 = 6e852b06, CLIC element features) and AOT
 
 
 def _mlpf_elements(raw, mask, out):
@@ -303,29 +311,32 @@ def _event_features(raw: Mapping[str, np.ndarray], names: Sequence[str]) -> dict
 FEATURE_BUILDERS: dict[str, FeatureBuilder] = {
     b.name: b
     for b in (
-        FeatureBuilder("part_full", 17, "part_n", _PART_PADDED, _JET, _part_builder("full"), vectors=True,
+        FeatureBuilder("part_full", "part_n", _PART_PADDED, _JET, _part_builder("full"), vectors=True,
                        doc="ParT JetClass full: 5 standardised kinematic, 6 particle-ID, 4 trajectory, deta, dphi"),
-        FeatureBuilder("part_kinpid", 13, "part_n", _PART_PADDED[:6], _JET, _part_builder("kinpid"), vectors=True,
+        FeatureBuilder("part_kinpid", "part_n", _PART_PADDED[:6], _JET, _part_builder("kinpid"), vectors=True,
                        doc="ParT kinpid: kinematics and particle ID"),
-        FeatureBuilder("part_kin", 7, "part_n", _PART_KIN_PADDED, _JET, _part_builder("kin"), vectors=True,
+        FeatureBuilder("part_kin", "part_n", _PART_KIN_PADDED, _JET, _part_builder("kin"), vectors=True,
                        doc="ParT kin: kinematics only"),
-        FeatureBuilder("sophon_full", 17, "part_n", _PART_PADDED, _JET, _sophon, vectors=True,
+        FeatureBuilder("sophon_full", "part_n", _PART_PADDED, _JET, _sophon, vectors=True,
                        doc="Sophon: part_full with pT and E of each jet scaled to pT = 500 GeV (vectors too)"),
-        FeatureBuilder("tau_cand", 17, "part_n", _TAU_PADDED, _JET, _tau_cand, vectors=True,
+        FeatureBuilder("tau_cand", "part_n", _TAU_PADDED, _JET, _tau_cand, vectors=True,
                        doc="MultiParTau's 17 tau-candidate features (unstandardised, logs floored at 1e-6)"),
-        FeatureBuilder("tau_cand_ipsig", 19, "part_n", _TAU_PADDED, _JET, _tau_cand, vectors=True,
+        FeatureBuilder("tau_cand_ipsig", "part_n", _TAU_PADDED, _JET, _tau_cand, vectors=True,
                        doc="tau_cand plus the signed log impact-parameter significances of dz and d0 (demo job)"),
-        FeatureBuilder("omnijet_tokens", 1, "tokens_n", ("tokens",), (), _omnijet_tokens,
+        FeatureBuilder("omnijet_tokens", "tokens_n", ("tokens",), (), _omnijet_tokens,
                        doc="OmniJet token ids (start 0, code c -> c+1, stop K+1); `tokens` int64 plus as features"),
-        FeatureBuilder("omnijet_constituents", 3, "part_n", _PART_KIN_PADDED, (), _omnijet_constituents,
+        FeatureBuilder("omnijet_constituents", "part_n", _PART_KIN_PADDED, (), _omnijet_constituents,
                        doc="OmniJet tokenizer input: log pT - 1.8, 3 deta, 3 dphi; |deta|,|dphi| >= 0.8 dropped"),
-        FeatureBuilder("mlpf_elements", 17, "elem_n", ("elem_features",), (), _mlpf_elements,
+        FeatureBuilder("mlpf_elements", "elem_n", ("elem_features",), (), _mlpf_elements,
                        derived=("target_log_pt_ratio", "target_log_energy_ratio"), per_element=("label_", "target_"),
                        doc="MLPF CLIC tracks and clusters (17 raw features, column 0 = element type)"),
-        FeatureBuilder("aot_objects", 6, "obj_n", ("obj_features",), (), _aot_objects, extra=_event_features,
+        FeatureBuilder("aot_objects", "obj_n", ("obj_features",), (), _aot_objects, extra=_event_features,
                        doc="AOT objects (E, pT, eta, phi, mass, b-tag) plus the event features"),
     )
 }
+if set(FEATURE_BUILDERS) != set(FEATURE_SETS):  # a feature set declared in the spec without a builder, or vice versa
+    raise RuntimeError(f"feature sets without a builder: {set(FEATURE_SETS) - set(FEATURE_BUILDERS)}; "
+                       f"builders without a declared feature set: {set(FEATURE_BUILDERS) - set(FEATURE_SETS)}")
 
 
 def get_builder(name: str) -> FeatureBuilder:
@@ -352,7 +363,7 @@ def batch_length(counts: np.ndarray, max_length: int, pad_to_multiple: int | Non
     return int(min(max_length, -(-max(longest, 1) // pad_to_multiple) * pad_to_multiple))
 
 
-def _fit(array: np.ndarray, length: int) -> np.ndarray:
+def fit_length(array: np.ndarray, length: int) -> np.ndarray:
     """Cut or zero-pad axis 1 to `length`."""
     have = array.shape[1]
     if have >= length:
@@ -409,12 +420,12 @@ def build_batch(
     mask = np.arange(busy)[None, :] < counts[:, None]
     work = dict(raw)
     for name in builder.padded:
-        work[name] = _fit(raw[name], busy)
+        work[name] = fit_length(raw[name], busy)
     per_element = {}
     if builder.per_element:
         for name in raw:
             if name.startswith(builder.per_element) and raw[name].ndim >= 2:
-                per_element[name] = _fit(raw[name], length)
+                per_element[name] = fit_length(raw[name], length)
                 work[name] = per_element[name][:, :busy]
     shapes = {"features": (size, builder.channels, length)}
     if builder.vectors:
@@ -426,7 +437,7 @@ def build_batch(
         array[..., busy:] = 0.0
     views = {name: array[..., :busy] for name, array in out.items()}
     views["mask"][:, 0] = mask
-    small = {k: _fit(v, length) if v.ndim >= 2 else v for k, v in (builder.build(work, mask, views) or {}).items()}
+    small = {k: fit_length(v, length) if v.ndim >= 2 else v for k, v in (builder.build(work, mask, views) or {}).items()}
     if builder.extra is not None:
         small.update(builder.extra(raw, event_features))
     for name, values in {**raw, **per_element}.items():
@@ -441,8 +452,6 @@ def build_batch(
 
 def to_torch(batch: Mapping[str, np.ndarray]) -> dict:
     """numpy batch -> dict of CPU tensors (no copy where the array is contiguous)."""
-    import torch
-
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 

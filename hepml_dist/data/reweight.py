@@ -2,7 +2,8 @@
 
 `compute_weights` reads only the label and the two variables of every example (one pass, seeking over the other
 columns), fills a 2D histogram per class group and per split, and turns them into weights with weaver's `flat`
-method (shared/reference/part_sophon_weaver.md section 2, 3.4):
+method (hqucms/weaver-core 154db69, weaver/utils/data/preprocess.py, `reweight_method: flat`; used by
+jet-universe/sophon 9dd6dd6, data/JetClassII/JetClassII_full.yaml):
 
 1. per group g: H_g = counts in the (x, y) bins; under/overflow and classes in no group get weight 0;
 2. thr = 0.01 x median of the non-empty bins; ref = the `threshold_percentile`-th percentile of the bins above
@@ -21,16 +22,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from hepml_dist.data.format import Manifest, iter_shard_chunks, read_manifest, write_json_atomic
+from hepml_dist.data.manifest import Manifest, read_manifest
+from hepml_dist.data.reader import iter_shard_chunks
+from hepml_dist.data.shards import ShardRef
 from hepml_dist.errors import UserError
+from hepml_dist.files import write_json
 from hepml_dist.spec.data import ReweightSpec
-
-if TYPE_CHECKING:
-    from hepml_dist.data.stream import ShardRef
 
 WEIGHTS_DIR = "weights"
 
@@ -161,7 +162,7 @@ def compute_weights(dataset: str | Path, spec: ReweightSpec, *, splits: Sequence
                    for s in counts}
     out = weights_path(root, spec)
     out.parent.mkdir(exist_ok=True)
-    write_json_atomic(out, {
+    write_json(out, {
         "key": reweight_key(spec),
         "spec": spec.model_dump(mode="json", exclude={"mode"}),
         "built_from": list(splits),

@@ -1,1 +1,2 @@
-"""Evaluation: physics metrics reduced over all ranks, plots, and the `hepml evaluate` report of a trained run."""
+"""Evaluation: the loop over batches shared by validation, evaluate, report and predict; physics metrics reduced
+over all ranks; plots; `hepml evaluate` and the `hepml report` page."""

@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
+from hepml_dist.data.reader import iter_shard_chunks
+from hepml_dist.data.shards import ShardResolver
 from hepml_dist.errors import UserError
 
 # What each jet-level quantity is, in the order of the feature matrix. All are computed from stored columns
@@ -130,10 +133,7 @@ def jet_quantities(raw: dict[str, np.ndarray]) -> np.ndarray:
 
 def read_split(patterns: str | Sequence[str], max_examples: int | None = None) -> dict[str, np.ndarray]:
     """The baseline's stored columns of one split (a split folder, glob or list of shards), in stored order."""
-    from hepml_dist.data.format import iter_shard_chunks
-    from hepml_dist.data.stream import _Resolver
-
-    resolver = _Resolver()
+    resolver = ShardResolver()
     refs = resolver.resolve(patterns)
     wanted = STORED_COLUMNS + TRUTH_COLUMNS
     for ref in refs:
@@ -182,14 +182,10 @@ def _settings(n: int, early: bool) -> dict[str, Any]:
 
 
 def _classifier(seed: int, n: int, early: bool):
-    from sklearn.ensemble import HistGradientBoostingClassifier
-
     return HistGradientBoostingClassifier(random_state=seed, **_settings(n, early))
 
 
 def _regressor(seed: int, n: int, early: bool):
-    from sklearn.ensemble import HistGradientBoostingRegressor
-
     # absolute error: the median response is what the report quotes, and it resists the tails
     return HistGradientBoostingRegressor(loss="absolute_error", random_state=seed, **_settings(n, early))
 

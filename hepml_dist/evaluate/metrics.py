@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.tasks import TaskSpec
@@ -54,7 +55,7 @@ def _per_entry(output: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return output[valid]
 
 
-def _scores(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
+def class_probabilities(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     if task.kind == "binary" and logits.shape[-1] == 1:
         p = torch.sigmoid(logits[:, 0])
@@ -91,7 +92,7 @@ class Collector:
                 self._keep(task.name, "pred", rows)
                 self._keep(task.name, "true", truth)
             else:
-                self._keep(task.name, "scores", _scores(task, rows))
+                self._keep(task.name, "scores", class_probabilities(task, rows))
                 self._keep(task.name, "label", batch[task.label_key][valid])
             if valid.ndim == 1:
                 for key in PT_KEYS:
@@ -138,8 +139,6 @@ def merge_payloads(payloads: list[dict[str, Any]]) -> dict[str, Any]:
 
 def rejection_at(labels: np.ndarray, scores: np.ndarray, efficiency: float) -> float:
     """1 / false-positive rate at the given true-positive rate (capped at the number of background examples)."""
-    from sklearn.metrics import roc_curve
-
     fpr, tpr, _ = roc_curve(labels, scores)
     fake_rate = float(np.interp(efficiency, tpr, fpr))
     n_background = int((labels == 0).sum())
@@ -147,8 +146,6 @@ def rejection_at(labels: np.ndarray, scores: np.ndarray, efficiency: float) -> f
 
 
 def classification_metrics(task: TaskSpec, scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
-
     labels = labels.astype(np.int64)
     out = {"accuracy": float((scores.argmax(axis=1) == labels).mean())}
     k = scores.shape[1]
@@ -171,8 +168,6 @@ def classification_metrics(task: TaskSpec, scores: np.ndarray, labels: np.ndarra
 
 
 def confusion(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    from sklearn.metrics import confusion_matrix
-
     k = scores.shape[1]
     return confusion_matrix(labels.astype(np.int64), scores.argmax(axis=1), labels=list(range(k)))
 

@@ -15,10 +15,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import awkward as ak
+import fastjet
+import matplotlib
+import matplotlib.pyplot as plt
+import mplhep
 import numpy as np
 import torch
 
-from hepml_dist.models.mlpf import COS_PHI, ENERGY, PT, SIN_PHI, task_roles
+from hepml_dist.models.mlpf.losses import regression_target
+from hepml_dist.models.mlpf.model import ENERGY, PT, task_roles
 from hepml_dist.spec import JobSpec
 
 JET_PT_BINS = [10, 20, 40, 60, 80, 100, 200, 400, 800]
@@ -54,8 +59,6 @@ def predicted_particles(outputs: dict[str, torch.Tensor], batch: dict[str, torch
 
 def target_particles(batch: dict[str, torch.Tensor], spec: JobSpec) -> ak.Array:
     """The per-element truth as particles (absolute `target_pt`/`target_energy`, or log-ratios to the element)."""
-    from hepml_dist.models.mlpf_losses import regression_target
-
     roles = task_roles(spec)
     x = _to_numpy(batch["features"]).transpose(0, 2, 1)
     real = _to_numpy(batch["mask"])[:, 0] > 0
@@ -75,8 +78,6 @@ def target_particles(batch: dict[str, torch.Tensor], spec: JobSpec) -> ak.Array:
 
 def cluster_jets(particles: ak.Array, radius: float = JET_RADIUS, min_pt: float = JET_MIN_PT) -> ak.Array:
     """Inclusive e+e- anti-kT jets (ee_genkt, p = -1) per event, as records `pt, eta, phi, energy`."""
-    import fastjet
-
     vectors = ak.zip({
         "px": particles.pt * np.cos(particles.phi),
         "py": particles.pt * np.sin(particles.phi),
@@ -186,8 +187,6 @@ def evaluate_batches(
 
 
 def _response_figure(series: dict[str, dict], stat: str, title: str, xlabel: str):
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(9, 7))
     for label, binned in series.items():
         edges = np.array(binned["edges"], dtype=float)
@@ -206,11 +205,7 @@ def _response_figure(series: dict[str, dict], stat: str, title: str, xlabel: str
 
 def plot_responses(results: dict, plots_dir: Path) -> list[Path]:
     """PNG plots of jet response median and IQR/median vs gen-jet pT, the same for MET, and the metrics as JSON."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import mplhep
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     written = []

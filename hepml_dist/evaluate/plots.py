@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mplhep  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import roc_curve
 
 from hepml_dist.evaluate.metrics import confusion, response  # noqa: E402
 from hepml_dist.spec import JobSpec  # noqa: E402
@@ -27,8 +28,6 @@ def _class_names(task: TaskSpec, k: int) -> list[str]:
 
 def roc_figure(task: TaskSpec, scores: np.ndarray, labels: np.ndarray) -> Figure:
     """Background rejection (log) vs signal efficiency; multiclass: each class against class 0 (ParT convention)."""
-    from sklearn.metrics import roc_curve
-
     names = _class_names(task, scores.shape[1])
     with plt.style.context(STYLE):
         fig, ax = plt.subplots(figsize=(7, 6))

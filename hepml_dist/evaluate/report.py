@@ -16,142 +16,38 @@ cached in RUN_DIR/baseline/. The page embeds every image (base64 PNG) and needs 
 from __future__ import annotations
 
 import base64
-import hashlib
-import html
 import io
-import json
-import os
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
+from hepml_dist import files, runs
 from hepml_dist.errors import UserError
+from hepml_dist.evaluate import baseline as bl
+from hepml_dist.evaluate import report_figures as rf
+from hepml_dist.evaluate.metrics import confusion
+from hepml_dist.evaluate.report_facts import (
+    PREDICTIONS,
+    Run,
+    load_predictions,
+    load_run,
+    parameter_count,
+    run_facts,
+    save_predictions,
+)
+from hepml_dist.evaluate.report_html import Section, render_page
+from hepml_dist.evaluate.runner import split_payload
 
 WORKING_POINTS = (0.5, 0.7)
 """Signal efficiencies at which the report quotes background rejection."""
 REPORT_NAME = "report.html"
-PREDICTIONS = "predictions-{split}.npz"
 BASELINE_DIR = "baseline"
 BASELINE_VERSION = 2  # bump when the baseline's quantities or models change, to refit cached baselines
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Predictions: Collector payloads on disk
-
-
-def save_predictions(path: str | Path, payload: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write a Collector payload (`arrays[task][key]`, `count`, `loss_sum`) and `meta` to one .npz, atomically."""
-    path = Path(path)
-    flat = {f"{task}.{key}": np.asarray(value) for task, arrays in payload["arrays"].items() for key, value in arrays.items()}
-    info = {**meta, "count": payload.get("count", {}), "loss_sum": payload.get("loss_sum", {})}
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        np.savez_compressed(f, __meta__=np.array(json.dumps(info)), **flat)
-    os.replace(tmp, path)
-    return path
-
-
-def load_predictions(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(payload, meta) from `save_predictions`."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            info = json.loads(str(npz["__meta__"]))
-            arrays: dict[str, dict[str, np.ndarray]] = {}
-            for key in npz.files:
-                if key != "__meta__":
-                    task, name = key.split(".", 1)
-                    arrays.setdefault(task, {})[name] = npz[key]
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{path}: unreadable predictions ({err}); delete it and run `hepml report` again") from None
-    payload = {"arrays": arrays, "count": info.pop("count", {}), "loss_sum": info.pop("loss_sum", {})}
-    return payload, info
-
-
-def predict_checkpoint(folder: Path, split: str) -> dict[str, Any]:
-    """The Collector payload of a checkpoint on a split: the loop of `hepml evaluate`, in this process."""
-    import torch
-    from rich.progress import Progress
-
-    from hepml_dist.data.stream import ShardStream
-    from hepml_dist.evaluate.metrics import Collector
-    from hepml_dist.models import get_family
-    from hepml_dist.train.checkpoint import load_trained
-    from hepml_dist.train.launch import absolute_paths
-
-    spec, model = load_trained(folder)
-    spec = absolute_paths(spec)
-    family = get_family(spec.model.family)
-    stream = ShardStream(spec.data, split, rank=0, world_size=1, seed=spec.training.seed, training=False)
-    collector = Collector(spec)
-    with torch.no_grad(), Progress(transient=True) as progress:
-        task = progress.add_task(f"predicting {folder.name} on {split}", total=stream.steps_per_epoch)
-        for batch in stream.batches(0):
-            outputs = model(batch)
-            collector.update(outputs, batch, family.losses(outputs, batch, spec))
-            progress.advance(task)
-    return collector.local()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The run
-
-
-@dataclass
-class Run:
-    """What the report reads from a run directory."""
-
-    path: Path
-    spec: Any
-    evaluation: dict[str, Any]
-    records: list[dict[str, Any]]
-    params: dict[str, Any]
-    state: dict[str, Any]
-    checkpoint: Path
-    split: str
-    launched: float | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Read a trained and evaluated run; clear errors for what is missing."""
-    import yaml
-
-    from hepml_dist.spec import SpecError, parse_spec
-    from hepml_dist.track.tracker import read_metrics
-
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise UserError(f"{path}: no such run directory (give the folder `hepml train` wrote, e.g. runs/<job name>)")
-    spec_file = path / "spec.yaml"
-    if not spec_file.is_file():
-        raise UserError(f"{path}: no spec.yaml, so not a run directory written by `hepml train`")
-    evaluation_file = path / "metrics.json"
-    if not evaluation_file.is_file():
-        raise UserError(f"{path}: no evaluation (metrics.json); run `hepml evaluate {path}` first, then `hepml report {path}`")
-    try:
-        spec = parse_spec(yaml.safe_load(spec_file.read_text()), source=str(spec_file))
-    except SpecError as err:
-        raise UserError(f"{spec_file}: not a valid job spec ({err.problems[0]})") from None
-    try:
-        evaluation = json.loads(evaluation_file.read_text())
-        checkpoint, split = Path(evaluation["checkpoint"]), str(evaluation["split"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"{evaluation_file}: unreadable ({err}); run `hepml evaluate {path}` again") from None
-    # metrics.json names the checkpoint as `hepml evaluate` was given it (possibly relative to another directory):
-    # the run's own checkpoints folder is the reliable place to look
-    own = path / "checkpoints" / checkpoint.name
-    if own.is_dir() or not checkpoint.is_dir():
-        checkpoint = own
-    state_file = checkpoint / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    params_file = path / "params.json"
-    params = json.loads(params_file.read_text()) if params_file.is_file() else {}
-    return Run(path, spec, evaluation, read_metrics(path), params, state, checkpoint, split,
-               launched=spec_file.stat().st_mtime)
 
 
 def transformer_predictions(run: Run) -> dict[str, Any]:
@@ -165,7 +61,7 @@ def transformer_predictions(run: Run) -> dict[str, Any]:
     if not (run.checkpoint / "model.pt").is_file():
         raise UserError(f"{run.checkpoint}: the evaluated checkpoint is gone and {path.name} is missing; "
                         f"run `hepml evaluate {run.path}` again")
-    payload = predict_checkpoint(run.checkpoint, run.split)
+    payload = split_payload(run.checkpoint, run.split, verb="predicting")[1]
     save_predictions(path, payload, {"checkpoint": str(run.checkpoint), "split": run.split})
     return payload
 
@@ -175,17 +71,12 @@ def transformer_predictions(run: Run) -> dict[str, Any]:
 
 
 def baseline_applies(spec) -> bool:
-    from hepml_dist.evaluate.baseline import TAU_TASKS
-
-    return spec.data.train is not None and any(t.name in TAU_TASKS for t in spec.tasks)
+    return spec.data.train is not None and any(t.name in bl.TAU_TASKS for t in spec.tasks)
 
 
 def baseline_predictions(run: Run, max_train_jets: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(payload on the evaluated split, facts) of the baseline, fitted once per run and kept in RUN_DIR/baseline."""
-    from hepml_dist.evaluate import baseline as bl
-    from hepml_dist.train.launch import absolute_paths
-
-    spec = absolute_paths(run.spec)
+    spec = runs.absolute_paths(run.spec)
     tasks = [t.name for t in spec.tasks if t.name in bl.TAU_TASKS]
     key = {"version": BASELINE_VERSION, "train": spec.data.train, "test": getattr(spec.data, run.split),
            "split": run.split, "tasks": tasks, "max_train_jets": max_train_jets, "seed": spec.training.seed,
@@ -284,116 +175,16 @@ def response_numbers(response: np.ndarray) -> tuple[float, float]:
 # Facts
 
 
-def spec_hash(spec) -> str:
-    """sha256 of the resolved spec (canonical JSON), first 12 hex digits: equal hashes, equal jobs."""
-    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def dataset_facts(patterns) -> str:
-    """'DIR (process, N events, seed S): train a, val b, test c jets' from the manifest of a split folder."""
-    from hepml_dist.data.format import read_manifest
-
-    if not isinstance(patterns, str) or "*" in patterns or patterns.endswith(".tar"):
-        return html.escape(str(patterns))
-    root = Path(patterns).parent
-    try:
-        manifest = read_manifest(root)
-    except Exception:  # noqa: BLE001 - facts are best effort; the data may live elsewhere now
-        return html.escape(str(root))
-    generator = (manifest.meta or {}).get("generator") or {}
-    origin = f"{generator.get('process')}, {generator.get('events'):,} events, seed {generator.get('seed')}" \
-        if generator else manifest.schema
-    counts = ", ".join(f"{k} {v.examples:,}" for k, v in manifest.splits.items())
-    return f"<code>{html.escape(str(root))}</code> ({html.escape(str(origin))}): {counts}"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None or not np.isfinite(seconds) or seconds < 0:
-        return "n/a"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
-
-
-def run_facts(run: Run, parameters: int | None) -> list[tuple[str, str]]:
-    spec, state, records = run.spec, run.state, run.records
-    train_records = [r for r in records if "jets_per_s" in r]
-    rates = [r["jets_per_s"] for r in train_records[1:] or train_records]  # the first window holds start-up
-    workers = state.get("world_size", spec.parallel.num_workers)
-    step = int(state.get("step", 0))
-    global_batch = spec.data.batch_size * workers * spec.training.grad_accum
-    times = [r["time"] for r in records if r.get("time")]
-    finished = max(times + [state.get("time", 0)])
-    wall = finished - run.launched if run.launched and finished else None
-    if times and run.launched and run.launched > min(times):
-        wall_note = " (since the last launch of this run directory; earlier launches not counted)"
-    elif any("resumed_from" in r for r in records):
-        wall_note = " (launch to last log, including Ray start-up and a restart from a checkpoint)"
-    else:
-        wall_note = " (launch to last log, including Ray start-up)"
-    engine = f"{spec.parallel.strategy}" + (f" ZeRO-{spec.parallel.zero_stage}" if spec.parallel.strategy == "deepspeed" else "")
-    engine += f", {spec.training.multitask}, {spec.training.precision}"
-    info = run.params
-    facts = [
-        ("job", f"<b>{html.escape(spec.name)}</b>: {html.escape(spec.description or '')}"),
-        ("spec hash", f"<code>{spec_hash(spec)}</code> (sha256 of the resolved spec)"),
-        ("model", f"{spec.model.family}" + (f", {parameters:,} parameters" if parameters else "")),
-        ("tasks", ", ".join(html.escape(t.name) for t in spec.tasks)),
-        ("training data", dataset_facts(spec.data.train)),
-        ("evaluated on", f"{run.split} split, {int(max(run.evaluation.get('examples', {}).values() or [0])):,} jets; "
-                         f"checkpoint <code>{html.escape(run.checkpoint.name)}</code>"),
-        ("workers", f"{workers} x {', '.join(spec.parallel.accelerators)} ({html.escape(engine)})"),
-        ("steps", f"{step:,} optimizer steps x {global_batch:,} jets = {step * global_batch:,} jets seen "
-                  f"({step * global_batch / max(_train_examples(spec), 1):.1f} epochs of the train split)"),
-        ("wall time", _duration(wall) + wall_note),
-        ("throughput", f"{np.median(rates):,.0f} jets/s training (median over log windows; excludes validation "
-                       "and checkpoints)" if rates else "n/a"),
-        ("software", html.escape(", ".join(f"{k} {info[k]}" for k in ("torch", "ray", "python") if k in info)
-                                 + (f"; commit {info['git_commit'][:10]}" if info.get("git_commit") else ""))),
-        ("host", html.escape(str(info.get("driver_host", "n/a")))),
-    ]
-    return facts
-
-
-def _train_examples(spec) -> int:
-    from hepml_dist.data.format import read_manifest
-
-    try:
-        return read_manifest(Path(spec.data.train).parent).splits["train"].examples
-    except Exception:  # noqa: BLE001
-        return 0
-
-
-def _parameters(run: Run) -> int | None:
-    try:
-        import torch
-
-        state = torch.load(run.checkpoint / "model.pt", map_location="cpu", weights_only=True)
-        return int(sum(v.numel() for v in state.values()))
-    except Exception:  # noqa: BLE001 - a fact, not a requirement
-        return None
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Page assembly
 
 
 def _png(figure) -> str:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
     return base64.b64encode(buffer.getvalue()).decode()
 
-
-@dataclass
-class Section:
-    title: str
-    anchor: str
-    text: str = ""
-    images: list[tuple[str, str]] = field(default_factory=list)  # (base64 png, caption)
-    table: str = ""
 
 
 def _sample_label(spec) -> str:
@@ -404,8 +195,6 @@ def _sample_label(spec) -> str:
 def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_baseline: bool = True,
                  max_train_jets: int | None = None, log=print) -> Path:
     """Write the HTML report of a run; returns its path (RUN_DIR/report.html unless `out`)."""
-    from hepml_dist.evaluate import report_figures as rf
-
     started = time.perf_counter()
     run = load_run(run_dir)
     spec = run.spec
@@ -429,26 +218,23 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_bas
         if not present:
             continue
         if task.kind == "regression":
-            sections += _regression_section(task, present, headline, rf, sample, pt_label)
+            sections += _regression_section(task, present, headline, sample, pt_label)
         elif task.kind == "binary" and task.only_where is None:
-            sections.append(_tagging_section(task, present, headline, rf, sample))
+            sections.append(_tagging_section(task, present, headline, sample))
         elif task.kind == "binary":
-            sections.append(_property_section(task, present, headline, rf, sample, pt_label))
+            sections.append(_property_section(task, present, headline, sample, pt_label))
         else:
-            sections.append(_multiclass_section(task, present, headline, rf, sample))
+            sections.append(_multiclass_section(task, present, headline, sample))
     curves = Section("Training", "training", images=[(_png(rf.training_figure(run.records, sample)),
                      "Training loss per task and in total (averaged over each log window), validation loss and "
                      "scores at every evaluation, and the learning rate, against the optimizer step.")])
     sections.insert(0, curves)
 
-    facts = run_facts(run, _parameters(run))
-    page = _html(run, facts, headline, sections, list(models), baseline_meta, time.perf_counter() - started)
+    facts = run_facts(run, parameter_count(run))
+    page = render_page(run, facts, headline, sections, list(models), baseline_meta, time.perf_counter() - started)
     target = Path(out) if out else run.path / REPORT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    return files.write_text(target, page)
 
 
 def _drop_non_finite(model: str, payload: dict[str, Any], notes: list[str]) -> None:
@@ -465,11 +251,9 @@ def _drop_non_finite(model: str, payload: dict[str, Any], notes: list[str]) -> N
             payload["arrays"][task] = {k: v[finite] for k, v in arrays.items()}
 
 
-def _tagging_section(task, present, headline, rf, sample) -> Section:
+def _tagging_section(task, present, headline, sample) -> Section:
     classes = list(task.classes or ["background", "signal"])
     curves = {m: (a["label"].astype(int), log_ratio(a["scores"])) for m, a in present.items()}
-    from sklearn.metrics import roc_auc_score
-
     headline.append((f"{task.name}: AUC", {m: f"{roc_auc_score(l, s):.5f}" for m, (l, s) in curves.items()}))
     for wp in WORKING_POINTS:
         headline.append((f"{task.name}: {classes[0]} rejection at {100 * wp:.0f} % {classes[1]} efficiency",
@@ -492,7 +276,7 @@ def _tagging_section(task, present, headline, rf, sample) -> Section:
                                    "split (log scale; the tails decide the rejection at high purity).")])
 
 
-def _property_section(task, present, headline, rf, sample, pt_label) -> Section:
+def _property_section(task, present, headline, sample, pt_label) -> Section:
     """A binary property of a subset (tau charge): accuracy and the misidentification rate vs pT."""
     series = {}
     values = {}
@@ -506,9 +290,7 @@ def _property_section(task, present, headline, rf, sample, pt_label) -> Section:
     return Section(f"{task.name}: accuracy", task.name, text, [(_png(figure), f"Wrong {task.name} assignments in bins of pT.")])
 
 
-def _multiclass_section(task, present, headline, rf, sample) -> Section:
-    from hepml_dist.evaluate.metrics import confusion
-
+def _multiclass_section(task, present, headline, sample) -> Section:
     values, matrices = {}, {}
     for m, a in present.items():
         acc, err = accuracy(a["scores"], a["label"].astype(int))
@@ -524,7 +306,7 @@ def _multiclass_section(task, present, headline, rf, sample) -> Section:
                    [(_png(figure), "Each row (true class) sums to 100 %.")])
 
 
-def _regression_section(task, present, headline, rf, sample, pt_label) -> list[Section]:
+def _regression_section(task, present, headline, sample, pt_label) -> list[Section]:
     series = {}
     for m, a in present.items():
         found = pt_response(task, a)
@@ -553,92 +335,3 @@ def _regression_section(task, present, headline, rf, sample, pt_label) -> list[S
     return [Section(f"{task.name}: pT response and resolution", task.name, text,
                     [(_png(figure), "Median response (top) and resolution (bottom) in bins of the generated pT, "
                                    "from the 2nd percentile of the pT distribution upward.")])]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# HTML
-
-CSS = """
-body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#1d1d1f;line-height:1.45}
-h1{font-size:1.7em;margin-bottom:.1em} h2{border-bottom:2px solid #3f90da;padding-bottom:.2em;margin-top:2em}
-.sub{color:#666;margin-top:0} table{border-collapse:collapse;margin:1em 0;font-size:.95em}
-td,th{padding:.35em .8em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}
-th{background:#f4f6f8} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-.better{color:#1a7f37;font-weight:600} figure{margin:1.2em 0} img{max-width:100%;height:auto}
-figcaption{color:#555;font-size:.9em} code{background:#f4f6f8;padding:0 .25em;border-radius:3px}
-nav a{margin-right:1em} .note{color:#555;font-size:.9em}
-"""
-
-
-def _better(metric: str, texts: dict[str, str]) -> str | None:
-    """Which model wins a headline row (None if not comparable)."""
-    def number(text: str) -> float | None:
-        text = text.replace("&gt;", "").replace(",", "").split("&plusmn;")[0].split("/")[-1 if "resolution" in metric else 0]
-        try:
-            return float(text.strip().split()[0].rstrip("%"))
-        except (ValueError, IndexError):
-            return None
-
-    values = {m: number(t) for m, t in texts.items() if m in ("transformer", "baseline")}
-    if len(values) < 2 or None in values.values():
-        return None
-    lower_is_better = "resolution" in metric
-    if "response" in metric and not lower_is_better:
-        return None
-    best = min(values, key=values.get) if lower_is_better else max(values, key=values.get)
-    return best if values["transformer"] != values["baseline"] else None
-
-
-def _html(run: Run, facts, headline, sections: list[Section], models: list[str], baseline_meta, seconds: float) -> str:
-    from hepml_dist.evaluate.baseline import JET_QUANTITIES
-
-    columns = models + (["reco jet"] if any("reco jet" in v for _, v in headline) else [])
-    rows = []
-    for metric, values in headline:
-        winner = _better(metric, values)
-        cells = "".join(
-            f'<td class="num{" better" if m == winner else ""}">{values.get(m, "")}</td>' for m in columns)
-        rows.append(f"<tr><td>{html.escape(metric)}</td>{cells}</tr>")
-    summary = (f"<table><tr><th>metric (test split)</th>{''.join(f'<th>{m}</th>' for m in columns)}</tr>"
-               f"{''.join(rows)}</table>")
-    facts_html = "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts) + "</table>"
-    nav = '<a href="#summary">summary</a><a href="#facts">run</a>' + "".join(
-        f'<a href="#{s.anchor}">{html.escape(s.title.split(":")[0])}</a>' for s in sections)
-    body = []
-    for s in sections:
-        parts = [f'<h2 id="{s.anchor}">{html.escape(s.title)}</h2>']
-        if s.text:
-            parts.append(f"<p>{s.text}</p>")
-        for png, caption in s.images:
-            parts.append(f'<figure><img alt="{html.escape(s.title)}" src="data:image/png;base64,{png}">'
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-        body.append("\n".join(parts))
-    if baseline_meta:
-        jets = baseline_meta.get("train_jets", {})
-        quantities = "".join(f"<tr><td><code>{k}</code></td><td>{html.escape(v)}</td></tr>" for k, v in JET_QUANTITIES.items())
-        baseline_html = (
-            '<h2 id="baseline">The baseline</h2><p>scikit-learn <code>HistGradientBoostingClassifier</code> '
-            "(tau ID on all jets; charge and decay mode on tau jets) and <code>HistGradientBoostingRegressor</code> "
-            "(absolute error, log(pT_vis / pT_jet) on tau jets), 31 leaves, learning rate 0.1, L2 1.0, at least 100 "
-            "jets per leaf, early stopping on 10 % of the training jets. Fitted on the <b>same train split</b> as the transformer ("
-            + ", ".join(f"{t} {n:,}" for t, n in jets.items())
-            + f" jets) in {baseline_meta.get('fit_seconds', 0):.0f} s, evaluated on the same test jets. Its inputs, "
-            f"one row per jet computed from the stored candidates:</p><table>{quantities}</table>")
-        body.append(baseline_html)
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in run.notes)
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(run.spec.name)}: run report</title>
-<style>{CSS}</style></head><body>
-<h1>{html.escape(run.spec.name)}</h1>
-<p class="sub">run report of <code>{html.escape(str(run.path.resolve()))}</code>, written {generated} by
-<code>hepml report</code> in {seconds:.0f} s</p>
-<nav>{nav}{'<a href="#baseline">baseline</a>' if baseline_meta else ''}</nav>
-<h2 id="summary">Summary</h2>{summary}
-<p class="note">Green: the better of transformer and baseline. All numbers from the same test jets and the same code.</p>
-<h2 id="facts">Run</h2>{facts_html}
-{''.join(body)}
-{f'<h2>Notes</h2><ul>{notes}</ul>' if notes else ''}
-</body></html>
-"""

@@ -8,10 +8,9 @@ widths. Nothing here reads files; `report.py` gathers the arrays.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import logging
 
 import matplotlib
 
@@ -24,6 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mplhep  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import roc_curve
 
 STYLE = mplhep.style.ROOT
 # One colour per model, the same in every figure: the network, the baseline, the uncorrected reference.
@@ -55,8 +56,6 @@ def label_axes(ax, right: str = "", left: str = "Simulation", x: float = 0.0, y:
 
 
 def integer_steps(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
 
 
@@ -110,8 +109,6 @@ def training_figure(records: Sequence[Mapping[str, Any]], sample: str = "") -> F
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(signal efficiency, background efficiency) along the score."""
-    from sklearn.metrics import roc_curve
-
     fpr, tpr, _ = roc_curve(labels, scores)
     return tpr, fpr
 

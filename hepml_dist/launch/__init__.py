@@ -1,1 +1,1 @@
-"""Launching jobs on clusters: the Ray Jobs API client (and SLURM rendering, in its own module)."""
+"""Launching jobs on clusters: the Ray Jobs API client (`ray_jobs.py`) and SLURM rendering and submission (`slurm.py`)."""

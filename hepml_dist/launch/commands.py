@@ -1,14 +1,30 @@
-"""The `hepml slurm ...` command group: render and submit a job as a SLURM batch job running a Ray cluster."""
+"""Launching jobs on clusters: `hepml submit/status/logs` (the Ray Jobs API of a running cluster) and the
+`hepml slurm ...` group (render and submit a job as a SLURM batch job running a Ray cluster)."""
 
 import datetime
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
+from hepml_dist import files
+from hepml_dist.cli.options import JobsApiAddress, Overrides
 from hepml_dist.errors import UserError
+from hepml_dist.launch import ray_jobs
+from hepml_dist.launch.slurm import (
+    cluster_dir,
+    follow,
+    load_site,
+    render_sbatch,
+    site_names,
+    submit_script,
+    wait_for_nodes,
+)
+from hepml_dist.spec import load_job
+
+app = typer.Typer()
 
 slurm_app = typer.Typer(
     no_args_is_help=True,
@@ -19,10 +35,6 @@ JobArg = Annotated[Path, typer.Argument(help="Job file.")]
 SiteOpt = Annotated[
     str | None,
     typer.Option("--site", help="Site profile: a name in cluster/sites/ (lumi, a100, local) or a path to a site YAML."),
-]
-Overrides = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="Override a job field, e.g. --set cluster.slurm.nodes=4 (repeatable)."),
 ]
 SiteOverrides = Annotated[
     list[str] | None,
@@ -48,10 +60,7 @@ RunDirOpt = Annotated[
 
 def _render(job: Path, site: str | None, overrides: list[str] | None, site_overrides: list[str] | None,
             run_dir: str | None, hold: bool = False):  # type: ignore[no-untyped-def]
-    from hepml_dist.cli import load
-    from hepml_dist.launch.slurm import load_site, render_sbatch
-
-    spec = load(job, overrides)
+    spec = load_job(job, overrides or [])
     site_name = site or spec.cluster.slurm.site
     if not site_name:
         raise UserError(f"{job}: no site: pass --site NAME (one of cluster/sites/) or set cluster.slurm.site")
@@ -74,12 +83,13 @@ def render(
     if output is None:
         typer.echo(script, nl=False)
         return
-    _write_atomic(output, script)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    files.write_text(output, script, mode=0o755)
     typer.echo(f"wrote {output}", err=True)
 
 
 @slurm_app.command("submit")
-def submit(
+def submit_to_slurm(
     job: JobArg,
     site: SiteOpt = None,
     overrides: Overrides = None,
@@ -92,16 +102,12 @@ def submit(
     ] = None,
 ) -> None:
     """Render JOB for SITE, keep the script in the site's log_dir, and sbatch it."""
-    from rich.console import Console
-
-    from hepml_dist.launch.slurm import follow, submit_script
-
     spec, profile, script = _render(job, site, overrides, site_overrides, run_dir, hold)
     log_dir = Path(profile.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     script_path = log_dir / f"{spec.name}-{stamp}.sbatch"
-    _write_atomic(script_path, script)
+    files.write_text(script_path, script, mode=0o755)
     job_id = submit_script(script_path, sbatch_args or [])
     out = log_dir / f"{spec.name}-{job_id}.out"
     typer.echo(f"submitted job {job_id} ({spec.name} on {profile.name}, {spec.cluster.slurm.nodes} node(s))")
@@ -126,11 +132,6 @@ def submit(
 @slurm_app.command("sites")
 def sites() -> None:
     """Table of the site profiles in cluster/sites/."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from hepml_dist.launch.slurm import cluster_dir, load_site, site_names
-
     names = site_names()
     if not names:
         raise UserError(f"no site profiles in {cluster_dir() / 'sites'}")
@@ -151,8 +152,6 @@ def wait_nodes(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 300.0,
 ) -> None:
     """Wait until NODES Ray nodes have joined the cluster at ADDRESS (used by the sbatch script)."""
-    from hepml_dist.launch.slurm import wait_for_nodes
-
     alive = wait_for_nodes(address, nodes, timeout)
     typer.echo(f"Ray cluster ready: {len(alive)} node{'s' if len(alive) > 1 else ''}")
     for node in sorted(alive, key=lambda n: (not n["head"], n["address"])):
@@ -161,14 +160,34 @@ def wait_nodes(
         typer.echo(f"  {role} {node['address']}: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
+app.add_typer(slurm_app, name="slurm")
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(slurm_app, name="slurm")
+# ----------------------------------------------------------------------------------------------------------------
+# The Ray Jobs API of a running cluster
+
+
+@app.command()
+def submit(
+    job: Annotated[Path, typer.Argument(help="Job file.")],
+    address: Annotated[str, typer.Option("--address", help="Ray Jobs API of the cluster, e.g. http://HOST:8265.")],
+    overrides: Overrides = None,
+    run_dir: Annotated[str | None, typer.Option("--run-dir", help="Absolute run directory on the cluster's shared storage.")] = None,
+    ship_code: Annotated[bool, typer.Option("--ship-code/--no-ship-code", help="Send the local hepml_dist package with the job.")] = True,
+) -> None:
+    """Submit a job to a running Ray cluster through the Jobs API; prints the submission id."""
+    job_id = ray_jobs.submit(load_job(job, overrides or []), address, run_dir=run_dir, ship_code=ship_code)
+    typer.echo(job_id)
+
+
+@app.command()
+def status(job_id: Annotated[str, typer.Argument(help="Submission id from `hepml submit`.")], address: JobsApiAddress = None) -> None:
+    """Status of a submitted job."""
+    info = ray_jobs.status(job_id, address)
+    typer.echo(f"{info['id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+
+
+@app.command()
+def logs(job_id: Annotated[str, typer.Argument(help="Submission id from `hepml submit`.")], address: JobsApiAddress = None) -> None:
+    """Logs of a submitted job."""
+    typer.echo(ray_jobs.logs(job_id, address), nl=False)

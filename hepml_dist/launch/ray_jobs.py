@@ -12,6 +12,9 @@ import time
 import uuid
 from pathlib import Path
 
+from ray.job_submission import JobSubmissionClient
+
+import hepml_dist
 from hepml_dist.errors import UserError
 from hepml_dist.spec import JobSpec, dump_spec
 
@@ -20,8 +23,6 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def client(address: str | None):
-    from ray.job_submission import JobSubmissionClient
-
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     try:
         return JobSubmissionClient(address)
@@ -33,8 +34,6 @@ def client(address: str | None):
 def submit(spec: JobSpec, address: str, *, run_dir: str | None = None, ship_code: bool = True,
            submission_id: str | None = None) -> str:
     """Submit the job; returns the submission id."""
-    import hepml_dist
-
     target = run_dir or (str(Path(spec.cluster.storage_path) / spec.name) if spec.cluster.storage_path else None)
     if target is None or not os.path.isabs(target):
         raise UserError(

@@ -19,14 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
 from pydantic import Field, ValidationError, field_validator
+from ray._raylet import GcsClient
 
 from hepml_dist.errors import UserError
 from hepml_dist.spec import JobSpec, SpecError, dump_spec
 from hepml_dist.spec.base import Section
 from hepml_dist.spec.loader import deep_merge, resolve_extends
-from hepml_dist.spec.parallel import ACCELERATOR_VENDOR, Accelerator
+from hepml_dist.spec.parallel import ACCELERATORS, Accelerator
 
 TEMPLATE = "ray-cluster.sbatch.j2"
 DEFAULT_TRAIN_COMMAND = "hepml train {job} --address {address} --run-dir {run_dir}"
@@ -138,7 +140,7 @@ class SiteProfile(Section):
 
     @property
     def vendor(self) -> str:
-        return ACCELERATOR_VENDOR[self.accelerators[0]]
+        return ACCELERATORS[self.accelerators[0]].vendor
 
 
 # ----------------------------------------------------------------------------------------------------- site files
@@ -313,7 +315,6 @@ def plan(spec: JobSpec, site: SiteProfile, run_dir: str | None = None) -> Plan:
 
 
 def _environment():  # type: ignore[no-untyped-def]
-    import jinja2
 
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(cluster_dir() / "slurm"),
@@ -455,8 +456,6 @@ def alive_nodes(address: str, timeout_s: float = 10.0) -> list[dict[str, Any]]:
     """The alive nodes of the Ray cluster at `address`, from its GCS (as `ray status` reads them): no driver is
     started, so this works before any raylet has registered. Connecting blocks for about 30 s when nothing listens
     at `address`; the sbatch script only calls it once the head's port answers."""
-    from ray._raylet import GcsClient  # Ray's own GCS client (Ray is pinned by requirements.lock)
-
     try:
         infos = GcsClient(address=address).get_all_node_info(timeout=timeout_s).values()
     except Exception as err:  # noqa: BLE001 - RPC errors come in several types; the caller retries

@@ -1,16 +1,10 @@
-"""Model families. Each family module registers a builder; `build_model(spec)` looks it up by `spec.model.family`."""
+"""Model families, one package each (part, aot, omnijet, mlpf): architecture, losses and registration.
 
-from hepml_dist.models.registry import FAMILIES, ModelFamily, build_model, get_family, register_family
-from hepml_dist.spec import JobSpec
+`build_model(spec)` builds the model of a job through the registry; `get_family(name)` gives its losses and hooks.
+Shared layers are in `blocks.py`, the task losses shared by families in `losses.py`. Model code is single-device:
+data parallelism is applied from outside (hepml_dist.train).
+"""
 
-
-def count_parameters(spec: JobSpec) -> int:
-    """Number of parameters of the job's model (built on the meta device: no memory, no initialisation cost)."""
-    import torch
-
-    with torch.device("meta"):
-        model = build_model(spec)
-    return sum(p.numel() for p in model.parameters())
-
+from hepml_dist.models.registry import FAMILIES, ModelFamily, build_model, count_parameters, get_family, register_family
 
 __all__ = ["FAMILIES", "ModelFamily", "build_model", "count_parameters", "get_family", "register_family"]

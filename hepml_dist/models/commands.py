@@ -1,34 +1,57 @@
-"""The `hepml export` command group: trained models to inference formats."""
+"""`hepml jobs`: the jobs of a folder with their model family, tasks, parameter count and parallel strategy."""
 
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-export_app = typer.Typer(no_args_is_help=True, help="Export trained models for inference (ONNX).")
+from hepml_dist.errors import UserError
+from hepml_dist.models import count_parameters
+from hepml_dist.spec import JobSpec, SpecError, load_job
 
-
-@export_app.command("onnx")
-def onnx(
-    source: Annotated[Path, typer.Argument(help="Run directory (best checkpoint, else latest) or a checkpoint folder.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX file; default CHECKPOINT/model.onnx.")] = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
-    check: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch on random jets first.")] = True,
-) -> None:
-    """Export a ParT-family (ParT, Sophon, Multi/SingleParTau) or AOT model to ONNX with dynamic batch and length.
-
-    ParT jobs keep weaver's I/O names (pf_features, pf_vectors, pf_mask -> softmax); FILE.json lists the columns.
-    """
-    from hepml_dist.models.export import export_onnx  # imports torch
-
-    result = export_onnx(source, out, opset=opset, check=check)
-    typer.echo(f"wrote {result.path}")
-    typer.echo(f"  inputs:  {', '.join(result.inputs)}")
-    for name, columns in result.outputs.items():
-        typer.echo(f"  output:  {name} [N, {len(columns)}]")
-    if result.max_abs_difference is not None:
-        typer.echo(f"  onnxruntime vs PyTorch: max |difference| = {result.max_abs_difference:.1e}")
+app = typer.Typer()
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(export_app, name="export")
+def parameters(spec: JobSpec) -> str:
+    """The model's parameter count, or why it cannot be counted."""
+    try:
+        return str(count_parameters(spec))
+    except (KeyError, ModuleNotFoundError) as err:
+        return f"unknown ({err})"
+
+
+@app.command("jobs")
+def list_jobs(directory: Annotated[Path, typer.Argument(help="Folder of job files.")] = Path("jobs")) -> None:
+    """Table of the jobs in a folder: model family, tasks and parallel strategy."""
+    files = sorted(directory.glob("*.yaml"))
+    if not files:
+        raise UserError(f"no job files (*.yaml) in {directory}")
+    table = Table(title=f"jobs in {directory}")
+    table.add_column("job", no_wrap=True)
+    for column in ("family", "tasks", "params", "strategy", "workers"):
+        table.add_column(column)
+    invalid = 0
+    for path in files:
+        try:
+            spec = load_job(path)
+        except SpecError as err:
+            invalid += 1
+            table.add_row(path.stem, "[red]invalid[/red]", str(err.problems[0].message), "", "", "")
+            continue
+        strategy = spec.parallel.strategy
+        if strategy == "deepspeed":
+            strategy += f" ZeRO-{spec.parallel.zero_stage}"
+        count = parameters(spec)
+        table.add_row(
+            path.stem,
+            spec.model.family,
+            ", ".join(t.name for t in spec.tasks),
+            f"{int(count):,}" if count.isdigit() else "?",
+            strategy,
+            f"{spec.parallel.num_workers} x {', '.join(spec.parallel.accelerators)}",
+        )
+    Console(width=160 if not Console().is_terminal else None).print(table)
+    if invalid:
+        raise typer.Exit(2)

@@ -5,9 +5,14 @@ from typing import Annotated
 
 import typer
 
-from hepml_dist.data.commands import data_app
+from hepml_dist.errors import UserError
+from hepml_dist.omnijet.generate import generate_jets
+from hepml_dist.omnijet.tokenize import tokenize_dataset
+
+app = typer.Typer()
 
 
+@app.command()
 def tokenize(
     run_dir: Annotated[Path, typer.Argument(help="Trained tokenizer: run directory or checkpoint folder.")],
     data: Annotated[Path, typer.Option("--data", help="Jet dataset (folder with manifest.json) or one split folder.")],
@@ -20,13 +25,12 @@ def tokenize(
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
 ) -> None:
     """Turn a jet dataset into OmniJet token shards with a trained tokenizer (resumes an interrupted run)."""
-    from hepml_dist.omnijet.tokenize import tokenize_dataset
-
     manifest = tokenize_dataset(run_dir, data, out, max_length, batch_size, device)
     counts = ", ".join(f"{split} {info.examples}" for split, info in manifest.splits.items())
     typer.echo(f"wrote {out} ({counts} jets, vocabulary {manifest.meta['vocab_size']})")
 
 
+@app.command()
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="Trained OmniJet backbone: run directory or checkpoint folder.")],
     jets: Annotated[int, typer.Option("--jets", help="Number of jets to sample.")],
@@ -38,15 +42,7 @@ def generate(
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
 ) -> None:
     """Sample jets from a trained OmniJet-alpha backbone and decode them to constituents (pT, Delta eta, Delta phi)."""
-    from hepml_dist.errors import UserError
-    from hepml_dist.omnijet.generate import generate_jets
-
     if temperature <= 0:
         raise UserError("--temperature must be positive")
     path = generate_jets(run_dir, jets, out, tokenizer, batch_size, temperature, seed, device)
     typer.echo(f"wrote {jets} jets to {path}")
-
-
-def register(app: typer.Typer) -> None:
-    data_app.command("tokenize")(tokenize)
-    app.command("generate")(generate)

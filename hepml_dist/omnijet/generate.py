@@ -9,12 +9,16 @@ file with one row per jet: `part_pt` (GeV), `part_etarel`, `part_phirel` lists a
 import os
 from pathlib import Path
 
+import awkward as ak
 import numpy as np
+import torch
+from rich.progress import Progress
 
-from hepml_dist.data.format import MANIFEST_NAME, read_manifest
+from hepml_dist.data.manifest import MANIFEST_NAME, read_manifest
 from hepml_dist.errors import UserError
 from hepml_dist.omnijet.preprocess import physical_constituents, tokens_to_codes
 from hepml_dist.omnijet.tokenize import require_stage
+from hepml_dist.runs import load_trained
 
 
 def find_tokenizer(spec) -> Path:
@@ -41,12 +45,6 @@ def generate_jets(
     seed: int = 0,
     device: str = "cpu",
 ) -> Path:
-    import awkward as ak
-    import torch
-    from rich.progress import Progress
-
-    from hepml_dist.train.checkpoint import load_trained
-
     spec, generator = load_trained(run_dir)
     require_stage(spec, "backbone", run_dir)
     if n_jets < 1:

@@ -12,20 +12,24 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
+import webdataset as wds
+from rich.progress import Progress
 
-from hepml_dist.data.format import (
+from hepml_dist.data.manifest import (
     MANIFEST_NAME,
     ColumnInfo,
     Manifest,
     ShardInfo,
     SplitInfo,
     file_sha256,
-    iter_shard_chunks,
     read_manifest,
-    write_json_atomic,
 )
+from hepml_dist.data.reader import iter_shard_chunks
 from hepml_dist.errors import UserError
+from hepml_dist.files import write_json
 from hepml_dist.omnijet.preprocess import codes_to_tokens, constituent_features
+from hepml_dist.runs import load_trained, resolve_checkpoint
 
 SCHEMA = "omnijet-tokens"
 CONSTITUENTS = ("part_px", "part_py", "part_pz", "part_energy", "part_n")
@@ -51,8 +55,6 @@ def require_stage(spec, stage: str, path: Path) -> None:
 
 def tokenize_chunk(model, columns: dict[str, np.ndarray], length: int, batch_size: int, device: str) -> dict[str, np.ndarray]:
     """Token columns of one chunk of jets, plus its per-jet columns."""
-    import torch
-
     features, mask = constituent_features(columns, length - 2)
     codes = np.zeros(mask.shape, dtype=np.int64)
     for start in range(0, len(features), batch_size):
@@ -67,8 +69,6 @@ def tokenize_chunk(model, columns: dict[str, np.ndarray], length: int, batch_siz
 
 def _write_shard(path: Path, split: str, index: int, chunks: list[dict[str, np.ndarray]]) -> None:
     """One tar of chunks with the member names of the shard format (`<split>_<shard>_<chunk>.<column>.npy`)."""
-    import webdataset as wds
-
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with wds.TarWriter(str(tmp), mtime=0, user="hepml", group="hepml", mode=0o444) as writer:
         for c, chunk in enumerate(chunks):
@@ -89,10 +89,6 @@ def tokenize_dataset(
     run_dir: Path, source: Path, out: Path, length: int | None = None, batch_size: int = 2048, device: str = "cpu"
 ) -> Manifest:
     """Tokenize the splits of `source` into `out` with the tokenizer of `run_dir`; returns the written manifest."""
-    from rich.progress import Progress
-
-    from hepml_dist.train.checkpoint import load_trained, resolve_checkpoint
-
     checkpoint = resolve_checkpoint(run_dir)
     spec, model = load_trained(checkpoint)
     require_stage(spec, "tokenizer", run_dir)
@@ -141,5 +137,5 @@ def tokenize_dataset(
         },
         root=out,
     )
-    write_json_atomic(out / MANIFEST_NAME, manifest.to_dict())
+    write_json(out / MANIFEST_NAME, manifest.to_dict())
     return manifest

@@ -7,7 +7,8 @@ from pydantic import Field, model_validator
 from hepml_dist.spec.base import Section
 
 # Named input representations and the number of per-constituent (or per-object) channels they produce.
-# The vectorised builders live in hepml_dist.data.features; a test checks both lists agree.
+# The one declaration of each feature set: its builder in hepml_dist.data.features takes the channel count
+# from here (and refuses to import if the two lists differ).
 FEATURE_SETS: dict[str, int] = {
     "part_full": 17,  # ParT JetClass "full": kinematics, particle ID, trajectory displacement
     "part_kinpid": 13,

@@ -1,6 +1,6 @@
 """The JobSpec: the one typed tree that describes a training job end to end."""
 
-from typing import Annotated, Union
+from typing import Annotated, Union, get_args
 
 from pydantic import Field
 
@@ -16,11 +16,12 @@ from hepml_dist.spec.run import CheckpointSpec, ClusterSpec, TrackingSpec
 from hepml_dist.spec.tasks import TaskSpec
 from hepml_dist.spec.training import TrainingSpec
 
+# The model families: one spec each, here; everything else (the registry, error messages) derives from this union.
 ModelSpec = Annotated[
     Union[PartModelSpec, OmniJetModelSpec, MlpfModelSpec, AotModelSpec],
     Field(discriminator="family"),
 ]
-MODEL_FAMILIES = ("part", "omnijet", "mlpf", "aot")
+MODEL_FAMILIES: tuple[str, ...] = tuple(m.model_fields["family"].default for m in get_args(get_args(ModelSpec)[0]))
 
 
 class JobSpec(Section):

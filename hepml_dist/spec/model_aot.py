@@ -1,13 +1,14 @@
 """Spec of the AnalysisObjectTransformer: event classification from reconstructed objects plus event features."""
 
+from collections.abc import Iterator
 from typing import Literal
 
 from pydantic import Field
 
-from hepml_dist.spec.base import Section
+from hepml_dist.spec.base import ModelSection
 
 
-class AotModelSpec(Section):
+class AotModelSpec(ModelSection):
     """Object embedding, self-attention over objects, CaiT class attention, event features joined before the head."""
 
     family: Literal["aot"] = "aot"
@@ -29,3 +30,6 @@ class AotModelSpec(Section):
     """Hidden widths of the output MLP."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout in attention blocks and the head's hidden layers (never after the output layer)."""
+
+    def attention_widths(self) -> Iterator[tuple[str, int, str, int]]:
+        yield "model.embed_dims", self.embed_dims[-1], "model.num_heads", self.num_heads

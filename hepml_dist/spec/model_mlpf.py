@@ -4,10 +4,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from hepml_dist.spec.base import Section
+from hepml_dist.spec.base import ModelSection
 
 
-class MlpfModelSpec(Section):
+class MlpfModelSpec(ModelSection):
     """Element embedding per type, separate attention stacks for identification and regression, per-element heads."""
 
     family: Literal["mlpf"] = "mlpf"

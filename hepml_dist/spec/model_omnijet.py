@@ -3,11 +3,13 @@
 Defaults follow the released 8192-token OmniJet-alpha models (arXiv:2403.05618, uhh-pd-ml/omnijet_alpha).
 """
 
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 from pydantic import Field
 
-from hepml_dist.spec.base import Section
+from hepml_dist.spec.base import Finding, ModelSection, Section
+from hepml_dist.spec.tasks import TaskSpec
 
 
 class TokenizerSpec(Section):
@@ -69,7 +71,7 @@ class OmniHeadSpec(Section):
     """class_attention: heads of the cross-attention (the backbone width must be divisible by it)."""
 
 
-class OmniJetModelSpec(Section):
+class OmniJetModelSpec(ModelSection):
     """One stage of the OmniJet-alpha chain; later stages start from the earlier stage's checkpoint (`training.init_from`)."""
 
     family: Literal["omnijet"] = "omnijet"
@@ -82,3 +84,21 @@ class OmniJetModelSpec(Section):
     """The generative backbone."""
     head: OmniHeadSpec = Field(default_factory=OmniHeadSpec)
     """The task head (classifier stage only)."""
+
+    def attention_widths(self) -> Iterator[tuple[str, int, str, int]]:
+        yield "model.backbone.embedding_dim", self.backbone.embedding_dim, "model.backbone.num_heads", self.backbone.num_heads
+        yield "model.tokenizer.hidden_dim", self.tokenizer.hidden_dim, "model.tokenizer.num_heads", self.tokenizer.num_heads
+        if self.stage == "classifier" and self.head.kind == "class_attention":
+            yield "model.backbone.embedding_dim", self.backbone.embedding_dim, "model.head.num_heads", self.head.num_heads
+
+    def check(self, tasks: Sequence[TaskSpec]) -> Iterator[Finding]:
+        if self.stage != "backbone":
+            return
+        vocabulary = self.tokenizer.codebook_size + 2
+        for i, task in enumerate(tasks):
+            if task.kind == "multiclass" and task.output_dim != vocabulary:
+                yield (
+                    f"tasks[{i}].num_classes",
+                    f"next-token prediction over {self.tokenizer.codebook_size} codes has {vocabulary} classes "
+                    "(codes + start + stop); set num_classes to that",
+                )

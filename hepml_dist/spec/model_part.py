@@ -3,11 +3,12 @@
 Defaults are the ParT paper configuration (arXiv:2202.03772, weaver-core 2022 model).
 """
 
+from collections.abc import Iterator
 from typing import Literal
 
 from pydantic import Field
 
-from hepml_dist.spec.base import Section
+from hepml_dist.spec.base import ModelSection, Section
 
 
 class HeadSpec(Section):
@@ -21,7 +22,7 @@ class HeadSpec(Section):
     """Dropout after each hidden activation; a task may override it with `tasks[i].head_dropout`."""
 
 
-class PartModelSpec(Section):
+class PartModelSpec(ModelSection):
     """Particle Transformer: particle embedding, pair-feature attention bias, particle and class-attention blocks."""
 
     family: Literal["part"] = "part"
@@ -60,3 +61,6 @@ class PartModelSpec(Section):
     depth-scaled output projections (weaver-core since 2024, used by Sophon)."""
     export_embed: bool = False
     """ONNX export appends the class-token embedding to the softmax output (Sophon: 188 + 128 = 316 columns)."""
+
+    def attention_widths(self) -> Iterator[tuple[str, int, str, int]]:
+        yield "model.embed_dims", self.embed_dims[-1], "model.num_heads", self.num_heads

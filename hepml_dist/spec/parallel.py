@@ -1,20 +1,30 @@
 """Spec of the parallel execution: workers, strategy and accelerators."""
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field
 
 from hepml_dist.spec.base import Section
 
-Accelerator = Literal["cpu", "A100", "H100", "MI250X", "MI300X"]
 
-ACCELERATOR_VENDOR: dict[str, str] = {
-    "cpu": "cpu",
-    "A100": "nvidia",
-    "H100": "nvidia",
-    "MI250X": "amd",
-    "MI300X": "amd",
+@dataclass(frozen=True)
+class AcceleratorInfo:
+    vendor: str
+    """cpu, nvidia (NCCL) or amd (RCCL): one job uses one vendor."""
+    ray_type: str | None
+    """Ray's accelerator_type label (ray/python/ray/util/accelerators); None places workers anywhere."""
+
+
+# The accelerators a job may name: the one table the spec, the rules and the Ray launcher read.
+ACCELERATORS: dict[str, AcceleratorInfo] = {
+    "cpu": AcceleratorInfo("cpu", None),
+    "A100": AcceleratorInfo("nvidia", "A100"),
+    "H100": AcceleratorInfo("nvidia", "H100"),
+    "MI250X": AcceleratorInfo("amd", "AMD-Instinct-MI250X"),
+    "MI300X": AcceleratorInfo("amd", "AMD-Instinct-MI300X-OAM"),
 }
+Accelerator = Literal[tuple(ACCELERATORS)]  # type: ignore[valid-type]
 
 
 class ParallelSpec(Section):

@@ -1,17 +1,18 @@
 """Cross-field rules of the job spec: the checks that need more than one field, phrased for physicists.
 
-Each rule looks at a validated JobSpec and yields (field path, message) for every problem it finds.
+Each rule looks at a validated JobSpec and yields (field path, message) for every problem it finds. The rules of
+one model family are methods of that family's model spec (`attention_widths`, `check`), called from here.
 """
 
 import re
 from collections.abc import Callable, Iterator
 
+from hepml_dist.spec.base import Finding
 from hepml_dist.spec.data import FEATURE_SETS
 from hepml_dist.spec.job import JobSpec
-from hepml_dist.spec.parallel import ACCELERATOR_VENDOR
+from hepml_dist.spec.parallel import ACCELERATORS
 from hepml_dist.spec.tasks import LOSSES_FOR_KIND
 
-Finding = tuple[str, str]
 Rule = Callable[[JobSpec], Iterator[Finding]]
 RULES: list[Rule] = []
 
@@ -59,7 +60,7 @@ def pcgrad_needs_unsharded_gradients(spec: JobSpec) -> Iterator[Finding]:
 
 @rule
 def one_accelerator_vendor(spec: JobSpec) -> Iterator[Finding]:
-    vendors = {ACCELERATOR_VENDOR[a] for a in spec.parallel.accelerators}
+    vendors = {ACCELERATORS[a].vendor for a in spec.parallel.accelerators}
     if len(vendors) > 1:
         yield (
             "parallel.accelerator",
@@ -97,20 +98,9 @@ def deepspeed_settings(spec: JobSpec) -> Iterator[Finding]:
         yield "parallel.offload", "optimizer offload needs ZeRO stage >= 1"
 
 
-def _model_width_and_heads(spec: JobSpec) -> Iterator[tuple[str, int, str, int]]:
-    m = spec.model
-    if m.family in ("part", "aot"):
-        yield "model.embed_dims", m.embed_dims[-1], "model.num_heads", m.num_heads
-    elif m.family == "omnijet":
-        yield "model.backbone.embedding_dim", m.backbone.embedding_dim, "model.backbone.num_heads", m.backbone.num_heads
-        yield "model.tokenizer.hidden_dim", m.tokenizer.hidden_dim, "model.tokenizer.num_heads", m.tokenizer.num_heads
-        if m.stage == "classifier" and m.head.kind == "class_attention":
-            yield "model.backbone.embedding_dim", m.backbone.embedding_dim, "model.head.num_heads", m.head.num_heads
-
-
 @rule
 def embed_dims_divisible_by_heads(spec: JobSpec) -> Iterator[Finding]:
-    for dim_path, dim, heads_path, heads in _model_width_and_heads(spec):
+    for dim_path, dim, heads_path, heads in spec.model.attention_widths():
         if dim % heads:
             yield dim_path, f"model width {dim} is not divisible by {heads} attention heads ({heads_path})"
 
@@ -188,15 +178,5 @@ def fine_tuning(spec: JobSpec) -> Iterator[Finding]:
 
 
 @rule
-def omnijet_vocabulary(spec: JobSpec) -> Iterator[Finding]:
-    m = spec.model
-    if m.family != "omnijet" or m.stage != "backbone":
-        return
-    vocabulary = m.tokenizer.codebook_size + 2
-    for i, task in enumerate(spec.tasks):
-        if task.kind == "multiclass" and task.output_dim != vocabulary:
-            yield (
-                f"tasks[{i}].num_classes",
-                f"next-token prediction over {m.tokenizer.codebook_size} codes has {vocabulary} classes "
-                "(codes + start + stop); set num_classes to that",
-            )
+def model_family(spec: JobSpec) -> Iterator[Finding]:
+    yield from spec.model.check(spec.tasks)

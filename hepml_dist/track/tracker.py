@@ -14,13 +14,17 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+import ray
+import torch
+
 from hepml_dist.spec import JobSpec
 
 METRICS_FILE = "metrics.jsonl"
 COMET_DIR = "comet"
 COMET_KEY_FILE = "experiment.json"  # the experiment key (not a secret), to continue the experiment on resume
 
-# Comet switches that keep it from probing the machine and the network (see shared/reference/feasibility_ml.md).
+# Comet switches that keep it from probing the machine and the network (cloud metadata, host IP, git): an offline
+# run sends nothing beyond loopback.
 COMET_QUIET_ENV = {
     "COMET_AUTO_LOG_ENV_DETAILS": "false",
     "COMET_AUTO_LOG_ENV_HOST": "false",
@@ -132,7 +136,7 @@ class CometTracker:
     def create(cls, spec: JobSpec, run_dir: str | Path) -> "CometTracker":
         for key, value in COMET_QUIET_ENV.items():
             os.environ.setdefault(key, value)
-        import comet_ml
+        import comet_ml  # ~1 s to import, and runs with tracking.mode disabled never need it
 
         folder = Path(run_dir) / COMET_DIR
         folder.mkdir(parents=True, exist_ok=True)
@@ -223,9 +227,6 @@ def container_image(spec: JobSpec) -> str | None:
 
 def run_info(spec: JobSpec) -> dict[str, Any]:
     """Provenance logged with every run: code version, container, library versions, host."""
-    import ray
-    import torch
-
     return {
         "git_commit": git_commit(),
         "container_image": container_image(spec),

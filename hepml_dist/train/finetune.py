@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from hepml_dist.errors import UserError
+from hepml_dist.runs import load_model_state, resolve_checkpoint
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.training import PhaseSpec
-from hepml_dist.train.checkpoint import load_model_state, resolve_checkpoint
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

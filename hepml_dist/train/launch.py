@@ -17,9 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from hepml_dist import runs
 from hepml_dist.errors import UserError
-from hepml_dist.spec import JobSpec, dump_spec, parse_spec
-from hepml_dist.spec.parallel import ParallelSpec
+from hepml_dist.spec import JobSpec, load_job
+from hepml_dist.spec.parallel import ACCELERATORS, ParallelSpec
+from hepml_dist.track.tracker import run_info
+from hepml_dist.train.loop import train_loop_per_worker
+from hepml_dist.train.session import clear_stop, request_stop
 
 RAY_DIR = "ray"  # Ray Train's own bookkeeping inside the run directory
 WORKER_ENV = {
@@ -31,16 +41,6 @@ WORKER_ENV = {
     "COMET_ERROR_TRACKING_ENABLE": "false",
     "PYTHONUNBUFFERED": "1",
 }
-# Ray's accelerator_type labels (python/ray/util/accelerators); None: no constraint.
-ACCELERATOR_TYPES: dict[str, str | None] = {
-    "cpu": None,
-    "A100": "A100",
-    "H100": "H100",
-    "MI250X": "AMD-Instinct-MI250X",
-    "MI300X": "AMD-Instinct-MI300X-OAM",
-}
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -48,29 +48,6 @@ class TrainResult:
     finished: bool
     stopped: bool
     metrics: dict[str, Any]
-
-
-def default_run_dir(spec: JobSpec) -> Path:
-    return Path(spec.cluster.storage_path or "runs").resolve() / spec.name
-
-
-def _absolute(value: str | list[str] | None) -> str | list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, list):
-        return [_absolute(v) for v in value]  # type: ignore[misc]
-    if "://" in value or value.startswith("pipe:") or os.path.isabs(value):
-        return value
-    return str(Path(value).resolve())
-
-
-def absolute_paths(spec: JobSpec) -> JobSpec:
-    """The spec with local data paths and init_from made absolute (workers run in other directories)."""
-    data = spec.data.model_copy(update={k: _absolute(getattr(spec.data, k)) for k in ("train", "val", "test")})
-    if data.groups:
-        data = data.model_copy(update={"groups": [g.model_copy(update={"train": _absolute(g.train)}) for g in data.groups]})
-    training = spec.training.model_copy(update={"init_from": _absolute(spec.training.init_from)})
-    return spec.model_copy(update={"data": data, "training": training})
 
 
 SAFE_TO_CHANGE = ("training.epochs", "training.steps", "training.eval_interval", "training.log_interval",
@@ -88,10 +65,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_resumable(spec: JobSpec, run_dir: Path) -> int | None:
     """If the run directory has checkpoints, the step it resumes from; refuses a changed model or data setup."""
-    from hepml_dist.train.checkpoint import latest_checkpoint, read_state
-    from hepml_dist.spec import load_job
-
-    latest = latest_checkpoint(run_dir)
+    latest = runs.latest_checkpoint(run_dir)
     if latest is None:
         return None
     old = _flatten(load_job(latest / "spec.yaml").model_dump(mode="json"))
@@ -102,18 +76,16 @@ def check_resumable(spec: JobSpec, run_dir: Path) -> int | None:
             f"{run_dir} holds checkpoints of a different job (changed: {', '.join(changed[:8])}); "
             "train into a new run directory (--run-dir DIR or --set name=...) or restore those fields"
         )
-    return int(read_state(latest).get("step", 0))
+    return int(runs.read_state(latest).get("step", 0))
 
 
 def scaling_config(parallel: ParallelSpec):
     """Workers, GPUs and CPUs per worker, and the accelerator type to place them on."""
-    from ray.train import ScalingConfig
-
     use_gpu = parallel.gpus_per_worker > 0
     resources = {"CPU": parallel.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = parallel.gpus_per_worker
-    types = [ACCELERATOR_TYPES[a] for a in parallel.accelerators]
+    types = [ACCELERATORS[a].ray_type for a in parallel.accelerators]
     # One type can be required; for a list of types (one vendor) placement is left to the cluster.
     accelerator_type = types[0] if len(types) == 1 else None
     return ScalingConfig(
@@ -123,8 +95,6 @@ def scaling_config(parallel: ParallelSpec):
 
 def start_ray(spec: JobSpec, address: str | None) -> bool:
     """Join the cluster at `address`, or start an embedded Ray bound to 127.0.0.1. Returns whether we started it."""
-    import ray
-
     if ray.is_initialized():
         return False
     if address and address != "local":
@@ -139,7 +109,7 @@ def start_ray(spec: JobSpec, address: str | None) -> bool:
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
-        runtime_env={"worker_process_setup_hook": "hepml_dist.train.launch.quiet_embedded_ray_worker"},
+        runtime_env={"worker_process_setup_hook": "hepml_dist.train.ray_setup.quiet_embedded_ray_worker"},
     )
     return True
 
@@ -151,8 +121,6 @@ def check_local_gpus(spec: JobSpec) -> None:
     wanted = p.num_workers * p.gpus_per_worker
     if wanted <= 0:
         return
-    import torch
-
     have = torch.cuda.device_count()  # CUDA and ROCm builds alike
     if have < wanted:
         raise UserError(
@@ -160,20 +128,6 @@ def check_local_gpus(spec: JobSpec) -> None:
             f"{wanted:g} GPU(s), and this machine has {have}. Run it on a GPU node (hepml submit / SLURM, "
             "docs/ray.md), or train on CPU here: --set parallel.accelerator=cpu --set parallel.gpus_per_worker=0"
         )
-
-
-def quiet_embedded_ray_worker() -> None:
-    """Run in every worker process of the embedded Ray. Ray Train's placement-group cleaner asks the state API
-    whether the controller lives; without a dashboard (not started here: nothing to serve on a laptop) the query
-    fails and it warns every few seconds, thousands of lines per run. It still cleans up when the driver dies.
-    Each rank also logs every `ray.train.report` in full ("Reporting training result N: TrainingReport(...)"),
-    which repeats the validation line rank 0 already prints."""
-    import logging
-
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # that module names its logger by path
 
 
 def worker_env(spec: JobSpec, embedded: bool) -> dict[str, str]:
@@ -196,29 +150,17 @@ def launch(
     callbacks: list | None = None,
 ) -> TrainResult:
     """Train `spec` on Ray; returns where the run stands (finished, or stopped by a signal)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from hepml_dist.train.checkpoint import clear_failure, latest_checkpoint, read_failure, read_state, remove_stale_temp_folders
-    from hepml_dist.train.loop import train_loop_per_worker
-    from hepml_dist.train.parallel import check_supported
-    from hepml_dist.train.session import clear_stop, request_stop
-    from hepml_dist.track.tracker import run_info
-
-    check_supported(spec)
     address = address or (spec.cluster.address if spec.cluster.address != "local" else None)
     if not address or address == "local":
         check_local_gpus(spec)
-    spec = absolute_paths(spec)
-    run_dir = (run_dir or default_run_dir(spec)).resolve()
+    spec = runs.absolute_paths(spec)
+    run_dir = (run_dir or runs.default_run_dir(spec)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_step = check_resumable(spec, run_dir)
-    remove_stale_temp_folders(run_dir)
+    runs.remove_stale_temp_folders(run_dir)
     clear_stop(run_dir)
-    clear_failure(run_dir)
-    tmp = run_dir / ".spec.yaml.tmp"
-    tmp.write_text(dump_spec(spec))
-    os.replace(tmp, run_dir / "spec.yaml")
+    runs.clear_failure(run_dir)
+    runs.write_run_spec(run_dir, spec)
     if resume_step is not None:
         print(f"[hepml] {run_dir}: resuming from step {resume_step}", flush=True)
 
@@ -251,11 +193,11 @@ def launch(
             trainer.fit()
         except Exception as err:  # noqa: BLE001 - turn worker errors we understand into clear messages
             raise _explain(err) from None
-    failure = read_failure(run_dir)
+    failure = runs.read_failure(run_dir)
     if failure:
         raise UserError(failure)
-    latest = latest_checkpoint(run_dir)
-    state = read_state(latest) if latest else {}
+    latest = runs.latest_checkpoint(run_dir)
+    state = runs.read_state(latest) if latest else {}
     # Ray V2 keeps no metrics reported without a checkpoint: the run directory is the record of where the run stands.
     return TrainResult(run_dir, int(state.get("step", 0)), bool(state.get("finished")), bool(state.get("stopped")),
                        state.get("metrics", {}))
@@ -309,8 +251,6 @@ class _follow_progress:
     def __enter__(self):
         if not self.enabled:
             return self
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), transient=False, redirect_stdout=True, redirect_stderr=True,
@@ -349,13 +289,3 @@ class _follow_progress:
             self.done.set()
             self.thread.join(timeout=2)
             self.progress.stop()
-
-
-def load_for_resume(run_dir: Path) -> JobSpec:
-    """The spec a run directory was trained with (for `hepml train --resume RUN_DIR` without a job file)."""
-    path = Path(run_dir) / "spec.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no spec.yaml; --resume needs a run directory written by `hepml train`")
-    import yaml
-
-    return parse_spec(yaml.safe_load(path.read_text()), source=str(path))

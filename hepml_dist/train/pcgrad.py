@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hepml_dist.train.distributed import is_distributed
+
 GRAM_EPS = 1e-20
 
 
@@ -73,7 +75,7 @@ class PCGrad:
 
     Usage per optimizer step: `accumulate(losses)` for each micro-batch (instead of `loss.backward()`), then
     `apply(step)` before clipping and the optimizer step. The model must not be wrapped in DDP (this class does
-    the one all-reduce itself); `broadcast_parameters` makes the replicas start equal.
+    the one all-reduce itself); hepml_dist.train.distributed.broadcast_parameters makes the replicas start equal.
     """
 
     def __init__(
@@ -124,7 +126,7 @@ class PCGrad:
         if self.buffer is None:
             raise RuntimeError("PCGrad.apply() called before any accumulate()")
         buffer, self.buffer = self.buffer, None
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = is_distributed()
         if distributed and self.mode == "global":
             dist.all_reduce(buffer)
             buffer /= dist.get_world_size()
@@ -146,21 +148,3 @@ class PCGrad:
                 param.grad.copy_(grad)
         self.last_weights = weights.float()
         return self.last_weights
-
-
-def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
-    """Make every rank's parameters and buffers equal to rank `src`'s (what DDP does at construction)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src)
-
-
-def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
-    """Share rank `src`'s buffers (e.g. BatchNorm running statistics) before a forward, as DDP does."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    with torch.no_grad():
-        for buf in module.buffers():
-            dist.broadcast(buf.data, src)

@@ -3,7 +3,7 @@
 The same loop runs inside Ray Train (`hepml train`) or in a plain torch.distributed process group (tests, torchrun).
 Stop requests (SLURM pre-emption) arrive as SIGTERM/SIGUSR1: the driver turns them into a stop file in the run
 directory (Ray runs the loop in a thread, where signal handlers cannot be installed); a worker that owns its main
-thread also catches the signals itself. Ranks agree on stopping through one small all-reduce per micro-batch.
+thread also catches the signals itself. Ranks agree on stopping through the step flags (hepml_dist.train.step).
 """
 
 import os
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -30,8 +32,6 @@ class WorkerContext:
     def report(self, metrics: dict[str, Any]) -> None:
         """Report to Ray Train (a barrier over all workers: call it the same number of times on every rank)."""
         if self.in_ray:
-            import ray.train
-
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
 
     def barrier(self) -> None:
@@ -41,9 +41,6 @@ class WorkerContext:
 
 def worker_context(in_ray: bool) -> WorkerContext:
     if in_ray:
-        import ray.train
-        import ray.train.torch
-
         context = ray.train.get_context()
         return WorkerContext(
             context.get_world_rank(), context.get_world_size(), context.get_local_rank(), ray.train.torch.get_device(), True
@@ -89,11 +86,3 @@ def request_stop(run_dir: Path) -> None:
 
 def clear_stop(run_dir: Path) -> None:
     Path(run_dir, STOP_FILE).unlink(missing_ok=True)
-
-
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few numbers over all ranks in one all-reduce (flags and losses of a micro-batch)."""
-    tensor = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()

@@ -1,0 +1,60 @@
+"""The `hepml` command line: load and override job specs, and run the service's verbs on them.
+
+The CLI only loads the typed job spec and hands it on; all behaviour lives in the library. Each area of the
+service defines its commands in its own `commands.py` (a Typer `app`); the table below says which module serves
+which command, and only that module is imported when the command runs (hepml_dist.cli.lazy).
+"""
+
+import typer
+
+from hepml_dist import __version__
+from hepml_dist.cli.lazy import LazyCommand, lazy_group
+
+DATA_COMMANDS: dict[str, LazyCommand] = {
+    "convert": LazyCommand("hepml_dist.data.commands", "Convert ROOT/parquet files into shards. Rerun the same command to resume an interrupted conversion."),
+    "generate": LazyCommand("hepml_dist.generate.commands", "Generate a dataset with Pythia 8 and a parametrised detector (physics and limits: docs/generators.md)."),
+    "verify": LazyCommand("hepml_dist.data.commands", "Check every shard's size, sha256 and example counts against the manifest; exit 1 naming bad shards."),
+    "inspect": LazyCommand("hepml_dist.data.commands", "Counts per split and class, and the range of every column (padding excluded)."),
+    "weights": LazyCommand("hepml_dist.data.commands", "Compute Sophon-style flat 2D weights per class group and store them with the dataset."),
+    "tokenize": LazyCommand("hepml_dist.omnijet.commands", "Turn a jet dataset into OmniJet token shards with a trained tokenizer (resumes an interrupted run)."),
+    "plot": LazyCommand("hepml_dist.data.commands", "Histograms of every stored feature and label, one curve per class, as PNG files."),
+}
+
+COMMANDS: dict[str, LazyCommand] = {
+    "validate": LazyCommand("hepml_dist.spec.commands", "Check job files; print every problem as `file: field: message`. Exit 0 if all are valid, else 2."),
+    "show": LazyCommand("hepml_dist.spec.commands", "Print the fully resolved job (extends and overrides applied) as YAML."),
+    "jobs": LazyCommand("hepml_dist.models.commands", "Table of the jobs in a folder: model family, tasks and parallel strategy."),
+    "generate": LazyCommand("hepml_dist.omnijet.commands", "Sample jets from a trained OmniJet-alpha backbone and decode them to constituents (pT, Delta eta, Delta phi)."),
+    "train": LazyCommand("hepml_dist.train.commands", "Train a job on Ray (DDP or DeepSpeed workers). Re-running the same job resumes from its last checkpoint."),
+    "evaluate": LazyCommand("hepml_dist.evaluate.commands", "Metrics (metrics.json) and plots (plots/*.png) of a trained run on a split."),
+    "submit": LazyCommand("hepml_dist.launch.commands", "Submit a job to a running Ray cluster through the Jobs API; prints the submission id."),
+    "status": LazyCommand("hepml_dist.launch.commands", "Status of a submitted job."),
+    "logs": LazyCommand("hepml_dist.launch.commands", "Logs of a submitted job."),
+    "report": LazyCommand("hepml_dist.evaluate.commands", "Write a self-contained HTML report: run facts, training curves, ROC, confusion, response, the baseline."),
+    "predict": LazyCommand("hepml_dist.inference.commands", "Run a trained model over shards or raw ROOT/parquet files; write one row per jet or event."),
+    "tune": LazyCommand("hepml_dist.tune.commands", "Hyper-parameter search with Ray Tune; the best trial's spec is written as a job YAML."),
+    "export": LazyCommand("hepml_dist.inference.commands", "Export trained models for inference (ONNX)."),
+    "slurm": LazyCommand("hepml_dist.launch.commands", "Run a job on a SLURM cluster: one Ray node per SLURM node inside the container, `hepml train` on the head."),
+}
+
+app = typer.Typer(
+    cls=lazy_group(COMMANDS, catch_errors=True),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help=f"hepml_dist {__version__}: train transformer models for jets and events on Ray clusters from one job file.",
+)
+data_app = typer.Typer(
+    cls=lazy_group(DATA_COMMANDS),
+    no_args_is_help=True,
+    help="Make, check and look at datasets: convert, generate, verify, inspect, weights, tokenize, plot.",
+)
+app.add_typer(data_app, name="data")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Using trained models: `hepml predict` (outputs back to ROOT/parquet) and `hepml export` (ONNX)."""

@@ -1,1 +1,0 @@
-"""Research workflow on top of training: predictions back to ROOT/parquet (`predict`), Ray Tune searches (`tune`)."""
