@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hepml_dist.evaluate.mlpf import cluster_jets, evaluate_batches, evaluate_particles, missing_et, target_particles
+from hepml_dist.evaluate.mlpf import cluster_jets, evaluate_mlpf, evaluate_particles, missing_et, target_particles
 from hepml_dist.models import build_model, get_family
 from hepml_dist.models.mlpf.model import padding_fraction
 from hepml_dist.spec import load_job
@@ -191,7 +191,7 @@ def test_evaluation_of_particles_scaled_by_1p1_gives_response_1p1(tmp_path):
         def forward(self, b):
             return _scaled_model_outputs(b, 1.1)
 
-    results = evaluate_batches(ScaledTruth(), [batch], spec, plots_dir=tmp_path / "plots")
+    results = evaluate_mlpf(ScaledTruth(), [batch], spec, plots_dir=tmp_path / "plots")
     assert results["jet_response_median"] == pytest.approx(1.1, abs=1e-4)
     assert results["jet_match_fraction"] == 1.0 and results["jet_resolution"] == pytest.approx(0.0, abs=1e-4)
     assert results["met_response_median"] == pytest.approx(1.1, abs=1e-4)

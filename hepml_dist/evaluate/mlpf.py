@@ -22,6 +22,7 @@ import mplhep
 import numpy as np
 import torch
 
+from hepml_dist.evaluate.loop import run_model
 from hepml_dist.models.mlpf.losses import regression_target
 from hepml_dist.models.mlpf.model import ENERGY, PT, task_roles
 from hepml_dist.spec import JobSpec
@@ -163,20 +164,19 @@ def evaluate_particles(
     return results
 
 
-def evaluate_batches(
+def evaluate_mlpf(
     model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: JobSpec, plots_dir: Path | None = None
 ) -> dict:
     """Run a trained MLPF over event batches (with `genjet_*`, `genjet_n`, optional `gen_met`) and evaluate."""
     predicted, target, gen_jets, gen_met = [], [], [], []
     model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            predicted.append(predicted_particles(model(batch), batch, spec))
-            target.append(target_particles(batch, spec))
-            columns = (batch[f"genjet_{name}"] for name in ("pt", "eta", "phi", "energy", "n"))
-            gen_jets.append(jets_from_columns(*columns))
-            if "gen_met" in batch:
-                gen_met.append(_to_numpy(batch["gen_met"]))
+    for batch, outputs in run_model(model, batches, device=torch.device("cpu")):
+        predicted.append(predicted_particles(outputs, batch, spec))
+        target.append(target_particles(batch, spec))
+        columns = (batch[f"genjet_{name}"] for name in ("pt", "eta", "phi", "energy", "n"))
+        gen_jets.append(jets_from_columns(*columns))
+        if "gen_met" in batch:
+            gen_met.append(_to_numpy(batch["gen_met"]))
     return evaluate_particles(
         ak.concatenate(predicted),
         ak.concatenate(gen_jets),
