@@ -72,8 +72,6 @@ def one_accelerator_vendor(spec: JobSpec) -> Iterator[Finding]:
         yield "parallel.gpus_per_worker", "GPUs requested but parallel.accelerator is cpu; name the GPU type (A100, MI250X, ...)"
     if not on_cpu and spec.parallel.gpus_per_worker == 0:
         yield "parallel.gpus_per_worker", f"accelerator {spec.parallel.accelerator} needs gpus_per_worker > 0 (usually 1)"
-    if on_cpu and spec.training.precision == "fp16-mixed":
-        yield "training.precision", "fp16-mixed needs a GPU (CPU autocast has no fp16 gradient scaling); use bf16-mixed or fp32 on CPU"
 
 
 DEEPSPEED_OPTIMIZERS = ("adamw", "adam")

@@ -39,7 +39,11 @@ class TrainingSpec(Section):
     steps: int | None = Field(None, ge=1)
     """Optimizer steps to train; exactly one of epochs and steps is set."""
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "fp32"
-    """Numerical precision: fp32, bf16 autocast, or fp16 autocast with a gradient scaler (GPUs only)."""
+    """Numerical precision: fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling (a GradScaler; DeepSpeed's
+    own scaler under DeepSpeed). fp16 on CPU runs too, for testing the fp16 path (the driver says so)."""
+    fp16_initial_scale_power: int = Field(16, ge=0, le=64)
+    """fp16-mixed: the loss scale starts at 2**power and halves after every step whose gradients overflow (that step
+    is skipped and counted as `overflow_steps`), doubling again after 2000 clean steps (1000 under DeepSpeed)."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step."""
     multitask: Literal["sum", "pcgrad"] = "sum"

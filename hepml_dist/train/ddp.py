@@ -6,6 +6,7 @@ With PCGrad the model stays unwrapped: PCGrad all-reduces the per-task gradients
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ class DdpEngine:
         if self.pcgrad is None and last_micro_batch and isinstance(self.model, nn.parallel.DistributedDataParallel):
             zero_loss(self.module).backward()
 
-    def step(self, step: int) -> None:
+    def step(self, step: int) -> bool:
         if self.pcgrad is not None:
             weights = self.pcgrad.apply(step)
             self.task_weights = dict(zip(self.pcgrad.task_names, weights.tolist()))
@@ -98,13 +99,22 @@ class DdpEngine:
         clip = self.optim.clip_grad_norm
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf))
+        applied = True
         if self.scaler is not None:
+            # The scaler skips optimizer.step() when the gradients hold inf/NaN and then lowers the scale: a lower
+            # scale after update() is how it says the step was skipped (the same on every rank, DDP or PCGrad,
+            # because the gradients were all-reduced before unscaling).
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            applied = self.scaler.get_scale() >= scale
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # after a skipped fp16 step torch warns that the schedule stepped alone
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return applied
 
     def lr(self) -> float:
         group = self.optimizer.param_groups[0]

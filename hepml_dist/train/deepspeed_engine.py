@@ -54,7 +54,7 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
         # torch.autocast inside the engine: fp32 weights (so model.pt is exact), bf16 matmuls, as in the DDP path.
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif t.precision == "fp16-mixed":
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": t.fp16_initial_scale_power, "loss_scale_window": 1000}
     return config
 
 
@@ -111,10 +111,11 @@ class DeepSpeedEngine:
         if not last_micro_batch:
             self.engine.step()
 
-    def step(self, step: int) -> None:
+    def step(self, step: int) -> bool:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         self.grad_norm = float(norm) if norm is not None else float("nan")
+        return bool(self.engine.was_step_applied())  # False: DeepSpeed's fp16 loss scaler skipped an overflow
 
     def lr(self) -> float:
         group = self.engine.optimizer.param_groups[0]

@@ -16,6 +16,7 @@ from torch import nn
 
 from hepml_dist.models import get_family
 from hepml_dist.models.blocks import CrossRankState
+from hepml_dist.precision import require_precision
 from hepml_dist.spec import JobSpec
 from hepml_dist.train.ddp import DdpEngine, make_pcgrad, wrap_ddp
 from hepml_dist.train.deepspeed_engine import make_deepspeed_engine
@@ -39,7 +40,8 @@ class Engine(Protocol):
 
     def skip_micro_batch(self, last_micro_batch: bool) -> None: ...
 
-    def step(self, step: int) -> None: ...
+    def step(self, step: int) -> bool:
+        """The optimizer step; False when fp16 loss scaling found overflowing gradients and skipped it."""
 
     def lr(self) -> float: ...
 
@@ -111,7 +113,9 @@ def make_ddp_engine(module: nn.Module, spec: JobSpec, device: torch.device, tota
     optimizer = build_optimizer(module, spec.optim, lr=lr)
     schedule = spec.schedule if lr is None else spec.schedule.model_copy(update={"name": "cosine", "warmup_steps": 0})
     scheduler = build_scheduler(optimizer, schedule, total_steps - schedule_start)
-    scaler = torch.amp.GradScaler(device.type) if spec.training.precision == "fp16-mixed" else None
+    scaler = None
+    if spec.training.precision == "fp16-mixed":
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** spec.training.fp16_initial_scale_power)
     tasks = [t.name for t in spec.tasks]
     sections = dict(device=device, training=spec.training, optim=spec.optim, parallel=spec.parallel, task_names=tasks,
                     scaler=scaler)
@@ -125,6 +129,7 @@ def make_ddp_engine(module: nn.Module, spec: JobSpec, device: torch.device, tota
 def make_engine(module: nn.Module, spec: JobSpec, device: torch.device, total_steps: int, lr: float | None = None,
                 schedule_start: int = 0) -> Engine:
     """The job's engine around `module` (moved to `device`), over `total_steps` optimizer steps."""
+    require_precision(device, spec.training.precision)
     share_collectives(module)
     if spec.parallel.strategy == "deepspeed":
         if spec.training.compile:

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hepml_dist import runs
 from hepml_dist.errors import UserError
+from hepml_dist.precision import CPU_FP16_NOTE, require_precision
 from hepml_dist.spec import JobSpec, load_job
 from hepml_dist.spec.parallel import ACCELERATORS, ParallelSpec
 from hepml_dist.track.tracker import run_info
@@ -130,6 +131,16 @@ def check_local_gpus(spec: JobSpec) -> None:
         )
 
 
+def check_local_precision(spec: JobSpec) -> None:
+    """A CPU job in a precision this torch cannot run on CPU fails here, before Ray starts; fp16 on CPU runs, with
+    a note that it is a test of the fp16 path."""
+    if spec.parallel.accelerators != ["cpu"]:
+        return  # GPU workers check their own device (make_engine)
+    require_precision(torch.device("cpu"), spec.training.precision)
+    if spec.training.precision == "fp16-mixed":
+        print(f"[hepml] note: {CPU_FP16_NOTE}", flush=True)
+
+
 def worker_env(spec: JobSpec, embedded: bool) -> dict[str, str]:
     env = dict(WORKER_ENV)
     if spec.parallel.accelerators == ["cpu"]:
@@ -153,6 +164,7 @@ def launch(
     address = address or (spec.cluster.address if spec.cluster.address != "local" else None)
     if not address or address == "local":
         check_local_gpus(spec)
+        check_local_precision(spec)
     spec = runs.absolute_paths(spec)
     run_dir = (run_dir or runs.default_run_dir(spec)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ class StepResult:
     losses: list[dict[str, float]] = field(default_factory=list)  # per micro-batch trained: mean over ranks
     examples: list[int] = field(default_factory=list)  # per micro-batch trained: this rank's batch size
     skipped: int = 0  # micro-batches dropped under nan_policy skip
+    overflow: bool = False  # fp16: the gradients overflowed, the loss scaler skipped the optimizer step
 
 
 def train_step(engine: Engine, family: ModelFamily, spec: JobSpec, micro_batches: list[dict], step: int, epoch: int,
@@ -88,7 +89,7 @@ def train_step(engine: Engine, family: ModelFamily, spec: JobSpec, micro_batches
         engine.backward(losses, last)
         result.losses.append({n: v / ctx.world_size for n, v in zip(names, flags.losses)})
         result.examples.append(batch_size(batch))
-    engine.step(step)
+    result.overflow = not engine.step(step)
     return result
 
 
@@ -120,6 +121,7 @@ class LogWindow:
         self.batches = 0
         self.examples = 0
         self.skipped = 0
+        self.overflows = 0
         self.seconds = 0.0
         self.restart_clock()
 
@@ -136,6 +138,7 @@ class LogWindow:
             self.batches += 1
             self.examples += examples * self.world_size
         self.skipped += result.skipped
+        self.overflows += result.overflow
 
     def flush(self, engine: Engine) -> dict[str, float]:
         elapsed = max(self.seconds, 1e-9)
@@ -147,6 +150,7 @@ class LogWindow:
             "grad_norm": engine.grad_norm,
             "jets_per_s": self.examples / elapsed,
             "skipped_batches": self.skipped,
+            "overflow_steps": self.overflows,
             **{f"pcgrad_weight_{k}": v for k, v in engine.task_weights.items()},
         }
         self.reset()
