@@ -117,6 +117,8 @@ BAD_CASES = {
     "mixed_vendors": ("extends: BASE\nparallel: {accelerator: [A100, MI250X], gpus_per_worker: 1}\n", [],
                       "parallel.accelerator: one job cannot mix A100 and MI250X"),
     "heads_not_dividing": ("extends: BASE\nmodel: {embed_dims: [64, 128, 66]}\n", [], "model.embed_dims: model width 66 is not divisible by 4"),
+    "deepspeed_fp16_on_cpu": ("extends: BASE\ntraining: {precision: fp16-mixed, multitask: sum}\nparallel: {strategy: deepspeed, zero_stage: 2}\n",
+                              [], "training.precision: DeepSpeed has no fp16 on CPU"),
     "fp16_scale_too_large": ("extends: BASE\ntraining: {precision: fp16-mixed, fp16_initial_scale_power: 99}\n", [],
                              "training.fp16_initial_scale_power: Input should be less than or equal to 64"),
     "class_count_mismatch": ("extends: BASE\ntasks:\n  - {name: dm, kind: multiclass, classes: [a, b, c], num_classes: 4}\ntraining: {multitask: sum}\n",

@@ -87,6 +87,10 @@ def deepspeed_settings(spec: JobSpec) -> Iterator[Finding]:
             yield "training.phases", "phased training runs with parallel.strategy: ddp"
         if spec.optim.name not in DEEPSPEED_OPTIMIZERS:
             yield "optim.name", f"with DeepSpeed use one of {', '.join(DEEPSPEED_OPTIMIZERS)} (got {spec.optim.name!r})"
+        if spec.training.precision == "fp16-mixed" and p.accelerators == ["cpu"]:
+            # DeepSpeed's CPU accelerator refuses it at initialize ("Type fp16 is not supported on your device").
+            yield ("training.precision", "DeepSpeed has no fp16 on CPU; use bf16-mixed (or fp32) with DeepSpeed on "
+                   "CPU, or parallel.strategy: ddp for fp16 with a GradScaler")
     if p.strategy != "deepspeed":
         if p.zero_stage:
             yield "parallel.zero_stage", "ZeRO stages need parallel.strategy: deepspeed"
