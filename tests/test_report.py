@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from hepml_dist.cli import app
 from hepml_dist.errors import UserError
 from hepml_dist.evaluate.baseline import read_split
-from hepml_dist.evaluate.report import build_report, load_predictions, log_ratio, rejection, save_predictions
+from hepml_dist.evaluate.metrics import log_probabilities, log_ratio, rejection
+from hepml_dist.evaluate.report import build_report, load_predictions, save_predictions
 from hepml_dist.generate import get_process
 from hepml_dist.generate.runner import generate_dataset
 from hepml_dist.spec import dump_spec, load_job
@@ -103,7 +104,7 @@ def test_report_has_every_section_and_embeds_its_images(dataset, tmp_path):
     assert re.findall(r"<th>(.*?)</th>", header) == ["transformer", "baseline", "reco jet"]
     # perfectly separated fabricated scores: no background jet passes, quoted as a lower bound
     n_background = int((payload["arrays"]["tau_id"]["label"] == 0).sum())
-    assert f"&gt; {n_background:,} (0 pass)" in page
+    assert f"&gt;= {n_background} (0 pass)" in page
     # which background jets pass both models' cuts (none here: the transformer's pass nothing)
     assert re.search(r"at 50 % 0 \(transformer\) and [\d,]+ \(baseline\) pass, 0 of them both", page)
     charge_row = re.search(r"<td>charge: accuracy</td><td[^>]*>([^<]*)</td>", page).group(1)
@@ -144,9 +145,10 @@ def test_rejection_counts_background_above_the_signal_quantile():
     labels = np.array([1] * 10 + [0] * 100)
     scores = np.concatenate([np.linspace(0.55, 1.0, 10), np.linspace(0.0, 0.6, 100)])
     r = rejection(labels, scores, 0.5)  # cut at the signal median, 0.775: no background above 0.6
-    assert (r.passing, r.background) == (0, 100) and r.text() == "&gt; 100 (0 pass)"
+    assert (r.passing, r.background, r.lower_bound, r.value) == (0, 100, True, 100) and r.text() == ">= 100 (0 pass)"
     r = rejection(labels, scores, 1.0)  # cut at 0.55: background scores 0.5515...0.6 pass
     assert r.passing == int((scores[10:] >= 0.55).sum()) and r.value == pytest.approx(100 / r.passing)
+    assert not r.lower_bound and r.low < r.value < r.high
 
 
 def test_confident_scores_keep_their_order():
@@ -154,7 +156,7 @@ def test_confident_scores_keep_their_order():
     p_jet = np.array([1e-9, 1e-12, 1e-20], dtype=np.float32)
     scores = np.stack([p_jet, np.float32(1) - p_jet], axis=1)
     assert (scores[:, 1] == 1).all()
-    assert np.all(np.diff(log_ratio(scores)) > 0)
+    assert np.all(np.diff(log_ratio(log_probabilities({"scores": scores}))) > 0)
 
 
 def test_non_finite_predictions_are_left_out_and_said(dataset, tmp_path):

@@ -1,5 +1,9 @@
 """Evaluation plots: ROC (background rejection vs signal efficiency), confusion matrices, regression response and
-resolution vs pT, and training curves. Each function returns a matplotlib Figure; `make_plots` builds them all."""
+resolution vs pT, and training curves. Each function returns a matplotlib Figure; `make_plots` builds them all.
+
+The numbers drawn are those of `metrics.py`: ROC curves on the log-likelihood ratio, working points from
+`metrics.rejection` (an upward arrow where no background passes: a lower bound), weighted quantiles for the
+response, all weighted by the example weights where the payload carries them."""
 
 import logging
 from typing import Any
@@ -15,31 +19,62 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import roc_curve
 
-from hepml_dist.evaluate.metrics import confusion, response  # noqa: E402
+from hepml_dist.evaluate.metrics import (  # noqa: E402
+    SIGNAL_EFFICIENCIES,
+    confusion,
+    log_probabilities,
+    log_ratio,
+    rejection,
+    response,
+    response_numbers,
+)
 from hepml_dist.spec import JobSpec  # noqa: E402
 from hepml_dist.spec.tasks import TaskSpec  # noqa: E402
 
 STYLE = mplhep.style.ROOT
+# (top, bottom) axis labels of the response figure by the kinds of its targets (True: a ratio, `log_*`; False: a
+# residual, e.g. delta eta): the IQR / median of a residual centred on 0 would be meaningless, so it is its IQR
+AXIS_LABELS = {
+    frozenset({True}): ("median response (pred / true)", "resolution (IQR / median)"),
+    frozenset({False}): ("median residual (pred - true)", "IQR of the residual (pred - true)"),
+    frozenset({True, False}): ("median: ratio pred / true,\nresidual pred - true",
+                               "ratio: IQR / median,\nresidual: IQR"),
+}
 
 
 def _class_names(task: TaskSpec, k: int) -> list[str]:
     return list(task.classes) if task.classes else [str(i) for i in range(k)]
 
 
-def roc_figure(task: TaskSpec, scores: np.ndarray, labels: np.ndarray) -> Figure:
-    """Background rejection (log) vs signal efficiency; multiclass: each class against class 0 (ParT convention)."""
-    names = _class_names(task, scores.shape[1])
+def roc_figure(task: TaskSpec, log_probs: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> Figure:
+    """Background rejection (log) vs signal efficiency; multiclass: each class against class 0 (ParT convention),
+    on log(p_c / p_0). Working points at `SIGNAL_EFFICIENCIES` (binary) or 50 % (multiclass)."""
+    names = _class_names(task, log_probs.shape[1])
+    w = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
     with plt.style.context(STYLE):
         fig, ax = plt.subplots(figsize=(7, 6))
-        for c in range(1, scores.shape[1]):
+        bounds = [0.0]
+        for c in range(1, log_probs.shape[1]):
             pick = (labels == 0) | (labels == c)
             if len(np.unique(labels[pick])) < 2:
                 continue
-            disc = scores[pick, c] / np.clip(scores[pick, c] + scores[pick, 0], 1e-12, None)
-            fpr, tpr, _ = roc_curve((labels[pick] == c).astype(int), disc)
+            signal, disc = (labels[pick] == c).astype(int), log_ratio(log_probs[pick], c, 0)
+            fpr, tpr, _ = roc_curve(signal, disc, sample_weight=w[pick])
             keep = fpr > 0
-            ax.plot(tpr[keep], 1.0 / fpr[keep], label=f"{names[c]} vs {names[0]}")
+            line = ax.plot(tpr[keep], 1.0 / fpr[keep], label=f"{names[c]} vs {names[0]}")[0]
+            for eff in SIGNAL_EFFICIENCIES if log_probs.shape[1] == 2 else (0.5,):
+                found = rejection(signal, disc, eff, w[pick])
+                bounds.append(found.value if found.lower_bound else 0.0)
+                if found.lower_bound:  # no background passes: an upward arrow from the background count
+                    ax.annotate("", xy=(eff, found.value * 3), xytext=(eff, found.value),
+                                arrowprops=dict(arrowstyle="-|>", color=line.get_color(), lw=1.5))
+                else:
+                    ax.errorbar([eff], [found.value], yerr=[[found.value - found.low], [found.high - found.value]],
+                                fmt="none", color=line.get_color(), capsize=3)
+                ax.plot([eff], [found.value], "o", color=line.get_color(), ms=5)
         ax.set_yscale("log")
+        if max(bounds) > 0:  # autoscaling ignores annotations: keep the arrows of lower bounds in view
+            ax.set_ylim(None, max(ax.get_ylim()[1], 4 * max(bounds)))
         ax.set_xlabel("signal efficiency")
         ax.set_ylabel("background rejection")
         ax.set_title(task.name)
@@ -68,16 +103,21 @@ def confusion_figure(task: TaskSpec, scores: np.ndarray, labels: np.ndarray) -> 
     return fig
 
 
-def response_figure(task: TaskSpec, pred: np.ndarray, true: np.ndarray, pt: np.ndarray, bins: int = 8) -> Figure:
-    """Median response and resolution of each target in bins of pT (quantile bins, equally populated)."""
+def response_figure(task: TaskSpec, pred: np.ndarray, true: np.ndarray, pt: np.ndarray, bins: int = 8,
+                    weights: np.ndarray | None = None) -> Figure:
+    """Median response and resolution of each target in bins of pT (quantile bins, equally populated). For `log_*`
+    targets the response is predicted / true and the resolution IQR / median; for the others (residual targets
+    such as delta eta) the response is the residual predicted - true and the resolution its IQR."""
     targets = task.targets or []
     edges = np.unique(np.quantile(pt, np.linspace(0, 1, bins + 1)))
     centres = 0.5 * (edges[1:] + edges[:-1])
     which = np.clip(np.digitize(pt, edges[1:-1]), 0, len(centres) - 1)
     with plt.style.context(STYLE):
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 8), sharex=True)
+        kinds = set()
         for i, target in enumerate(targets):
             r, is_ratio = response(target, pred[:, i], true[:, i])
+            kinds.add(is_ratio)
             medians, resolutions = [], []
             for b in range(len(centres)):
                 rb = r[which == b]
@@ -85,15 +125,17 @@ def response_figure(task: TaskSpec, pred: np.ndarray, true: np.ndarray, pt: np.n
                     medians.append(np.nan)
                     resolutions.append(np.nan)
                     continue
-                q25, q50, q75 = np.percentile(rb, [25, 50, 75])
-                medians.append(q50)
-                resolutions.append((q75 - q25) / q50 if is_ratio and q50 != 0 else q75 - q25)
-            top.plot(centres, medians, "o-", label=target)
-            bottom.plot(centres, resolutions, "o-", label=target)
+                median, resolution = response_numbers(rb, is_ratio, None if weights is None else weights[which == b])
+                medians.append(median)
+                resolutions.append(resolution)
+            label = target if is_ratio else f"{target} (residual)"
+            top.plot(centres, medians, "o-", label=label)
+            bottom.plot(centres, resolutions, "o-", label=label)
         top.axhline(1.0, color="grey", lw=0.8, ls="--")
         top.axhline(0.0, color="grey", lw=0.8, ls=":")
-        top.set_ylabel("median response")
-        bottom.set_ylabel("resolution (IQR / median)")
+        top_label, bottom_label = AXIS_LABELS.get(frozenset(kinds), AXIS_LABELS[frozenset({True})])
+        top.set_ylabel(top_label)
+        bottom.set_ylabel(bottom_label)
         bottom.set_xlabel("$p_T$ [GeV]")
         top.legend(fontsize="small")
         top.set_title(task.name)
@@ -174,9 +216,11 @@ def make_plots(spec: JobSpec, payload: dict[str, Any], records: list[dict[str, A
         arrays = payload["arrays"].get(task.name, {})
         if task.kind == "regression":
             if "pt" in arrays and len(arrays["pt"]) >= 20:
-                figures[f"response_{task.name}"] = response_figure(task, arrays["pred"], arrays["true"], arrays["pt"])
+                figures[f"response_{task.name}"] = response_figure(task, arrays["pred"], arrays["true"], arrays["pt"],
+                                                                   weights=arrays.get("weight"))
         elif "scores" in arrays and len(arrays["label"]):
-            figures[f"roc_{task.name}"] = roc_figure(task, arrays["scores"], arrays["label"])
+            figures[f"roc_{task.name}"] = roc_figure(task, log_probabilities(arrays), arrays["label"],
+                                                     arrays.get("weight"))
             figures[f"confusion_{task.name}"] = confusion_figure(task, arrays["scores"], arrays["label"])
     if records:
         figures["training_curves"] = training_curves_figure(records)

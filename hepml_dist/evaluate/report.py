@@ -16,9 +16,9 @@ cached in RUN_DIR/baseline/. The page embeds every image (base64 PNG) and needs 
 from __future__ import annotations
 
 import base64
+import html
 import io
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,15 @@ from hepml_dist import files, runs
 from hepml_dist.errors import UserError
 from hepml_dist.evaluate import baseline as bl
 from hepml_dist.evaluate import report_figures as rf
-from hepml_dist.evaluate.metrics import confusion
+from hepml_dist.evaluate.metrics import (
+    accuracy,
+    confusion,
+    log_probabilities,
+    log_ratio,
+    passing_background,
+    rejection,
+    response_numbers,
+)
 from hepml_dist.evaluate.report_facts import (
     PREDICTIONS,
     Run,
@@ -103,56 +111,21 @@ def baseline_predictions(run: Run, max_train_jets: int | None = None) -> tuple[d
 # Numbers
 
 
-@dataclass
-class Rejection:
-    """Background rejection at a signal efficiency, with the background count it rests on."""
-
-    value: float
-    passing: int  # background jets passing the cut
-    background: int
-
-    def text(self) -> str:
-        if self.passing == 0:
-            return f"&gt; {self.background:,} (0 pass)"
-        return f"{self.value:,.0f} &plusmn; {self.value / np.sqrt(self.passing):,.0f}"
-
-
-def rejection(labels: np.ndarray, scores: np.ndarray, efficiency: float) -> Rejection:
-    """Rejection at the score cut that keeps `efficiency` of the signal (the cut is on the signal's quantile)."""
-    signal, background = scores[labels == 1], scores[labels == 0]
-    cut = np.quantile(signal, 1 - efficiency)
-    passing = int((background >= cut).sum())
-    return Rejection(len(background) / max(passing, 1), passing, len(background))
-
-
-def passing_background(labels: np.ndarray, scores: np.ndarray, efficiency: float) -> np.ndarray:
-    """Bool per example: a background example passing the cut that keeps `efficiency` of the signal."""
-    return (labels == 0) & (scores >= np.quantile(scores[labels == 1], 1 - efficiency))
-
-
-def _shared_background(curves: dict[str, tuple[np.ndarray, np.ndarray]], background: str) -> str:
+def _shared_background(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], background: str) -> str:
     """Which background examples pass both models' cuts: when most do, the two models keep the same, most
     signal-like background, and a difference of a few passing examples is noise, not a better model."""
-    (name_a, (labels, a)), (name_b, (_, b)) = curves.items()
+    (name_a, (labels, a, w)), (name_b, (_, b, _)) = curves.items()
     parts = []
     for wp in WORKING_POINTS:
-        pass_a, pass_b = passing_background(labels, a, wp), passing_background(labels, b, wp)
+        pass_a, pass_b = passing_background(labels, a, wp, w), passing_background(labels, b, wp, w)
         parts.append(f"at {100 * wp:.0f} % {int(pass_a.sum()):,} ({name_a}) and {int(pass_b.sum()):,} ({name_b}) "
                      f"pass, {int((pass_a & pass_b).sum()):,} of them both")
     return f"{background.capitalize()} examples passing the cuts: " + "; ".join(parts) + "."
 
 
-def log_ratio(scores: np.ndarray) -> np.ndarray:
-    """log(p1 / p0), the discriminant of a binary classifier. Ranking by p1 alone ties confident jets at
-    p1 = 1.0 in float32, while p0 keeps its relative precision down to 1e-38: the log ratio orders them all."""
-    tiny = np.float64(1e-38)
-    return np.log(np.maximum(scores[:, 1].astype(np.float64), tiny)) - np.log(np.maximum(scores[:, 0].astype(np.float64), tiny))
-
-
-def accuracy(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Accuracy of the arg-max and its binomial error."""
-    p = float((scores.argmax(axis=1) == labels).mean())
-    return p, float(np.sqrt(p * (1 - p) / max(len(labels), 1)))
+def percent(value: float, low: float, high: float) -> str:
+    """An efficiency as "value [low, high] %" (68 % CL)."""
+    return f"{100 * value:.2f} [{100 * low:.2f}, {100 * high:.2f}] %"
 
 
 def pt_response(spec_task, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -164,11 +137,6 @@ def pt_response(spec_task, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, n
     i = targets.index("log_pt_ratio") if pred.shape[1] == len(targets) else 0
     j = targets.index("log_pt_ratio") if true.shape[1] == len(targets) else 0
     return arrays["pt"], np.exp(pred[:, i] - true[:, j]), np.exp(-true[:, j])
-
-
-def response_numbers(response: np.ndarray) -> tuple[float, float]:
-    q25, q50, q75 = np.percentile(response, [25, 50, 75])
-    return float(q50), float((q75 - q25) / q50)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -207,6 +175,7 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_bas
         models["baseline"], baseline_meta = baseline_predictions(run, max_train_jets)
     for name, payload in models.items():
         _drop_non_finite(name, payload, run.notes)
+    _note_weights(models, run.notes)
     sample = _sample_label(spec)
     pt_label = r"generated visible $\tau$ $p_T$ [GeV]" if "tau_id" in tasks else r"$p_T$ [GeV]"
 
@@ -240,24 +209,33 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_bas
 def _drop_non_finite(model: str, payload: dict[str, Any], notes: list[str]) -> None:
     """Rows with NaN/inf predictions (a diverged model) are left out of every figure and number, and counted."""
     for task, arrays in payload["arrays"].items():
-        key = "scores" if "scores" in arrays else "pred" if "pred" in arrays else None
-        if key is None:
+        keys = [k for k in ("scores", "log_probs", "pred") if k in arrays]
+        if not keys:
             continue
-        values = arrays[key].reshape(len(arrays[key]), -1)
-        finite = np.isfinite(values).all(axis=1)
+        finite = np.logical_and.reduce([np.isfinite(arrays[k].reshape(len(arrays[k]), -1)).all(axis=1) for k in keys])
         if not finite.all():
             notes.append(f"{model}, {task}: {int((~finite).sum()):,} of {len(finite):,} predictions are NaN or "
                          "infinite and are left out of every number and figure")
             payload["arrays"][task] = {k: v[finite] for k, v in arrays.items()}
 
 
+def _note_weights(models: dict[str, dict[str, Any]], notes: list[str]) -> None:
+    """Say so when some models' numbers are weighted and others' are not: they are then not strictly comparable."""
+    weighted = {m for m, p in models.items()
+                if any("weight" in a and not np.all(a["weight"] == 1) for a in p["arrays"].values())}
+    if weighted and len(weighted) < len(models):
+        notes.append(f"the numbers of {', '.join(sorted(weighted))} are weighted by the example weights of the data; "
+                     f"those of {', '.join(sorted(set(models) - weighted))} are not (their predictions carry no weights)")
+
+
 def _tagging_section(task, present, headline, sample) -> Section:
     classes = list(task.classes or ["background", "signal"])
-    curves = {m: (a["label"].astype(int), log_ratio(a["scores"])) for m, a in present.items()}
-    headline.append((f"{task.name}: AUC", {m: f"{roc_auc_score(l, s):.5f}" for m, (l, s) in curves.items()}))
+    curves = {m: (a["label"].astype(int), log_ratio(log_probabilities(a)), a.get("weight")) for m, a in present.items()}
+    headline.append((f"{task.name}: AUC", {m: f"{roc_auc_score(l, s, sample_weight=w):.5f}"
+                                           for m, (l, s, w) in curves.items()}))
     for wp in WORKING_POINTS:
         headline.append((f"{task.name}: {classes[0]} rejection at {100 * wp:.0f} % {classes[1]} efficiency",
-                         {m: rejection(l, s, wp).text() for m, (l, s) in curves.items()}))
+                         {m: html.escape(rejection(l, s, wp, w).text()) for m, (l, s, w) in curves.items()}))
     sig = {"tau": r"$\tau$"}.get(classes[1], classes[1])
     figure = rf.roc_figure(curves, WORKING_POINTS, signal=sig + "-jet", background=classes[0], sample=sample)
     n_signal = int(next(iter(curves.values()))[0].sum())
@@ -265,7 +243,10 @@ def _tagging_section(task, present, headline, sample) -> Section:
     text = (f"{task.name}: {classes[1]} against {classes[0]}, {n_signal:,} {classes[1]} and "
             f"{len(labels) - n_signal:,} {classes[0]} examples of the test split. Rejection = 1 / (fraction of "
             f"{classes[0]} examples passing the cut on log(p<sub>{classes[1]}</sub> / p<sub>{classes[0]}</sub>) "
-            f"that keeps the stated {classes[1]} efficiency); &plusmn; is the Poisson error of the passing count.")
+            f"that keeps the stated {classes[1]} efficiency), weighted by the example weights where the data carry "
+            f"them. In brackets: the 68 % interval from the Clopper-Pearson interval of the passing fraction. "
+            f"&ge; N: no {classes[0]} example passes, so the split only shows that the rejection exceeds about its "
+            f"N {classes[0]} examples.")
     if len(curves) == 2:
         text += " " + _shared_background(curves, classes[0])
     spread = rf.discriminant_figure(curves, signal=classes[1], background=classes[0], sample=sample)
@@ -281,8 +262,7 @@ def _property_section(task, present, headline, sample, pt_label) -> Section:
     series = {}
     values = {}
     for m, a in present.items():
-        acc, err = accuracy(a["scores"], a["label"].astype(int))
-        values[m] = f"{100 * acc:.2f} &plusmn; {100 * err:.2f} %"
+        values[m] = percent(*accuracy(log_probabilities(a), a["label"].astype(int), a.get("weight")))
         series[m] = (a["pt"], a["scores"].argmax(axis=1) != a["label"])
     headline.append((f"{task.name}: accuracy", values))
     figure = rf.rate_figure(series, f"{task.name} misidentification [%]", pt_label=pt_label, sample=sample)
@@ -293,8 +273,7 @@ def _property_section(task, present, headline, sample, pt_label) -> Section:
 def _multiclass_section(task, present, headline, sample) -> Section:
     values, matrices = {}, {}
     for m, a in present.items():
-        acc, err = accuracy(a["scores"], a["label"].astype(int))
-        values[m] = f"{100 * acc:.2f} &plusmn; {100 * err:.2f} %"
+        values[m] = percent(*accuracy(log_probabilities(a), a["label"].astype(int), a.get("weight")))
         matrices[m] = confusion(a["scores"], a["label"])
     headline.append((f"{task.name}: accuracy", values))
     classes = list(task.classes or [str(i) for i in range(next(iter(matrices.values())).shape[0])])
@@ -307,20 +286,21 @@ def _multiclass_section(task, present, headline, sample) -> Section:
 
 
 def _regression_section(task, present, headline, sample, pt_label) -> list[Section]:
-    series = {}
+    series, weights = {}, {}
     for m, a in present.items():
         found = pt_response(task, a)
         if found is None:
             continue
         pt, response, reco = found
         series[m] = (pt, response)
+        weights[m] = a.get("weight")
         if "reco jet" not in series:
-            series_reco = (pt, reco)
+            series_reco, weights["reco jet"] = (pt, reco), a.get("weight")
     if not series:
         return []
     series["reco jet"] = series_reco
     for label, (pt, response) in series.items():
-        med, res = response_numbers(response)
+        med, res = response_numbers(response, True, weights[label])
         row = f"{task.name}: pT response median / resolution (IQR / median)"
         for name, text in ((f"{row}", f"{med:.4f} / {100 * res:.2f} %"),):
             found = next((h for h in headline if h[0] == name), None)
@@ -331,7 +311,8 @@ def _regression_section(task, present, headline, sample, pt_label) -> list[Secti
     figure = rf.response_figure(series, quantity=r"$p_T$", pt_label=pt_label, sample=sample)
     text = ("Response = reconstructed visible-tau pT / true visible-tau pT, where the reconstructed pT is the jet pT "
             "corrected by the predicted log(pT_vis / pT_jet); \"reco jet\" is the uncorrected jet pT. Resolution = "
-            "interquartile range / median. Error bars: bootstrap.")
+            "interquartile range / median; the summary's numbers are weighted by the example weights where the data carry "
+            "them. Error bars: bootstrap.")
     return [Section(f"{task.name}: pT response and resolution", task.name, text,
                     [(_png(figure), "Median response (top) and resolution (bottom) in bins of the generated pT, "
                                    "from the 2nd percentile of the pT distribution upward.")])]

@@ -2,8 +2,10 @@
 
 Each function takes plain numpy arrays keyed by the model's name and returns a matplotlib Figure in the mplhep
 ROOT style, labelled like a simulation plot of a physics group. Statistical uncertainties are drawn wherever a
-number is estimated from finitely many jets: binomial for efficiencies and rates, bootstrap for medians and
-widths. Nothing here reads files; `report.py` gathers the arrays.
+number is estimated from finitely many jets: Clopper-Pearson (68 %) for efficiencies and rates, bootstrap for
+medians and widths. Working points come from `metrics.rejection`, the same numbers as the report's summary and
+`metrics.json`; a rejection whose cut passes no background is drawn as an upward arrow (a lower bound). Nothing
+here reads files; `report.py` gathers the arrays.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mplhep  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator
-from sklearn.metrics import roc_curve
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from hepml_dist.evaluate.metrics import binomial, rejection  # noqa: E402
 
 STYLE = mplhep.style.ROOT
 # One colour per model, the same in every figure: the network, the baseline, the uncorrected reference.
@@ -107,39 +111,50 @@ def training_figure(records: Sequence[Mapping[str, Any]], sample: str = "") -> F
 # Tagging: ROC
 
 
-def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(signal efficiency, background efficiency) along the score."""
-    fpr, tpr, _ = roc_curve(labels, scores)
+def roc_points(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(signal efficiency, background efficiency) along the score, weighted by `weights` if given."""
+    fpr, tpr, _ = roc_curve(labels, scores, sample_weight=weights)
     return tpr, fpr
 
 
-def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], working_points: Sequence[float],
+def mark_rejection(ax, x: float, found, marker: str, colour_: str) -> None:
+    """A working point: the rejection with its 68 % interval, or an upward arrow from a lower bound."""
+    if found.lower_bound:
+        ax.annotate("", xy=(x, found.value * 3), xytext=(x, found.value), zorder=5,
+                    arrowprops=dict(arrowstyle="-|>", color=colour_, lw=2))
+    else:
+        ax.errorbar([x], [found.value], yerr=[[found.value - found.low], [found.high - found.value]], color=colour_,
+                    lw=1.5, capsize=3, zorder=5, fmt="none")
+    ax.plot([x], [found.value], marker, ms=9, color=colour_, mec="black", zorder=6)
+
+
+def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]], working_points: Sequence[float],
                signal: str = "signal", background: str = "background", sample: str = "") -> Figure:
     """Background rejection vs signal efficiency for each model, working points marked, ratio to the baseline.
 
-    `curves[name] = (labels, scores)`. The dotted line is the statistical floor: one background jet passing."""
+    `curves[name] = (labels, discriminant, weights or None)`. The dotted line is the statistical floor: one
+    background jet passing. Markers: `metrics.rejection` with its 68 % interval; arrows: lower bounds."""
     with plt.style.context(STYLE):
         fig, (ax, ratio_ax) = plt.subplots(2, 1, figsize=(9, 9), sharex=True, height_ratios=[3, 1])
         grid = np.linspace(0.3, 1.0, 141)
         rejections: dict[str, np.ndarray] = {}
         n_background = 1
-        for i, (name, (labels, scores)) in enumerate(curves.items()):
-            tpr, fpr = roc_points(labels, scores)
+        for i, (name, (labels, scores, weights)) in enumerate(curves.items()):
+            tpr, fpr = roc_points(labels, scores, weights)
             n_background = max(n_background, int((labels == 0).sum()))
             keep = (fpr > 0) & (tpr >= 0.25)
             ax.plot(tpr[keep], 1 / fpr[keep], lw=2, color=colour(name, i), label=name)
             floor = 1.0 / max(int((labels == 0).sum()), 1)
             rejections[name] = 1.0 / np.maximum(np.interp(grid, tpr, fpr), floor)
             for wp in working_points:
-                value = 1.0 / max(float(np.interp(wp, tpr, fpr)), floor)
-                ax.plot([wp], [value], MARKERS.get(name, "o"), ms=9, color=colour(name, i), mec="black", zorder=5)
+                mark_rejection(ax, wp, rejection(labels, scores, wp, weights), MARKERS.get(name, "o"), colour(name, i))
         ax.axhline(n_background, ls=":", color="grey", lw=1)
         ax.text(0.31, n_background * 1.15, f"1 of {n_background:,} {background}s", color="grey", fontsize=11)
         for wp in working_points:
             ax.axvline(wp, ls="--", color="grey", lw=0.8)
             ratio_ax.axvline(wp, ls="--", color="grey", lw=0.8)
         ax.set_yscale("log")
-        ax.set_ylim(1, n_background * 4)
+        ax.set_ylim(1, n_background * 6)  # room for the arrows of lower bounds
         ax.set_ylabel(f"{background} rejection (1 / efficiency)")
         ax.legend(loc="lower left", fontsize=13)
         label_axes(ax, right=sample)
@@ -157,19 +172,21 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], working_poin
     return fig
 
 
-def discriminant_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], signal: str = "signal",
+def discriminant_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]], signal: str = "signal",
                         background: str = "background", sample: str = "") -> Figure:
     """Distributions of each model's discriminant log(p_signal / p_background) for signal and background, unit area."""
     with plt.style.context(STYLE):
         fig, axes = plt.subplots(1, len(curves), figsize=(7.5 * len(curves), 6.5), squeeze=False)
-        for i, (ax, (name, (labels, disc))) in enumerate(zip(axes[0], curves.items())):
+        for i, (ax, (name, (labels, disc, weights))) in enumerate(zip(axes[0], curves.items())):
+            weights = np.ones(len(disc)) if weights is None else np.asarray(weights)
             finite = np.isfinite(disc)
             low, high = np.percentile(disc[finite], [0.5, 99.95])  # a few saturated outliers would squash the rest
             bins = np.linspace(low, high, 60)
             for value, text, style in ((1, signal, dict(histtype="stepfilled", alpha=0.35)),
                                        (0, background, dict(histtype="step", lw=2))):
-                chosen = np.clip(disc[finite & (labels == value)], low, high)
-                ax.hist(chosen, bins=bins, density=True, color=colour(name, i) if value else "black",
+                pick = finite & (labels == value)
+                chosen = np.clip(disc[pick], low, high)
+                ax.hist(chosen, bins=bins, weights=weights[pick], density=True, color=colour(name, i) if value else "black",
                         label=f"{text} ({len(chosen):,})", **style)
             ax.set_yscale("log")
             ax.set_xlabel(f"{name}: log(p$_{{{signal}}}$ / p$_{{{background}}}$)")
@@ -303,12 +320,6 @@ def response_figure(series: Mapping[str, tuple[np.ndarray, np.ndarray]], quantit
 # Charge: misidentification rate vs pT
 
 
-def binomial_error(k: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Standard error of k / n (Wilson-like floor: never zero for k = 0)."""
-    p = (k + 0.5) / (n + 1.0)
-    return np.sqrt(p * (1 - p) / np.maximum(n, 1))
-
-
 def rate_figure(series: Mapping[str, tuple[np.ndarray, np.ndarray]], ylabel: str, pt_label: str = r"$p_T$ [GeV]",
                 sample: str = "") -> Figure:
     """A rate (e.g. charge misidentification) in percent vs pT: `series[name] = (pt, wrong)`, wrong boolean."""
@@ -324,9 +335,10 @@ def rate_figure(series: Mapping[str, tuple[np.ndarray, np.ndarray]], ylabel: str
             k = np.bincount(which[(which >= 0) & (which < len(centres))], weights=wrong[(which >= 0) & (which < len(centres))],
                             minlength=len(centres))
             rate = np.where(n > 0, k / np.maximum(n, 1), np.nan)
+            low, high = binomial(k, n)  # 68 % Clopper-Pearson: asymmetric, and not zero where no jet is wrong
             total = 100 * wrong.mean()
             shift = (i - (n_models - 1) / 2) * 0.12 * half
-            ax.errorbar(centres + shift, 100 * rate, xerr=half, yerr=100 * binomial_error(k, n),
+            ax.errorbar(centres + shift, 100 * rate, xerr=half, yerr=100 * np.array([rate - low, high - rate]),
                         fmt=MARKERS.get(name, "o"), ms=7, color=colour(name, i), lw=1.5,
                         label=f"{name} (all: {total:.2f} %)")
         ax.set_ylim(0, 1.6 * ax.get_ylim()[1])  # room for the legend above the points
