@@ -3,15 +3,20 @@ and 3 train and resume exactly (mid-epoch, from their per-rank shards); PCGrad t
 loads and freezes modules; a phase trains only its modules; gradient accumulation counts optimizer steps."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 from train_helpers import final_weights, max_difference, run_without_ray, tiny_job, write_jet_dataset
 
+from hepml_dist.models import build_model
 from hepml_dist.runs import latest_checkpoint, list_checkpoints, load_trained, resolve_checkpoint
 from hepml_dist.track.tracker import read_metrics
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = {1: "fp32", 2: "bf16-mixed", 3: "bf16-mixed"}
 
@@ -111,3 +116,41 @@ def test_pcgrad_finetuning_phases_and_accumulation(dataset, tmp_path):
 
     state = json.loads((latest_checkpoint(accum) / "state.json").read_text())
     assert state["step"] == 8 and state["finished"]  # 2 epochs x 8 batches / 2 micro-batches per step
+
+
+def test_shipped_zero_jobs_train_shrunk_to_cpu(dataset, tmp_path):
+    """jobs/mlpf-clic-zero3.yaml and jobs/part-jetclass-zero2.yaml as shipped, shrunk to CPU sizes by overrides
+    only (model width, batch, steps, CPU workers; ParT's fp16 becomes bf16: DeepSpeed has no fp16 on CPU): their
+    DeepSpeed configurations train, and the consolidated model.pt rebuilds each model."""
+    from typer.testing import CliRunner
+
+    from hepml_dist.cli import app
+    from hepml_dist.spec import load_job
+
+    events = tmp_path / "clic"
+    made = CliRunner().invoke(app, ["data", "generate", "clic-events", "--events", "120", "--out", str(events)])
+    assert made.exit_code == 0, made.output
+    on_cpu = ["parallel.num_workers=2", "parallel.accelerator=cpu", "parallel.gpus_per_worker=0",
+              "parallel.cpus_per_worker=1", "tracking.mode=disabled", "training.epochs=1", "training.eval_interval=4",
+              "training.log_interval=1", "data.steps_per_epoch=4", "data.val_steps=2", "data.loader_workers=0"]
+
+    def splits(folder):
+        return [f"data.{s}={folder / s}" for s in ("train", "val", "test")]
+
+    mlpf = load_job(ROOT / "jobs" / "mlpf-clic-zero3.yaml", [
+        *on_cpu, *splits(events), "model.num_heads=2", "model.head_dim=8", "model.num_convs=1", "data.batch_size=8",
+        "data.inputs.max_length=256", "data.inputs.pad_to_multiple=32"])
+    part = load_job(ROOT / "jobs" / "part-jetclass-zero2.yaml", [
+        *on_cpu, *splits(dataset), "training.precision=bf16-mixed", "model.embed_dims=[16,16]",
+        "model.pair_embed_dims=[8]", "model.num_heads=2", "model.num_layers=1", "model.num_cls_layers=1",
+        "data.batch_size=32", "data.inputs.max_length=12",
+        "tasks=[{name: jet_class, kind: multiclass, label: label_is_signal, classes: [b, s], loss: ce}]"])
+    assert (mlpf.parallel.zero_stage, part.parallel.zero_stage) == (3, 2)
+    runs = [(spec.model_dump(mode="json"), tmp_path / spec.name) for spec in (mlpf, part)]
+    run_without_ray(runs)
+    for spec in (mlpf, part):
+        losses = [r["train_loss"] for r in read_metrics(tmp_path / spec.name) if "train_loss" in r]
+        assert len(losses) == 4 and all(math.isfinite(v) for v in losses), (spec.name, losses)
+        loaded, model = load_trained(tmp_path / spec.name)
+        assert loaded.parallel.zero_stage == spec.parallel.zero_stage
+        assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in build_model(spec).parameters())

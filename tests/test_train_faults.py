@@ -1,15 +1,21 @@
-"""Faults: a worker killed mid-run (Ray restarts the group, training continues from the last checkpoint and ends
-at the right step), non-finite losses (a clear error naming step and task, or skipped batches), and a run
+"""Faults: a worker killed mid-run under DDP and under DeepSpeed ZeRO-1/2/3 (Ray restarts the group, training
+continues from the last checkpoint and ends at the right step), non-finite losses (a clear error naming step and task, or skipped batches), and a run
 directory that holds a different job."""
 
 import threading
 import time
 
+import awkward as ak
+import numpy as np
 import psutil
 import pytest
+import torch
 from train_helpers import ray_session, tiny_job, write_jet_dataset  # noqa: F401
 
+from hepml_dist.data.stream import ShardStream
 from hepml_dist.errors import UserError
+from hepml_dist.inference.predict import predict
+from hepml_dist.runs import latest_checkpoint, load_trained
 from hepml_dist.spec import parse_spec
 from hepml_dist.track.tracker import read_metrics
 from hepml_dist.train.launch import launch
@@ -31,6 +37,33 @@ def ray_train_workers() -> list[psutil.Process]:
     return found
 
 
+def kill_a_worker_after(run_dir, step: int, killed: list[int], timeout_s: float = 240) -> threading.Thread:
+    """A watcher that kills the last Ray Train worker once the training log reaches `step`."""
+
+    def watch():
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            steps = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
+            if steps and steps[-1] >= step:
+                victim = ray_train_workers()[-1]
+                killed.append(victim.pid)
+                victim.kill()
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
+def assert_resumed_once_and_complete(run_dir, result, total: int, interval: int) -> None:
+    assert result.finished and result.step == total
+    resumed = [r["resumed_from"] for r in read_metrics(run_dir) if "resumed_from" in r]
+    assert len(resumed) == 1 and resumed[0] >= interval and resumed[0] % interval == 0
+    steps = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
+    assert steps == list(range(1, total + 1))  # every step once: the records after the checkpoint were replaced
+
+
 def test_killed_worker_is_restarted_and_run_finishes(ray_session, dataset, tmp_path):  # noqa: F811
     run_dir = tmp_path / "killed"
     spec = parse_spec(tiny_job(
@@ -43,28 +76,46 @@ def test_killed_worker_is_restarted_and_run_finishes(ray_session, dataset, tmp_p
         cluster={"max_failures": 1},
     ))
     killed: list[int] = []
-
-    def kill_after_checkpoint():
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            steps = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
-            if steps and steps[-1] >= 15:  # the step-10 checkpoint is on disk
-                victim = ray_train_workers()[-1]
-                killed.append(victim.pid)
-                victim.kill()
-                return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=kill_after_checkpoint, daemon=True)
-    watcher.start()
+    watcher = kill_a_worker_after(run_dir, 15, killed)  # the step-10 checkpoint is on disk by then
     result = launch(spec, run_dir=run_dir, progress=False)
     watcher.join()
     assert killed, "the run ended before a worker could be killed"
-    assert result.finished and result.step == 120
-    resumed = [r["resumed_from"] for r in read_metrics(run_dir) if "resumed_from" in r]
-    assert len(resumed) == 1 and resumed[0] >= 10 and resumed[0] % 10 == 0
-    steps = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
-    assert steps == list(range(1, 121))  # every step once: the records after the checkpoint were replaced
+    assert_resumed_once_and_complete(run_dir, result, 120, 10)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_on_ray_train_survives_a_killed_worker(ray_session, dataset, tmp_path, stage):  # noqa: F811
+    """DeepSpeed ZeRO-1/2/3 through the launcher `hepml train` uses (Ray Train, 2 CPU workers over gloo): a worker
+    killed mid-run, the group restarted from the per-rank DeepSpeed shards, the run finished; ZeRO-3's weights,
+    consolidated into model.pt, are what `hepml predict` runs."""
+    run_dir = tmp_path / f"zero{stage}"
+    spec = parse_spec(tiny_job(
+        dataset,
+        parallel={"num_workers": 2, "strategy": "deepspeed", "zero_stage": stage},
+        training={"epochs": 2, "eval_interval": 20, "log_interval": 1, "seed": 7,
+                  "precision": "fp32" if stage == 1 else "bf16-mixed"},
+        data={"steps_per_epoch": 20},
+        checkpoint={"interval": 10, "keep_last": 2},
+        tracking={"mode": "disabled"},
+        cluster={"max_failures": 1},
+    ))
+    killed: list[int] = []
+    watcher = kill_a_worker_after(run_dir, 13, killed)
+    result = launch(spec, run_dir=run_dir, progress=False)
+    watcher.join()
+    assert killed, "the run ended before a worker could be killed"
+    assert_resumed_once_and_complete(run_dir, result, 40, 10)
+    assert (latest_checkpoint(run_dir) / "deepspeed").is_dir()
+    if stage == 3:
+        out = tmp_path / "predictions.parquet"
+        summary = predict(run_dir, [str(dataset / "test")], out)
+        _, model = load_trained(run_dir)
+        stream = ShardStream(spec.data, "test", rank=0, world_size=1, seed=0, training=False)
+        with torch.no_grad():
+            expected = np.concatenate([torch.softmax(model(b)["is_signal"], -1)[:, 1].numpy() for b in stream.batches(0)])
+        got = ak.to_numpy(ak.from_parquet(out)["score_is_signal_sig"])
+        assert summary["rows"] == len(expected)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_non_finite_loss_names_step_and_task(dataset, tmp_path):
