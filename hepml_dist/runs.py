@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +72,16 @@ def run_dir_of(folder: Path) -> Path:
     return folder.parent.parent if folder.parent.name == CHECKPOINTS else folder
 
 
-def read_run_spec(run_dir: Path) -> JobSpec:
-    """The spec a run directory was trained with (RUN_DIR/spec.yaml)."""
+def read_run_spec(run_dir: Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """The spec a run directory was trained with (RUN_DIR/spec.yaml), with `--set` overrides applied."""
     path = Path(run_dir) / "spec.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir}: no spec.yaml, so not a run directory written by `hepml train`")
     try:
-        return load_job(path)
+        spec = load_job(path)
     except SpecError as err:
         raise UserError(f"{path}: not a valid job spec ({err.problems[0]})") from None
+    return load_job(path, overrides) if overrides else spec  # an override's own error names its field
 
 
 def write_run_spec(run_dir: Path, spec: JobSpec) -> None:

@@ -77,6 +77,41 @@ def test_set_overrides_are_typed_and_validated():
     assert spec.optim.lr == pytest.approx(1e-4) and spec.model.num_layers == 3 and spec.tracking.tags == ["a", "b"]
 
 
+def test_set_reaches_list_items_and_appends():
+    spec = load_job(BASE, ["tasks.1.weight=3", "tasks.-1.loss=mse", "tracking.tags+=mine", "tracking.tags+=[x, y]"])
+    base = load_job(BASE)
+    assert [t.weight for t in spec.tasks] == [base.tasks[0].weight, 3.0, *[t.weight for t in base.tasks[2:]]]
+    assert spec.tasks[-1].loss == "mse" and base.tasks[-1].loss != "mse"
+    assert spec.tracking.tags == [*base.tracking.tags, "mine", "x", "y"]
+
+
+def test_resume_applies_set_to_the_runs_own_spec_and_refuses_fixed_fields(tmp_path, monkeypatch):
+    from hepml_dist.models import build_model
+    from hepml_dist.runs import write_model_checkpoint, write_run_spec
+    from hepml_dist.train import commands
+
+    spec = load_job(BASE)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_run_spec(run, spec)
+    write_model_checkpoint(run / "checkpoints" / "step-00000004", spec, build_model(spec), {"step": 4})
+    launched = []
+    monkeypatch.setattr(commands, "launch", lambda spec, **kw: launched.append(spec) or _Ended(kw["run_dir"]))
+    ok = runner.invoke(app, ["train", "--resume", str(run), "--set", "training.epochs=9"])
+    assert ok.exit_code == 0, ok.output
+    assert launched[-1].training.epochs == 9 and launched[-1].name == spec.name
+
+    monkeypatch.undo()  # the real launcher: it checks the resumed spec before starting anything
+    refused = runner.invoke(app, ["train", "--resume", str(run), "--set", "model.num_layers=5"])
+    assert refused.exit_code == 2 and "model.num_layers" in refused.output, refused.output
+    assert "Traceback" not in refused.output
+
+
+class _Ended:
+    def __init__(self, run_dir):
+        self.run_dir, self.step, self.finished, self.stopped = run_dir, 4, True, False
+
+
 def test_every_field_is_documented_where_declared():
     undocumented = []
     seen: set[type] = set()
@@ -136,6 +171,9 @@ BAD_CASES = {
     "yaml_syntax": ("name: x\nmodel: {family: part\ntasks: []\n", [], "YAML syntax error"),
     "not_a_mapping": ("- just\n- a list\n", [], "(top level): a job file must be a mapping"),
     "bad_set_path": ("extends: BASE\n", ["optim.lrr=1e-3"], "optim.lrr: --set optim.lrr=1e-3: no such field; did you mean 'lr'?"),
+    "bad_set_index": ("extends: BASE\n", ["tasks.9.weight=2"], "tasks.9: --set tasks.9.weight=2: no item 9 in a list of 4"),
+    "bad_set_field_in_list": ("extends: BASE\n", ["tasks.0.wieght=2"], "tasks.0.wieght: --set tasks.0.wieght=2: no such field; did you mean 'weight'?"),
+    "bad_set_append": ("extends: BASE\n", ["optim.lr+=1"], "optim.lr: --set optim.lr+=1: += appends to a list"),
     "bad_set_syntax": ("extends: BASE\n", ["optim.lr"], "an override looks like section.field=value"),
     "bad_set_value": ("extends: BASE\n", ["data.batch_size=-5"], "data.batch_size: Input should be greater than or equal to 1"),
     "zero_stage_without_deepspeed": ("extends: BASE\nparallel: {zero_stage: 2}\n", [], "parallel.zero_stage: ZeRO stages need"),

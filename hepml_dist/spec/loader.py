@@ -123,11 +123,17 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 
 
 def _section_at(keys: Sequence[Any], data: Any) -> type[BaseModel] | None:
-    """The spec section a key path leads to (following model.family for the model union), or None."""
+    """The spec section a key path leads to (following model.family for the model union, and list indices into
+    lists of sections such as `tasks.0`), or None."""
     model: type[BaseModel] | None = JobSpec
+    item: type[BaseModel] | None = None  # the section type of the list the path is in, if any
     node = data
     for key in keys:
-        if model is None or not isinstance(key, str) or key not in model.model_fields:
+        if isinstance(key, int):
+            model, item = item, None
+            node = node[key] if isinstance(node, list) and -len(node) <= key < len(node) else None
+            continue
+        if model is None or key not in model.model_fields:
             return None
         annotation = model.model_fields[key].annotation
         node = node.get(key) if isinstance(node, dict) else None
@@ -135,8 +141,10 @@ def _section_at(keys: Sequence[Any], data: Any) -> type[BaseModel] | None:
         if model is JobSpec and key == "model":
             family = node.get("family") if isinstance(node, dict) else None
             candidates = [m for m in candidates if m.model_fields["family"].default == family] or candidates[:1]
-        is_container = typing.get_origin(annotation) in (list, dict)
-        model = candidates[0] if len(candidates) == 1 and not is_container else None
+        origin = typing.get_origin(annotation)
+        single = candidates[0] if len(candidates) == 1 else None
+        model = single if origin not in (list, dict) else None
+        item = single if origin is list else None
     return model
 
 
@@ -173,36 +181,76 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> JobSpec:
     return spec
 
 
-def _check_override_path(data: dict[str, Any], keys: list[str], source: str, raw: str) -> None:
+def _check_override_path(data: dict[str, Any], keys: list[str | int], source: str, raw: str) -> None:
     """Reject `--set` paths that name no field, before validation turns them into vaguer errors."""
     for depth, key in enumerate(keys):
+        if isinstance(key, int):
+            continue  # list indices are checked against the list when the override is applied
         section = _section_at(keys[:depth], data)
         if depth and section is None:
-            return  # inside a free-form mapping or list (e.g. optim.lr_multipliers): any key is fine
+            return  # inside a free-form mapping (e.g. optim.lr_multipliers): any key is fine
         if section is not None and key not in section.model_fields:
-            where = ".".join(keys[: depth + 1])
+            where = _dotted(keys[: depth + 1])
             raise SpecError([Problem(source, where, f"--set {raw}: no such field{_suggest(key, section.model_fields)}")])
 
 
+def _dotted(keys: Sequence[str | int]) -> str:
+    return ".".join(map(str, keys))
+
+
+def _parse_key(key: str) -> list[str | int]:
+    """`tasks.0.weight` -> ["tasks", 0, "weight"]: integer parts (also negative, -1 = last) index lists."""
+    return [int(k) if k.lstrip("-").isdigit() else k for k in key.strip().split(".")]
+
+
+def _child(node: Any, key: str | int, where: str, raw: str, source: str) -> Any:
+    """The container at `node[key]` on the way to an override's target (a missing mapping is created)."""
+    if isinstance(key, int):
+        if not isinstance(node, list):
+            raise SpecError([Problem(source, where, f"--set {raw}: {key} indexes a list, and this is not one")])
+        if not -len(node) <= key < len(node):
+            raise SpecError([Problem(source, where, f"--set {raw}: no item {key} in a list of {len(node)}")])
+        return node[key]
+    if not isinstance(node, dict):
+        raise SpecError([Problem(source, where, f"--set {raw}: {key!r} names a field of a mapping, and this is a list")])
+    if not isinstance(node.get(key), (dict, list)):
+        node[key] = {}
+    return node[key]
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str = "--set") -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides; values are parsed as YAML (so 1e-4, [1, 2], true work)."""
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (so 1e-4, [1, 2], true work). Integer parts index
+    lists (`tasks.0.weight=2`, `-1` = the last item); `a.b+=value` appends to a list (a list value extends it)."""
     data = copy.deepcopy(data)
     for raw in overrides:
         key, sep, text = raw.partition("=")
+        append = key.endswith("+")
+        key = key[:-1] if append else key
         if not sep or not key.strip():
-            raise SpecError([Problem(source, raw, "an override looks like section.field=value, e.g. optim.lr=1e-4")])
-        keys = key.strip().split(".")
+            raise SpecError([Problem(source, raw, "an override looks like section.field=value (or field+=item to "
+                                                  "append to a list), e.g. optim.lr=1e-4")])
+        keys = _parse_key(key)
         _check_override_path(data, keys, source, raw)
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
-        node = data
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                node[k] = {}
-            node = node[k]
-        node[keys[-1]] = value
+        node: Any = data
+        for depth, k in enumerate(keys[:-1]):
+            node = _child(node, k, _dotted(keys[: depth + 1]), raw, source)
+        last, where = keys[-1], _dotted(keys)
+        if isinstance(last, int) and not isinstance(node, list):
+            raise SpecError([Problem(source, where, f"--set {raw}: {last} indexes a list, and this is not one")])
+        if isinstance(last, int) and not -len(node) <= last < len(node):
+            raise SpecError([Problem(source, where, f"--set {raw}: no item {last} in a list of {len(node)}")])
+        if isinstance(last, str) and not isinstance(node, dict):
+            raise SpecError([Problem(source, where, f"--set {raw}: {last!r} names a field of a mapping, and this is a list")])
+        if append:
+            current = node[last] if isinstance(last, int) or last in node else []
+            if not isinstance(current, list):
+                raise SpecError([Problem(source, where, f"--set {raw}: += appends to a list, and {where} is not one")])
+            value = [*current, *(value if isinstance(value, list) else [value])]
+        node[last] = value
     return data
 
 

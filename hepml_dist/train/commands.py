@@ -27,7 +27,7 @@ def train(
     if resume is not None:
         if runs.latest_checkpoint(resume) is None:
             raise UserError(f"--resume {resume}: no checkpoint in {resume}/checkpoints to resume from")
-        spec = load_job(job, overrides or []) if job else runs.read_run_spec(resume)
+        spec = load_job(job, overrides or []) if job else runs.read_run_spec(resume, overrides or [])
         if run_dir is not None and run_dir.resolve() != resume.resolve():
             raise UserError("give either --resume RUN_DIR or --run-dir DIR, not two different directories")
         run_dir = resume
