@@ -2,9 +2,11 @@
 files a reader can hold in mind, model code free of distributed calls, and a CLI whose help imports nothing."""
 
 import ast
+import inspect
+import os
+import shutil
 import subprocess
 import sys
-import inspect
 from collections import defaultdict
 from pathlib import Path
 
@@ -149,3 +151,14 @@ def test_help_and_validate_import_neither_torch_nor_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_version_and_shell_completion_of_lazy_commands():
+    from hepml_dist import __version__
+
+    out = subprocess.run([sys.executable, "-m", "hepml_dist.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"hepml_dist {__version__}"
+    for words, cword, expected in (("hepml tr", "1", "train"), ("hepml data ge", "2", "generate"), ("hepml ex", "1", "export")):
+        env = {**os.environ, "_HEPML_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": cword}
+        done = subprocess.run([shutil.which("hepml") or "hepml"], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.split() == [expected], (words, done.stdout, done.stderr)

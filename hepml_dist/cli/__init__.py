@@ -40,7 +40,6 @@ COMMANDS: dict[str, LazyCommand] = {
 app = typer.Typer(
     cls=lazy_group(COMMANDS, catch_errors=True),
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     help=f"hepml_dist {__version__}: train transformer models for jets and events on Ray clusters from one job file.",
 )
@@ -50,6 +49,20 @@ data_app = typer.Typer(
     help="Make, check and look at datasets: convert, generate, verify, inspect, weights, tokenize, plot.",
 )
 app.add_typer(data_app, name="data")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"hepml_dist {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print the version and exit."),
+) -> None:
+    """hepml_dist: train transformer models for jets and events on Ray clusters from one job file."""
 
 
 def main() -> None:
