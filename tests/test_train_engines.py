@@ -154,3 +154,23 @@ def test_shipped_zero_jobs_train_shrunk_to_cpu(dataset, tmp_path):
         loaded, model = load_trained(tmp_path / spec.name)
         assert loaded.parallel.zero_stage == spec.parallel.zero_stage
         assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in build_model(spec).parameters())
+
+
+def test_epochs_without_steps_per_epoch_are_one_pass_over_the_training_split(dataset, tmp_path):
+    from hepml_dist.data.loader import open_stream
+    from hepml_dist.spec import parse_spec
+    from hepml_dist.train.launch import resolve_steps_per_epoch
+    from hepml_dist.train.loop import train_loop_per_worker
+
+    job = tiny_job(dataset, data={"steps_per_epoch": None, "val_steps": 2}, tracking={"mode": "disabled"},
+                   training={"epochs": 1, "eval_interval": 1000, "log_interval": 50, "seed": 7},
+                   parallel={"num_workers": 2})
+    spec = parse_spec(job)  # validates: epochs no longer need a hand-counted steps_per_epoch
+    examples = open_stream(spec.data, "train", world_size=2).examples
+    assert 0.6 * 3000 < examples < 0.8 * 3000  # the 70 % train split of the fixture
+    resolved = resolve_steps_per_epoch(spec)
+    assert resolved.data.steps_per_epoch == examples // (32 * 2)  # batch 32 on each of 2 ranks
+    single = parse_spec(tiny_job(dataset, data={"steps_per_epoch": None, "val_steps": 2}, tracking={"mode": "disabled"},
+                                 training={"epochs": 1, "eval_interval": 1000, "log_interval": 50, "seed": 7}))
+    result = train_loop_per_worker({"spec": single.model_dump(mode="json"), "run_dir": str(tmp_path / "one-pass")})
+    assert result["step"] == resolve_steps_per_epoch(single).data.steps_per_epoch == examples // 32

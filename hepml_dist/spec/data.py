@@ -97,7 +97,8 @@ class DataSpec(Section):
     loader_workers: int = Field(2, ge=0)
     """DataLoader processes per training worker."""
     steps_per_epoch: int | None = Field(None, ge=1)
-    """Batches per epoch on every rank; None derives it from the dataset manifest."""
+    """Batches per epoch on every rank; None: one pass over the training split, examples // (batch_size x ranks),
+    counted from the manifests when `hepml train` starts (and written into the run's spec.yaml)."""
     val_steps: int | None = Field(None, ge=1)
     """Validation batches per evaluation on every rank; None uses the whole validation split."""
     on_corrupt: Literal["raise", "skip"] = "raise"

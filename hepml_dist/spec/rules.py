@@ -31,8 +31,6 @@ def run_length(spec: JobSpec) -> Iterator[Finding]:
     t = spec.training
     if (t.epochs is None) == (t.steps is None):
         yield "training.epochs", "set exactly one of training.epochs and training.steps"
-    if t.epochs is not None and spec.data.steps_per_epoch is None:
-        yield "data.steps_per_epoch", "training.epochs needs data.steps_per_epoch (batches per epoch on every rank)"
     for i, phase in enumerate(t.phases):
         if t.epochs is not None and phase.start_epoch > t.epochs:
             yield f"training.phases[{i}].start_epoch", f"phase starts at epoch {phase.start_epoch} but the run has only {t.epochs} epochs"

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from hepml_dist import runs
+from hepml_dist.data.loader import open_stream
 from hepml_dist.errors import UserError
 from hepml_dist.precision import CPU_FP16_NOTE, require_precision
 from hepml_dist.spec import JobSpec, load_job
@@ -131,6 +133,23 @@ def check_local_gpus(spec: JobSpec) -> None:
         )
 
 
+def resolve_steps_per_epoch(spec: JobSpec) -> JobSpec:
+    """`data.steps_per_epoch` as the loader will derive it (one pass over the training split on the job's ranks),
+    filled in so that the run's spec.yaml, the progress bar and a later resume all see the number. Where this
+    machine cannot open the training data (a cluster path), it is left for the workers to derive."""
+    if spec.data.steps_per_epoch is not None or spec.training.epochs is None or spec.data.train is None:
+        return spec
+    try:
+        with warnings.catch_warnings():  # layout advice (few shards, ...) is given by the workers' rank 0
+            warnings.simplefilter("ignore")
+            stream = open_stream(spec.data, "train", rank=0, world_size=spec.parallel.num_workers,
+                                 seed=spec.training.seed, training=True)
+    except (UserError, OSError):
+        return spec
+    data = spec.data.model_copy(update={"steps_per_epoch": stream.steps_per_epoch})
+    return spec.model_copy(update={"data": data})
+
+
 def check_local_precision(spec: JobSpec) -> None:
     """A CPU job in a precision this torch cannot run on CPU fails here, before Ray starts; fp16 on CPU runs, with
     a note that it is a test of the fp16 path."""
@@ -165,7 +184,7 @@ def launch(
     if not address or address == "local":
         check_local_gpus(spec)
         check_local_precision(spec)
-    spec = runs.absolute_paths(spec)
+    spec = resolve_steps_per_epoch(runs.absolute_paths(spec))
     run_dir = (run_dir or runs.default_run_dir(spec)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_step = check_resumable(spec, run_dir)

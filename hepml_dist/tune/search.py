@@ -49,7 +49,7 @@ from hepml_dist.evaluate.plots import search_figure
 from hepml_dist.spec import SpecError, dump_spec, load_job, parse_spec
 from hepml_dist.spec.loader import apply_overrides
 from hepml_dist.track.tracker import read_metrics
-from hepml_dist.train.launch import launch, start_ray
+from hepml_dist.train.launch import launch, resolve_steps_per_epoch, start_ray
 from hepml_dist.train.session import clear_stop, request_stop
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
@@ -190,7 +190,7 @@ def run_tune(job: Path, space_file: Path, *, trials: int, metric: str = "val_los
 
     try:
         limit = concurrent or max_concurrent(base_spec, trials)
-        steps = total_steps(base_spec)
+        steps = total_steps(resolve_steps_per_epoch(runs.absolute_paths(base_spec)))
         if scheduler == "asha":
             grace = min(base_spec.training.eval_interval, steps or base_spec.training.eval_interval)
             schedule = ASHAScheduler(time_attr="step", max_t=steps or 10**9, grace_period=grace, reduction_factor=2)
