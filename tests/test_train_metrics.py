@@ -91,3 +91,14 @@ def test_zero3_gathers_attention_modules_whole(tmp_path):
 
     model = build_model(parse_spec(tiny_job(tmp_path)))
     assert [cls.__name__ for cls in zero3_leaf_classes(model)] == ["Attention"]
+
+
+def test_log_lines_count_jets_or_events_as_the_family_trains_them():
+    from hepml_dist.models import get_family
+    from hepml_dist.train.step import format_record
+
+    record = {"train_loss": 0.5, "lr": 1e-3, "jets_per_s": 1234.4, "overflow_steps": 0}
+    units = {family: get_family(family).examples for family in ("part", "omnijet", "mlpf", "aot")}
+    assert units == {"part": "jets", "omnijet": "jets", "mlpf": "events", "aot": "events"}
+    assert format_record(3, 10, 0, record, units["aot"]).endswith("1234 events/s")
+    assert format_record(3, 10, 0, {**record, "overflow_steps": 2}, "jets").endswith("1234 jets/s (2 fp16 overflow)")

@@ -31,6 +31,8 @@ class ModelFamily:
     """Per-task losses of this family's outputs."""
     use_static_shapes: Callable[[nn.Module], None] | None = None
     """Switches a built model to shape-static code before torch.compile (ParT); None: nothing to switch."""
+    examples: str = "jets"
+    """What one example of this family is, for throughput in logs ("jets", "events")."""
 
 
 FAMILIES: dict[str, ModelFamily] = {}

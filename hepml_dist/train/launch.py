@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hepml_dist import runs
 from hepml_dist.data.loader import open_stream
 from hepml_dist.errors import UserError
+from hepml_dist.models import get_family
 from hepml_dist.precision import CPU_FP16_NOTE, require_precision
 from hepml_dist.spec import JobSpec, load_job
 from hepml_dist.spec.parallel import ACCELERATORS, ParallelSpec
@@ -273,10 +274,11 @@ class _stop_on_signals:
 
 
 class _follow_progress:
-    """A rich progress bar (step, epoch, jets/s, loss, ETA) fed from RUN_DIR/metrics.jsonl while fit() runs."""
+    """A rich progress bar (step, epoch, jets/s or events/s, loss, ETA) fed from RUN_DIR/metrics.jsonl while fit() runs."""
 
     def __init__(self, spec: JobSpec, run_dir: Path, enabled: bool):
         self.spec, self.path, self.enabled = spec, run_dir / "metrics.jsonl", enabled
+        self.examples = get_family(spec.model.family).examples
         self.done = threading.Event()
 
     def __enter__(self):
@@ -310,7 +312,7 @@ class _follow_progress:
                     continue
                 info = f"epoch {(record.get('epoch') or 0) + 1}"
                 if "train_loss" in record:
-                    info += f"  loss {record['train_loss']:.4f}  {record.get('jets_per_s', 0):.0f} jets/s"
+                    info += f"  loss {record['train_loss']:.4f}  {record.get('jets_per_s', 0):.0f} {self.examples}/s"
                 if "val_loss" in record:
                     info += f"  val_loss {record['val_loss']:.4f}"
                 self.progress.update(self.task, completed=record.get("step", 0), info=info)

@@ -84,7 +84,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     record = window.flush(engine)
                     tracker.log_metrics(record, step=step, epoch=epoch)
                     if plain_logs:
-                        log(ctx, format_record(step, total_steps, epoch, record))
+                        log(ctx, format_record(step, total_steps, epoch, record, family.examples))
                 metrics = validate(engine, val_data, spec, ctx) if due.evaluate else {}
                 if due.evaluate:
                     tracker.log_metrics(metrics, step=step, epoch=epoch)

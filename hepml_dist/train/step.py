@@ -157,8 +157,8 @@ class LogWindow:
         return record
 
 
-def format_record(step: int, total: int, epoch: int, record: dict[str, float]) -> str:
-    return (
-        f"step {step}/{total} epoch {epoch + 1} loss {record['train_loss']:.4f} lr {record['lr']:.3g} "
-        f"{record['jets_per_s']:.0f} jets/s"
-    )
+def format_record(step: int, total: int, epoch: int, record: dict[str, float], examples: str = "jets") -> str:
+    """The plain log line of a training record; `examples` names the family's unit (jets, events)."""
+    line = (f"step {step}/{total} epoch {epoch + 1} loss {record['train_loss']:.4f} lr {record['lr']:.3g} "
+            f"{record['jets_per_s']:.0f} {examples}/s")
+    return line + (f" ({record['overflow_steps']:.0f} fp16 overflow)" if record.get("overflow_steps") else "")

@@ -6,6 +6,6 @@ from hepml_dist.models.aot.model import AnalysisObjectTransformer, build
 from hepml_dist.models.losses import task_losses
 from hepml_dist.models.registry import ModelFamily, register_family
 
-FAMILY = register_family(ModelFamily("aot", build=build, losses=task_losses))
+FAMILY = register_family(ModelFamily("aot", build=build, losses=task_losses, examples="events"))
 
 __all__ = ["FAMILY", "AnalysisObjectTransformer", "build"]

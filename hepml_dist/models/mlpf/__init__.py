@@ -6,6 +6,6 @@ from hepml_dist.models.mlpf.losses import mlpf_losses
 from hepml_dist.models.mlpf.model import Mlpf
 from hepml_dist.models.registry import ModelFamily, register_family
 
-FAMILY = register_family(ModelFamily("mlpf", build=Mlpf, losses=mlpf_losses))
+FAMILY = register_family(ModelFamily("mlpf", build=Mlpf, losses=mlpf_losses, examples="events"))
 
 __all__ = ["FAMILY", "Mlpf"]
