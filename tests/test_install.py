@@ -1,0 +1,26 @@
+"""The install is reproducible: every package in the environment is pinned in requirements.lock at the version
+installed (torch aside: TORCH_SPEC picks it, with the CUDA/ROCm runtime wheels that come with a GPU build)."""
+
+import importlib.metadata
+import re
+from pathlib import Path
+
+LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
+NOT_LOCKED = re.compile(r"^(torch|hepml-dist|pip|setuptools|wheel|nvidia-.*|triton|pytorch-triton-rocm)$")
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_installed_package_is_pinned_at_its_installed_version():
+    pinned = {}
+    for line in LOCK.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pinned[normalized(name)] = version.strip()
+    installed = {normalized(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    unpinned = sorted(n for n in installed if n not in pinned and not NOT_LOCKED.match(n))
+    assert not unpinned, f"installed but not in requirements.lock (run `make lock`): {unpinned}"
+    moved = {n: (pinned[n], installed[n]) for n in pinned if n in installed and installed[n] != pinned[n]}
+    assert not moved, f"installed versions differ from the lock (lock, installed): {moved}"
