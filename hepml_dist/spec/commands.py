@@ -17,16 +17,16 @@ def validate(
     overrides: Overrides = None,
 ) -> None:
     """Check job files; print every problem as `file: field: message`. Exit 0 if all are valid, else 2."""
-    problems = []
+    problems, bad = [], 0
     for job in jobs:
         try:
             load_job(job, overrides or [])
         except SpecError as err:
             problems.extend(err.problems)
+            bad += 1
     for problem in problems:
         typer.echo(str(problem), err=True)
     if problems:
-        bad = len({p.source for p in problems})
         typer.echo(f"{bad} of {len(jobs)} job(s) invalid", err=True)
         raise typer.Exit(2)
     typer.echo(f"{len(jobs)} job(s) valid")

@@ -27,8 +27,8 @@ MODEL_FAMILIES: tuple[str, ...] = tuple(m.model_fields["family"].default for m i
 class JobSpec(Section):
     """A complete training job. Load it with `hepml_dist.spec.load_job`, which also applies the cross-field rules."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    """Job name; names the run directory and the experiment."""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)
+    """Job name (letters, digits, `_.-`, at most 128); names the run directory and the experiment."""
     description: str = ""
     """One line on what the job trains and where its numbers come from."""
     model: ModelSpec

@@ -38,22 +38,64 @@ class SpecError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+MAX_YAML_VALUES = 100_000
+"""More values than any job needs: a file whose aliases expand beyond this (a "billion laughs" bomb) is refused
+before anything copies or validates it."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (the first one would be silently ignored)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_values(data: Any, budget: int) -> int:
+    """Values in `data`, counting shared (aliased) parts at every use, stopping once past `budget`."""
+    count, stack = 0, [data]
+    while stack and count <= budget:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read one YAML mapping with yaml.safe_load, turning syntax errors into a Problem with line and column."""
+    """Read one YAML mapping (safe loader, unique keys), turning every way it can be wrong into a Problem that
+    names the file and, for syntax errors, the line and column."""
     source = str(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise SpecError([Problem(source, "(file)", "no such file; check the path")]) from None
+    except IsADirectoryError:
+        raise SpecError([Problem(source, "(file)", "is a directory, not a job file")]) from None
+    except UnicodeDecodeError as err:
+        raise SpecError([Problem(source, "(file)", f"not UTF-8 text (byte {err.start}); a job file is YAML text")]) from None
     except OSError as err:
         raise SpecError([Problem(source, "(file)", f"cannot read: {err.strerror}")]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
         what = getattr(err, "problem", None) or str(err)
         raise SpecError([Problem(source, where, f"YAML syntax error: {what}")]) from None
+    except RecursionError:
+        raise SpecError([Problem(source, "(yaml)", "nested too deeply to be a job file")]) from None
+    if _count_values(data, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise SpecError([Problem(source, "(yaml)", f"more than {MAX_YAML_VALUES:,} values once aliases are "
+                                                   "expanded; a job file is a few hundred")])
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -91,7 +133,14 @@ def resolve_extends(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         base_path = (path.parent / base).resolve()
         if not base_path.is_file():
             raise SpecError([Problem(str(path), "extends", f"base job {base!r} not found (looked for {base_path})")])
-        merged = deep_merge(merged, resolve_extends(base_path, (*chain, path)))
+        try:
+            base_data = resolve_extends(base_path, (*chain, path))
+        except SpecError as err:
+            if any(p.path == "extends" and "cyclic" in p.message for p in err.problems):
+                raise
+            raise SpecError([*err.problems, Problem(str(path), "extends", f"base job {base!r} is not usable "
+                                                                          "(the problem above)")]) from None
+        merged = deep_merge(merged, base_data)
     return deep_merge(merged, data)
 
 
@@ -118,7 +167,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
             continue
         if "[" in item or item in ("str", "int", "float", "bool"):
             continue
-        parts.append(("." if parts else "") + item)
+        # a key with spaces or control characters is quoted, so one problem stays one line
+        parts.append(("." if parts else "") + (item if item.isprintable() and " " not in item else repr(item)))
     return "".join(parts) or "(top level)"
 
 
@@ -164,6 +214,13 @@ def _message(err: dict[str, Any], data: Any) -> str:
     return err["msg"]
 
 
+def _field_named_in(error: dict[str, Any]) -> str | None:
+    """The field a section-level value error starts with (`Value error, epochs: ...`), if it names one."""
+    text = str(error.get("ctx", {}).get("error", ""))
+    name, sep, _ = text.partition(": ")
+    return name if sep and name.isidentifier() else None
+
+
 def parse_spec(data: dict[str, Any], source: str = "<spec>") -> JobSpec:
     """Validate a mapping into a JobSpec, then apply the cross-field rules; raise SpecError with every problem."""
     try:
@@ -172,6 +229,9 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> JobSpec:
         problems: dict[str, Problem] = {}
         for e in err.errors():
             path = _format_loc(tuple(e["loc"]))
+            if e["type"] == "value_error" and (field := _field_named_in(e)):
+                # a section's own check that names one of its fields ("epochs: expected a number, not true")
+                path, e = f"{path}.{field}" if path else field, {**e, "msg": e["msg"].split(": ", 1)[1]}
             # Union members each report the same field; keep the first message per path.
             problems.setdefault(path, Problem(source, path, _message(e, data)))
         raise SpecError(list(problems.values())) from None

@@ -1,6 +1,6 @@
 """Spec of the optimizer and the learning-rate schedule."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -16,7 +16,7 @@ class OptimSpec(Section):
     """Base (peak) learning rate."""
     weight_decay: float = Field(0.01, ge=0.0)
     """Decoupled weight decay; never applied to biases, norms, 1-D parameters or class tokens."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     """Adam-style moment coefficients (ParT recipe: 0.95, 0.999)."""
     eps: float = Field(1e-8, gt=0.0)
     """Adam-style epsilon (ParT recipe: 1e-5)."""

@@ -50,6 +50,10 @@ def pcgrad_needs_unsharded_gradients(spec: JobSpec) -> Iterator[Finding]:
             f"PCGrad needs every rank to see whole per-task gradients, but ZeRO stage {spec.parallel.zero_stage} "
             "shards them; use parallel.zero_stage <= 1 or multitask: sum",
         )
+
+
+@rule
+def pcgrad_protects_real_tasks(spec: JobSpec) -> Iterator[Finding]:
     names = {t.name for t in spec.tasks}
     for i, name in enumerate(spec.training.pcgrad.protect):
         if name not in names:

@@ -54,7 +54,7 @@ class TrainingSpec(Section):
     """Optimizer steps between validations (and reports to Ray)."""
     log_interval: int = Field(50, ge=1)
     """Optimizer steps between training-metric log lines."""
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**63)
     """Seed of model initialisation, data order and dropout."""
     init_from: str | None = None
     """Checkpoint (or run directory) whose weights initialise the model, loaded after any weight initialisation."""
