@@ -2,7 +2,8 @@
 
 Everything that a later step reads back (specs, best.json, metrics.json, manifests, reports, exports, sbatch scripts)
 is written to a hidden temporary file in the target's folder, flushed to disk, and renamed into place. A crash or a
-kill mid-write leaves at most a stray `.NAME.*.tmp` file, never a truncated NAME.
+kill mid-write leaves at most a stray `.NAME.*.tmp` file, never a truncated NAME. A write that fails (a full disk,
+a quota, a read-only folder) is a UserError naming the file, and the previous version stays in place.
 """
 
 import contextlib
@@ -12,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from hepml_dist.errors import UserError
 
 
 def _default_mode() -> int:
@@ -26,13 +29,19 @@ def replacing(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path
     """Yields a temporary path next to `path`; when the block ends without an error, the temporary file replaces
     `path` (with `mode`, default the umask's); on an error it is deleted and `path` is untouched."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write here ({err.strerror or err})") from None
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         os.chmod(tmp, _default_mode() if mode is None else mode)
         os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"{path}: could not write it ({err.strerror or err}); the previous version, if any, is "
+                        "untouched") from None
     finally:
         tmp.unlink(missing_ok=True)
 

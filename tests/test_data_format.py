@@ -200,3 +200,67 @@ def test_verify_catches_a_flipped_byte_and_names_the_shard(tmp_path):
     _, problems = verify_dataset(tmp_path / "ds")
     assert [p.shard for p in problems] == [shard.path]
     assert "sha256" in problems[0].problem
+
+
+def test_disk_full_while_writing_a_shard_keeps_finished_shards_and_resumes(tmp_path, monkeypatch):
+    """ENOSPC on the 4th shard: a UserError naming that shard, no partial file, the shards before it and the last
+    writer checkpoint intact; the rerun resumes and gives the uninterrupted dataset."""
+    import errno
+    import os
+
+    from hepml_dist.data import writer as writer_module
+
+    rng = np.random.default_rng(4)
+    blocks = [random_jets(200, 6, rng, start=200 * i) for i in range(6)]
+    settings = dict(schema="t", chunk_size=40, chunks_per_shard=2, seed=1)
+    with DatasetWriter(tmp_path / "full", **settings) as writer:
+        for block in blocks:
+            writer.add(block)
+
+    real_fsync, calls = os.fsync, {"n": 0}
+
+    def full_disk(fd):
+        if "/shard-" in os.readlink(f"/proc/self/fd/{fd}"):  # shards only, not the writer's own checkpoint
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(writer_module.os, "fsync", full_disk)
+    out = tmp_path / "cut"
+    writer = DatasetWriter(out, resume=True, **settings)
+    done = 0
+    with pytest.raises(UserError, match=r"shard-\d+\.tar: could not write this shard \(No space left on device\)"):
+        for done, block in enumerate(blocks, start=1):
+            writer.add(block)
+            writer.checkpoint({"blocks_done": done})
+    assert not list(out.rglob("*.tmp-*"))  # no partial shard left behind
+    finished = sorted(out.glob("*/shard-*.tar"))
+    assert len(finished) == 3 and all(tarfile.open(p).getmembers() for p in finished)
+    monkeypatch.setattr(writer_module.os, "fsync", real_fsync)
+    resumed = DatasetWriter(out, resume=True, **settings)
+    for block in blocks[resumed.resumed_progress["blocks_done"]:]:
+        resumed.add(block)
+    resumed.close()
+    full, cut = read_manifest(tmp_path / "full"), read_manifest(out)
+    for split in ("train", "val", "test"):
+        assert [s.sha256 for s in full.splits[split].shards] == [s.sha256 for s in cut.splits[split].shards]
+    assert verify_dataset(out) is not None
+
+
+def test_a_failed_atomic_write_names_the_file_and_keeps_the_old_version(tmp_path, monkeypatch):
+    import errno
+
+    from hepml_dist import files
+
+    target = files.write_json(tmp_path / "best.json", {"value": 1})
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", no_space)
+    with pytest.raises(UserError, match=r"best\.json: could not write it \(No space left on device\)"):
+        files.write_json(target, {"value": 2})
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"value": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["best.json"]  # no temporary file left

@@ -143,3 +143,40 @@ def test_run_directory_of_another_job_is_refused(dataset, tmp_path):
     changed = parse_spec(tiny_job(dataset, model={"embed_dims": [32, 32]}))
     with pytest.raises(UserError, match="model.embed_dims"):
         check_resumable(changed, tmp_path)
+
+
+def disk_full_at_step_16(rank: int) -> None:
+    """Rank 0's checkpoint writer fails with ENOSPC from the step-16 checkpoint on (run in each spawned rank)."""
+    import errno
+
+    from hepml_dist import runs
+
+    real = runs.write_checkpoint_files
+
+    def failing(folder, *args, **kwargs):
+        if rank == 0 and int(folder.name.split("-")[1].split(".")[0]) >= 16:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.pt"))
+        return real(folder, *args, **kwargs)
+
+    runs.write_checkpoint_files = failing
+
+
+def test_disk_full_while_checkpointing_stops_every_rank_and_keeps_what_was_written(dataset, tmp_path):
+    import torch.multiprocessing as mp
+
+    from hepml_dist.runs import list_checkpoints, load_trained
+    from train_helpers import run_without_ray
+
+    run_dir = tmp_path / "full-disk"
+    job = tiny_job(dataset, parallel={"num_workers": 2}, tracking={"mode": "disabled"},
+                   training={"epochs": 3, "eval_interval": 8, "log_interval": 4, "seed": 7})
+    with pytest.raises(mp.ProcessRaisedException) as failed:
+        run_without_ray([(job, run_dir)], setup=disk_full_at_step_16)  # both ranks stop: no hang in a collective
+    text = str(failed.value)
+    assert "CheckpointWriteError" in text and "checkpoint of step 16 not written" in text
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000008"]  # the earlier one, intact
+    assert not list((run_dir / "checkpoints").glob(".step-*"))  # no half-written folder left behind
+    load_trained(run_dir / "checkpoints" / "step-00000008")
+    run_without_ray([(job, run_dir)])  # space freed: the same command resumes and finishes
+    assert [r["resumed_from"] for r in read_metrics(run_dir) if "resumed_from" in r] == [8]
+    assert [p.name for p in list_checkpoints(run_dir)][-1] == "step-00000024"

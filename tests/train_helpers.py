@@ -96,7 +96,7 @@ def write_job(path: Path, job: dict[str, Any]) -> Path:
     return path
 
 
-def _spawned(rank: int, world: int, port: int, runs: list[dict[str, Any]], env: dict[str, str]) -> None:
+def _spawned(rank: int, world: int, port: int, runs: list[dict[str, Any]], env: dict[str, str], setup=None) -> None:
     import os
     import shutil
 
@@ -108,6 +108,8 @@ def _spawned(rank: int, world: int, port: int, runs: list[dict[str, Any]], env: 
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    if setup is not None:
+        setup(rank)  # e.g. a fault to inject in this rank (a module-level function of a test module)
     try:
         from hepml_dist.train.loop import train_loop_per_worker
 
@@ -123,7 +125,7 @@ def _spawned(rank: int, world: int, port: int, runs: list[dict[str, Any]], env: 
         dist.destroy_process_group()
 
 
-def run_without_ray(runs: list[tuple[dict[str, Any], Path]] | list[dict[str, Any]], world: int = 2) -> None:
+def run_without_ray(runs: list[tuple[dict[str, Any], Path]] | list[dict[str, Any]], world: int = 2, setup=None) -> None:
     """Run the training loop in `world` plain gloo processes (no Ray), one run after the other in the same
     processes (imports paid once). A run is (job, run_dir), or a dict with `job`, `run_dir` and optionally
     `copy_from` + `keep_until`: start from a copy of another run with its checkpoints after that step removed."""
@@ -142,7 +144,7 @@ def run_without_ray(runs: list[tuple[dict[str, Any], Path]] | list[dict[str, Any
         run.pop("job")
         prepared.append(run)
     env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    mp.spawn(_spawned, args=(world, random.randint(20000, 40000), prepared, env), nprocs=world, join=True)
+    mp.spawn(_spawned, args=(world, random.randint(20000, 40000), prepared, env, setup), nprocs=world, join=True)
 
 
 def final_weights(run_dir: Path) -> dict[str, Any]:

@@ -172,19 +172,25 @@ def write_shard(out_dir: Path, split: str, index: int, arrays: Mapping[str, np.n
     tmp = final.with_name(f"{name}.tmp-{os.getpid()}")
     n = len(next(iter(arrays.values())))
     chunks = []
-    with open(tmp, "wb") as raw:
-        hashing = _HashingFile(raw)
-        writer = wds.TarWriter(hashing, mtime=0, user="hepml", group="hepml", mode=0o444)
-        for c, start in enumerate(range(0, n, chunk_size)):
-            stop = min(start + chunk_size, n)
-            sample = {"__key__": f"{split}_{index:06d}_{c:04d}"}
-            sample.update({f"{col}.npy": np.ascontiguousarray(v[start:stop]) for col, v in arrays.items()})
-            writer.write(sample)
-            chunks.append(stop - start)
-        writer.close()
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as raw:
+            hashing = _HashingFile(raw)
+            writer = wds.TarWriter(hashing, mtime=0, user="hepml", group="hepml", mode=0o444)
+            for c, start in enumerate(range(0, n, chunk_size)):
+                stop = min(start + chunk_size, n)
+                sample = {"__key__": f"{split}_{index:06d}_{c:04d}"}
+                sample.update({f"{col}.npy": np.ascontiguousarray(v[start:stop]) for col, v in arrays.items()})
+                writer.write(sample)
+                chunks.append(stop - start)
+            writer.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, final)
+    except OSError as err:  # a full disk or quota: keep every finished shard, leave no partial one behind
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{final}: could not write this shard ({err.strerror or err}); the shards written before it "
+                        "are intact. Free space and run the same command again (a conversion resumes from its last "
+                        "checkpoint)") from None
     return ShardInfo(path=f"{split}/{name}", chunks=chunks, sha256=hashing.digest.hexdigest(), bytes=hashing.size)
 
 

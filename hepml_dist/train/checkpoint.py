@@ -4,6 +4,11 @@ A checkpoint folder (layout and reading: hepml_dist.runs) is filled in a hidden 
 its own part (DeepSpeed shards), then rank 0 writes spec.yaml, model.pt, training.pt and state.json, renames the
 folder into place, updates best.json and prunes old checkpoints. state.json records the step, epoch, phase, data
 position, validation metrics and every rank's RNG state, so a resumed run continues exactly.
+
+A write that fails (a full disk, a quota, a vanished mount) must not leave the other ranks waiting forever in the
+next collective, nor a half-written folder: after each writing phase the ranks agree on whether every write worked
+(`all_failures`), and if one failed, all of them stop with the same error; the temporary folder is removed and the
+checkpoints already in place stay as they were, so the next start resumes from the last complete one.
 """
 
 import base64
@@ -21,7 +26,8 @@ import torch
 
 from hepml_dist import runs
 from hepml_dist.spec import JobSpec
-from hepml_dist.train.distributed import gather_to_rank0
+from hepml_dist.errors import UserError
+from hepml_dist.train.distributed import all_sum, gather_to_rank0
 from hepml_dist.train.engine import Engine
 from hepml_dist.train.session import WorkerContext
 
@@ -55,15 +61,17 @@ def save_checkpoint(engine: Engine, spec: JobSpec, run_dir: Path, ctx: WorkerCon
                     stopped: bool) -> None:
     """All ranks: assemble the checkpoint of `step` (see the module docstring)."""
     tmp = runs.temp_folder(run_dir, step)
-    if ctx.rank == 0:
+
+    def prepare() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    ctx.barrier()
-    engine.save_shards(tmp)
-    ctx.barrier()  # every rank's shard files are complete
+
+    agree_on_writes(attempt(prepare) if ctx.rank == 0 else None, tmp, step, ctx)
+    agree_on_writes(attempt(lambda: engine.save_shards(tmp)), tmp, step, ctx)  # every rank's shard files
     model_state = engine.full_state_dict(tmp)
     rngs = gather_to_rank0(capture_rng(), ctx.world_size)
-    if ctx.rank == 0:
+
+    def commit() -> None:
         state = {
             "step": step,
             "epoch": epoch,
@@ -81,7 +89,40 @@ def save_checkpoint(engine: Engine, spec: JobSpec, run_dir: Path, ctx: WorkerCon
         folder = runs.commit_folder(tmp, runs.checkpoint_folder(run_dir, step))
         runs.update_best(run_dir, folder.name, metrics, spec.checkpoint.keep_best_by, spec.checkpoint.best_mode)
         runs.prune_checkpoints(run_dir, spec.checkpoint.keep_last)
-    ctx.barrier()
+
+    agree_on_writes(attempt(commit) if ctx.rank == 0 else None, tmp, step, ctx)
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written on some rank; every rank raises it, with that rank's reason."""
+
+
+def attempt(write) -> str | None:
+    """Run a writing step; the error it raised as text (None: it worked). torch.save reports a failed write (a
+    full disk) as a RuntimeError from its zip writer, Python file writes as OSError."""
+    try:
+        write()
+    except OSError as err:
+        return f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+    except (RuntimeError, UserError) as err:  # UserError: hepml_dist.files names the file it could not write
+        return str(err).splitlines()[0]
+    return None
+
+
+def agree_on_writes(failure: str | None, tmp: Path, step: int, ctx: WorkerContext) -> None:
+    """Every rank: stop together if any rank's write failed (one all-reduce, a barrier in the normal case)."""
+    failed = all_sum(torch.tensor([float(failure is not None)], device=ctx.device)).item()
+    if not failed:
+        return
+    reasons = [r for r in gather_to_rank0(failure, ctx.world_size) or [] if r]
+    if ctx.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    where = f"rank {ctx.rank}: {failure}" if failure else "another rank failed to write its part"
+    raise CheckpointWriteError(
+        f"checkpoint of step {step} not written ({'; '.join(reasons) if reasons else where}). The checkpoints "
+        f"already in {tmp.parent} are intact; free space (or fix the path) and run the same command again to "
+        "resume from the latest of them"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
