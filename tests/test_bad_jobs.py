@@ -172,7 +172,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
                       max_leaves=12)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(field_paths()), value=values)
 def test_random_values_at_real_fields_never_crash(tmp_path, path, value):
     override: dict = {}
@@ -189,7 +189,7 @@ def test_random_values_at_real_fields_never_crash(tmp_path, path, value):
         assert problems and all(line.startswith(f"{job}: ") for line in problems), result.output
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(content=st.binary(max_size=200))
 def test_random_bytes_are_refused_cleanly(tmp_path, content):
     job = tmp_path / "junk.yaml"
