@@ -132,6 +132,15 @@ def test_non_finite_batches_are_skipped_when_asked(dataset, tmp_path):
     assert sum(r.get("skipped_batches", 0) for r in read_metrics(tmp_path / "skip")) > 0
 
 
+def test_skipping_non_finite_batches_stops_past_the_limit(dataset, tmp_path):
+    job = tiny_job(dataset, optim={"name": "sgd", "lr": 1e6}, tracking={"mode": "disabled"},
+                   training={"nan_policy": "skip", "nan_skip_limit": 2, "epochs": 1, "eval_interval": 8,
+                             "log_interval": 8, "seed": 7})
+    with pytest.raises(NonFiniteLossError, match=r"3 micro-batches skipped for non-finite losses \(training\."
+                                                 r"nan_skip_limit = 2\); the last one: non-finite loss at step \d+"):
+        train_loop_per_worker({"spec": parse_spec(job).model_dump(mode="json"), "run_dir": str(tmp_path / "limit")})
+
+
 def test_run_directory_of_another_job_is_refused(dataset, tmp_path):
     from hepml_dist.models import build_model
     from hepml_dist.runs import write_model_checkpoint

@@ -66,6 +66,9 @@ class TrainingSpec(Section):
     """Later phases that change which modules train (each replaces the one before and `freeze`)."""
     nan_policy: Literal["raise", "skip"] = "raise"
     """A non-finite loss stops the run with an error naming step and task, or skips that batch."""
+    nan_skip_limit: int = Field(100, ge=1)
+    """nan_policy skip: the run stops (naming the step and task) once more than this many micro-batches were
+    skipped, since a model that keeps producing NaN has diverged and skipping only hides it."""
     compile: bool = False
     """Wrap the model with torch.compile (inductor, static shapes; ParT then runs its static-shape code). Slower
     on CPU (0.61x eager for MultiParTau, 0.13x for ParT JetClass): see docs/predict-and-tune.md before switching it on."""

@@ -64,6 +64,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     position = resume.state.get("data_position") if resume.folder and step % steps_per_epoch else None
     plain_logs = config.get("plain_logs", True)
     stopped, failure = False, None  # failure: a non-finite loss under nan_policy raise, seen by every rank at once
+    skipped = 0  # micro-batches skipped under nan_policy skip in this process's life
     with StopRequest(run_dir) as stop:
         while step < total_steps and not stopped and not failure:
             if phase_at(spec, epoch) != phase:
@@ -74,8 +75,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             position = None
             for micro_batches in optimizer_steps(batches, spec.training.grad_accum):
                 result = train_step(engine, family, spec, micro_batches, step, epoch, ctx, stop)
-                if result.failure:
-                    failure = result.failure
+                skipped += result.skipped
+                if result.failure or skipped > spec.training.nan_skip_limit:
+                    failure = result.failure or (
+                        f"{skipped} micro-batches skipped for non-finite losses (training.nan_skip_limit = "
+                        f"{spec.training.nan_skip_limit}); the last one: {result.last_skip_reason}")
                     break
                 step += 1
                 window.add(result)

@@ -61,6 +61,7 @@ class StepResult:
     examples: list[int] = field(default_factory=list)  # per micro-batch trained: this rank's batch size
     skipped: int = 0  # micro-batches dropped under nan_policy skip
     overflow: bool = False  # fp16: the gradients overflowed, the loss scaler skipped the optimizer step
+    last_skip_reason: str = ""  # what the last skipped micro-batch's losses were
 
 
 def train_step(engine: Engine, family: ModelFamily, spec: JobSpec, micro_batches: list[dict], step: int, epoch: int,
@@ -82,7 +83,8 @@ def train_step(engine: Engine, family: ModelFamily, spec: JobSpec, micro_batches
             result.failure = non_finite_message(step + 1, epoch, bad, losses, ctx)
             return result
         if bad:
-            log(ctx, "skipping micro-batch: " + non_finite_message(step + 1, epoch, bad, losses, ctx))
+            result.last_skip_reason = non_finite_message(step + 1, epoch, bad, losses, ctx)
+            log(ctx, "skipping micro-batch: " + result.last_skip_reason)
             engine.skip_micro_batch(last)
             result.skipped += 1
             continue
