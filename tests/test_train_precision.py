@@ -38,15 +38,16 @@ def train_losses(run_dir):
     return [r["train_loss"] for r in read_metrics(run_dir) if "train_loss" in r]
 
 
-def test_fp16_bf16_and_pcgrad_fp16_learn_count_overflows_and_resume_exactly(dataset, tmp_path):
+def test_fp16_bf16_and_pcgrad_fp16_learn_count_overflows_and_fp16_bf16_resume_exactly(dataset, tmp_path):
     fp16, resumed = tmp_path / "fp16", tmp_path / "fp16-resumed"
-    bf16, pcgrad = tmp_path / "bf16", tmp_path / "pcgrad-fp16"
+    bf16, bf16_resumed, pcgrad = tmp_path / "bf16", tmp_path / "bf16-resumed", tmp_path / "pcgrad-fp16"
     fp16_job = job(dataset, "fp16-mixed", fp16_initial_scale_power=OVERFLOWING_SCALE_POWER)
     run_without_ray([
         (fp16_job, fp16),
         # The same run restarted from its step-9 checkpoint (mid-epoch 2), as after a crash.
         {"job": fp16_job, "run_dir": resumed, "copy_from": str(fp16), "keep_until": 9},
         (job(dataset, "bf16-mixed"), bf16),
+        {"job": job(dataset, "bf16-mixed"), "run_dir": bf16_resumed, "copy_from": str(bf16), "keep_until": 9},
         (job(dataset, "fp16-mixed", multitask="pcgrad", pcgrad={"mode": "global", "order": "seeded"}), pcgrad),
     ])
 
@@ -62,9 +63,10 @@ def test_fp16_bf16_and_pcgrad_fp16_learn_count_overflows_and_resume_exactly(data
     # PCGrad sees the scaled per-task gradients; an overflow there skips the step the same way.
     assert all(r["overflow_steps"] in (0, 1) for r in read_metrics(pcgrad) if "overflow_steps" in r)
 
-    assert [r["resumed_from"] for r in read_metrics(resumed) if "resumed_from" in r] == [9]
-    difference = max_difference(final_weights(fp16), final_weights(resumed))
-    assert difference == 0.0, f"fp16 run resumed at step 9 differs by {difference}"
+    for full, again in ((fp16, resumed), (bf16, bf16_resumed)):
+        assert [r["resumed_from"] for r in read_metrics(again) if "resumed_from" in r] == [9]
+        difference = max_difference(final_weights(full), final_weights(again))
+        assert difference == 0.0, f"{full.name} run resumed at step 9 differs by {difference}"
     scaler = torch.load(sorted((fp16 / "checkpoints").glob("step-*"))[-1] / "training.pt", weights_only=True)["scaler"]
     assert scaler["scale"] < 2.0**OVERFLOWING_SCALE_POWER
 
