@@ -263,16 +263,24 @@ def _parse_key(key: str) -> list[str | int]:
     return [int(k) if k.lstrip("-").isdigit() else k for k in key.strip().split(".")]
 
 
+def _check_key(node: Any, key: str | int, where: str, raw: str, source: str) -> None:
+    """An override's key fits the node it is applied to: an index in range of a list, a name of a mapping."""
+    problem = None
+    if isinstance(key, int) and not isinstance(node, list):
+        problem = f"{key} indexes a list, and this is not one"
+    elif isinstance(key, int) and not -len(node) <= key < len(node):
+        problem = f"no item {key} in a list of {len(node)}"
+    elif isinstance(key, str) and not isinstance(node, dict):
+        problem = f"{key!r} names a field of a mapping, and this is a list"
+    if problem:
+        raise SpecError([Problem(source, where, f"--set {raw}: {problem}")])
+
+
 def _child(node: Any, key: str | int, where: str, raw: str, source: str) -> Any:
     """The container at `node[key]` on the way to an override's target (a missing mapping is created)."""
+    _check_key(node, key, where, raw, source)
     if isinstance(key, int):
-        if not isinstance(node, list):
-            raise SpecError([Problem(source, where, f"--set {raw}: {key} indexes a list, and this is not one")])
-        if not -len(node) <= key < len(node):
-            raise SpecError([Problem(source, where, f"--set {raw}: no item {key} in a list of {len(node)}")])
         return node[key]
-    if not isinstance(node, dict):
-        raise SpecError([Problem(source, where, f"--set {raw}: {key!r} names a field of a mapping, and this is a list")])
     if not isinstance(node.get(key), (dict, list)):
         node[key] = {}
     return node[key]
@@ -299,12 +307,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str 
         for depth, k in enumerate(keys[:-1]):
             node = _child(node, k, _dotted(keys[: depth + 1]), raw, source)
         last, where = keys[-1], _dotted(keys)
-        if isinstance(last, int) and not isinstance(node, list):
-            raise SpecError([Problem(source, where, f"--set {raw}: {last} indexes a list, and this is not one")])
-        if isinstance(last, int) and not -len(node) <= last < len(node):
-            raise SpecError([Problem(source, where, f"--set {raw}: no item {last} in a list of {len(node)}")])
-        if isinstance(last, str) and not isinstance(node, dict):
-            raise SpecError([Problem(source, where, f"--set {raw}: {last!r} names a field of a mapping, and this is a list")])
+        _check_key(node, last, where, raw, source)
         if append:
             current = node[last] if isinstance(last, int) or last in node else []
             if not isinstance(current, list):

@@ -7,7 +7,7 @@ position, validation metrics and every rank's RNG state, so a resumed run contin
 
 A write that fails (a full disk, a quota, a vanished mount) must not leave the other ranks waiting forever in the
 next collective, nor a half-written folder: after each writing phase the ranks agree on whether every write worked
-(`all_failures`), and if one failed, all of them stop with the same error; the temporary folder is removed and the
+(`agree_on_writes`), and if one failed, all of them stop with the same error; the temporary folder is removed and the
 checkpoints already in place stay as they were, so the next start resumes from the last complete one.
 """
 
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from hepml_dist import runs
-from hepml_dist.spec import JobSpec
 from hepml_dist.errors import UserError
+from hepml_dist.spec import JobSpec
 from hepml_dist.train.distributed import all_sum, gather_to_rank0
 from hepml_dist.train.engine import Engine
 from hepml_dist.train.session import WorkerContext

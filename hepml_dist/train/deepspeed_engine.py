@@ -54,7 +54,8 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
         # torch.autocast inside the engine: fp32 weights (so model.pt is exact), bf16 matmuls, as in the DDP path.
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif t.precision == "fp16-mixed":
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": t.fp16_initial_scale_power, "loss_scale_window": 1000}
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": t.fp16_initial_scale_power,
+                          "loss_scale_window": 1000}
     return config
 
 
