@@ -23,7 +23,7 @@ DATA_COMMANDS: dict[str, LazyCommand] = {
 COMMANDS: dict[str, LazyCommand] = {
     "validate": LazyCommand("hepml_dist.spec.commands", "Check job files; print every problem as `file: field: message`. Exit 0 if all are valid, else 2."),
     "show": LazyCommand("hepml_dist.spec.commands", "Print the fully resolved job (extends and overrides applied) as YAML."),
-    "jobs": LazyCommand("hepml_dist.models.commands", "Table of the jobs in a folder: model family, tasks and parallel strategy."),
+    "jobs": LazyCommand("hepml_dist.spec.commands", "Table of the jobs in a folder: model family, tasks and parallel strategy."),
     "generate": LazyCommand("hepml_dist.omnijet.commands", "Sample jets from a trained OmniJet-alpha backbone and decode them to constituents (pT, Delta eta, Delta phi)."),
     "train": LazyCommand("hepml_dist.train.commands", "Train a job on Ray (DDP or DeepSpeed workers). Re-running the same job resumes from its last checkpoint."),
     "evaluate": LazyCommand("hepml_dist.evaluate.commands", "Metrics (metrics.json) and plots (plots/*.png) of a trained run on a split."),

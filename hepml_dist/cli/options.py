@@ -10,5 +10,9 @@ Overrides = Annotated[
 ]
 JobsApiAddress = Annotated[
     str | None,
-    typer.Option("--address", help="Ray Jobs API address, e.g. http://HOST:8265 (default: $RAY_ADDRESS or 127.0.0.1)."),
+    typer.Option("--address", help="Ray Jobs API address, e.g. http://HOST:8265 (default: $RAY_ADDRESS, else http://127.0.0.1:8265)."),
+]
+JsonOutput = Annotated[
+    bool,
+    typer.Option("--json", help="Print machine-readable JSON instead of a table."),
 ]

@@ -8,7 +8,6 @@ script (cluster/slurm/ray-cluster.sbatch.j2) with the resolved job embedded, so 
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import string
@@ -24,6 +23,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 from ray._raylet import GcsClient
 
+from hepml_dist.locations import cluster_dir
 from hepml_dist.errors import UserError
 from hepml_dist.spec import JobSpec, SpecError, dump_spec
 from hepml_dist.spec.base import Section
@@ -144,13 +144,6 @@ class SiteProfile(Section):
 
 
 # ----------------------------------------------------------------------------------------------------- site files
-
-
-def cluster_dir() -> Path:
-    """The cluster/ folder: $HEPML_CLUSTER_DIR, else the one next to the hepml_dist package (a source checkout)."""
-    if os.environ.get("HEPML_CLUSTER_DIR"):
-        return Path(os.environ["HEPML_CLUSTER_DIR"])
-    return Path(__file__).resolve().parents[2] / "cluster"
 
 
 def site_names() -> list[str]:

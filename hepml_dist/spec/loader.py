@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from hepml_dist.locations import JOBS_PATH_VARIABLE, find_job, jobs_search_path
 from hepml_dist.spec.job import MODEL_FAMILIES, JobSpec
 from hepml_dist.spec.rules import check_rules
 
@@ -115,7 +116,8 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def resolve_extends(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a job file and, recursively, the files it `extends` (paths relative to the file)."""
+    """Read a job file and, recursively, the files it `extends`: names relative to the file's folder, then
+    looked up in $HEPML_JOBS_PATH and the shipped jobs (hepml_dist.locations)."""
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(p.name for p in (*chain, path))
@@ -130,9 +132,12 @@ def resolve_extends(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise SpecError([Problem(str(path), "extends", "must be a file name or a list of file names")])
     merged: dict[str, Any] = {}
     for base in bases:
-        base_path = (path.parent / base).resolve()
-        if not base_path.is_file():
-            raise SpecError([Problem(str(path), "extends", f"base job {base!r} not found (looked for {base_path})")])
+        found = find_job(base, first=path.parent)
+        if found is None:
+            searched = ", ".join(str(folder) for folder in jobs_search_path(path.parent))
+            raise SpecError([Problem(str(path), "extends", f"base job {base!r} not found (looked in {searched}; "
+                                                           f"add a folder to ${JOBS_PATH_VARIABLE} to search it too)")])
+        base_path = found.resolve()
         try:
             base_data = resolve_extends(base_path, (*chain, path))
         except SpecError as err:
@@ -318,8 +323,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], source: str 
 
 
 def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
-    """Load a job file: read YAML, resolve `extends`, apply `--set` overrides, validate, check rules."""
+    """Load a job file: read YAML, resolve `extends`, apply `--set` overrides, validate, check rules.
+    A path that is not a file but a bare name (`part-quickstart`) is looked up in $HEPML_JOBS_PATH and the
+    shipped jobs."""
     path = Path(path)
+    if not path.is_file():
+        path = find_job(path) or path  # a missing file is reported by read_yaml, naming the path given
     data = resolve_extends(path)
     data = apply_overrides(data, overrides, source=str(path))
     return parse_spec(data, source=str(path))
