@@ -8,6 +8,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+TORCH_PIN := $(VENV)/torch-constraint.txt
+# What each target installs: the demo only what it runs (the package and the Pythia generator), the tests everything.
+DEMO_STAMP := $(VENV)/.hepml-installed-demo
 STAMP := $(VENV)/.hepml-installed
 
 .PHONY: install demo test lock clean
@@ -16,12 +19,18 @@ install: $(STAMP)
 
 # torch goes in first, alone; everything else installs under a constraint that keeps that torch
 # (otherwise pip may replace a CPU or ROCm torch with GBs of CUDA wheels).
-$(STAMP): pyproject.toml requirements.lock
+$(TORCH_PIN):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
-	PIP_CONSTRAINT=$(CURDIR)/$(VENV)/torch-constraint.txt $(BIN)/python -m pip install -q -c requirements.lock -e ".[dev,gen,export]"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $@
+
+$(STAMP): pyproject.toml requirements.lock $(TORCH_PIN)
+	PIP_CONSTRAINT=$(CURDIR)/$(TORCH_PIN) $(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
+	touch $@ $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml requirements.lock $(TORCH_PIN)
+	PIP_CONSTRAINT=$(CURDIR)/$(TORCH_PIN) $(BIN)/python -m pip install -q -c requirements.lock -e ".[gen]"
 	touch $@
 
 # The demo, end to end on 2 CPU cores (~11 min): generate FCC-ee tau and quark jets with Pythia 8 (a complete
@@ -36,7 +45,7 @@ DEMO_RUN ?= runs/multipartau-quickstart
 DEMO_SET ?=
 DEMO_SPLITS := --set data.train=$(DEMO_DATA)/train --set data.val=$(DEMO_DATA)/val --set data.test=$(DEMO_DATA)/test
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	@set -e; start=$$(date +%s); \
 	if $(BIN)/python -c "import json, sys; g = json.load(open('$(DEMO_DATA)/manifest.json'))['meta']['generator']; \
 	    sys.exit((g['process'], g['events'], g['seed']) != ('fcc-tau', $(DEMO_EVENTS), $(DEMO_SEED)))" 2>/dev/null; then \

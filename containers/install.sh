@@ -12,8 +12,8 @@ export PIP_CONSTRAINT=$PWD/torch-constraint.txt
 # DeepSpeed is a source distribution whose build imports torch: build it against the image's torch, ops compiled
 # just in time on first use (DS_BUILD_OPS=0).
 DS_BUILD_OPS=0 python -m pip install --no-build-isolation -c requirements.lock deepspeed
-python -m pip install -c requirements.lock ".[export]"
-# Every package hepml_dist[export] pulls in must be at its locked version (not the vendor image's own).
+python -m pip install -c requirements.lock ".[deepspeed,comet,export]"
+# Every package hepml_dist[deepspeed,comet,export] pulls in must be at its locked version (not the vendor image's own).
 python - <<'PY'
 import importlib.metadata as md
 import re
@@ -27,7 +27,7 @@ for line in open("requirements.lock"):
     found = re.match(r"([A-Za-z0-9_.\-]+)==(\S+)", line)
     if found:
         pins[norm(found[1])] = found[2]
-todo, seen, wrong = [("hepml-dist", {"export"})], set(), []
+todo, seen, wrong = [("hepml-dist", {"deepspeed", "comet", "export"})], set(), []
 while todo:
     name, extras = todo.pop()
     if name in seen:

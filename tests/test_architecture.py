@@ -22,11 +22,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hepml_dist"
 MAX_LINES = 500
 # Function-level imports that stay: heavy or optional dependencies that only one path needs.
 ALLOWED_LAZY = {
-    ("generate/pythia.py", "pythia8mc"),
-    ("inference/export.py", "onnxruntime"),
     ("spec/commands.py", "hepml_dist.models.commands"),
     ("track/tracker.py", "comet_ml"),
-    ("train/deepspeed_engine.py", "deepspeed"),
 }
 # Besides the training package itself, only the launchers and the tuner may import hepml_dist.train.
 MAY_IMPORT_TRAIN = ("hepml_dist.train", "hepml_dist.tune", "hepml_dist.launch", "hepml_dist.cli")

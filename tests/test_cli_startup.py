@@ -3,6 +3,7 @@ files from any folder: through `extends`, by bare name, with $HEPML_JOBS_PATH, a
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -78,8 +79,13 @@ def test_a_missing_base_names_the_folders_searched(tmp_path, monkeypatch):
 
 
 def test_a_built_wheel_ships_jobs_and_cluster_files_and_finds_them(tmp_path):
+    source = tmp_path / "source"  # a copy, so that the build leaves nothing in the checkout
+    for name in ("hepml_dist", "jobs", "cluster"):
+        shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "wheel"), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "wheel").glob("hepml_dist-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for job in (ROOT / "jobs").glob("*.yaml"):

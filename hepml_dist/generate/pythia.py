@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import awkward as ak
 import numpy as np
 
+from hepml_dist.extras import require
+
 NEUTRINOS = (12, 14, 16)
 MAX_PYTHIA_SEED = 900_000_000  # Random:seed must lie in [0, 900000000]
 
@@ -32,9 +34,7 @@ def common_settings(init_seed: int) -> list[str]:
 
 
 def _new_pythia():
-    import pythia8mc  # the optional `gen` extra (pip install 'hepml-dist[gen]'): only generating needs it
-
-    return pythia8mc.Pythia("", False)
+    return require("pythia8mc").Pythia("", False)  # the `gen` extra: only generating needs it
 
 
 def check_settings(settings) -> None:

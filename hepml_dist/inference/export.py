@@ -27,6 +27,7 @@ from torch import nn
 
 from hepml_dist import files, runs
 from hepml_dist.errors import UserError
+from hepml_dist.extras import require
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.data import FEATURE_SETS
 from hepml_dist.spec.tasks import TaskSpec
@@ -184,7 +185,7 @@ def max_difference(spec: JobSpec, model: nn.Module, path: Path, num: int, length
 
     PyTorch runs its ordinary (packed, sparse) code path, so this also checks that the export path computes the same.
     """
-    import onnxruntime  # the optional `export` extra: only this check needs it
+    onnxruntime = require("onnxruntime")  # the `export` extra: only this check needs it
 
     check = GRAPHS[spec.model.family](spec, model, num, length)
     model.export_mode = False

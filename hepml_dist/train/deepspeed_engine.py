@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hepml_dist.errors import UserError
+from hepml_dist.extras import require
 from hepml_dist.runs import DEEPSPEED_TAG
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.parallel import ParallelSpec
@@ -62,8 +63,7 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
 def import_deepspeed():
     """DeepSpeed, with its CPU shared-memory all-reduce disabled (it compiles C++ for ~45 s on first use;
     plain gloo is used instead)."""
-    import deepspeed  # ~1-2 s to import and only DeepSpeed jobs need it (most jobs train with DDP)
-
+    deepspeed = require("deepspeed")  # the `deepspeed` extra; ~1-2 s to import, and most jobs train with DDP
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
