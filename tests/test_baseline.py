@@ -45,6 +45,12 @@ def test_baseline_beats_chance_on_generated_taus(tau_data):
     kinematics = payload["arrays"]["kinematics"]
     assert kinematics["pred"].shape == (n_tau, 1) and np.isfinite(kinematics["pred"]).all()
     assert (kinematics["pt"] > 0).all()  # the generated visible tau pT, the axis of the response plots
+    assert "weight" not in tau  # unweighted data: unweighted numbers
+    # data with example weights: every task's predictions carry the weights of its own rows
+    weighted = {**test, "weight": np.arange(len(test["part_n"]), dtype=np.float32)}
+    arrays = predict_baseline(fitted, weighted)["arrays"]
+    np.testing.assert_array_equal(arrays["tau_id"]["weight"], weighted["weight"])
+    np.testing.assert_array_equal(arrays["decay_mode"]["weight"], weighted["weight"][test["label_is_tau"] == 1])
 
 
 def _jets(n_real: list[int], length: int = 6, garbage: float = 0.0) -> dict[str, np.ndarray]:

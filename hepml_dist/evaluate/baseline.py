@@ -62,6 +62,7 @@ STORED_COLUMNS = (
     "part_px", "part_py", "part_pz", "part_energy", "part_charge", "part_pid", "part_n",
     "part_d0val", "part_d0err", "part_dzval", "part_dzerr", "jet_pt", "jet_eta", "jet_phi", "jet_mass",
 )
+WEIGHT_COLUMN = "weight"
 TRUTH_COLUMNS = ("label_is_tau", "label_charge", "label_decay_mode", "target_log_pt_ratio", "gen_tau_pt")
 TAU_TASKS = ("tau_id", "charge", "decay_mode", "kinematics")
 """The tasks the baseline fits (the MultiParTau task names); others of a job are ignored."""
@@ -141,6 +142,9 @@ def read_split(patterns: str | Sequence[str], max_examples: int | None = None) -
         if missing:
             raise UserError(f"baseline: {ref.source} lacks column(s) {missing}; the tau baseline needs an fcc-tau "
                             "dataset (hepml data generate fcc-tau, or hepml data convert --schema fcc-tau)")
+    # the example weights, when every shard carries them: the baseline's numbers are then weighted like the model's
+    if all(WEIGHT_COLUMN in resolver.manifests[ref.dataset].columns for ref in refs):
+        wanted = (*wanted, WEIGHT_COLUMN)
     parts: dict[str, list[np.ndarray]] = {c: [] for c in wanted}
     count = 0
     for ref in refs:
@@ -235,9 +239,11 @@ def predict_baseline(baseline: Baseline, test: dict[str, np.ndarray], num_classe
         if task == "kinematics":
             pred = model.predict(x[rows]).astype(np.float32)
             arrays[task] = {"pred": pred[:, None], "true": truth[rows].astype(np.float32)[:, None], "pt": pt}
-            continue
-        k = (num_classes or {}).get(task, 2 if task in ("tau_id", "charge") else 6)
-        scores = np.zeros((int(rows.sum()), k), dtype=np.float32)
-        scores[:, model.classes_.astype(int)] = model.predict_proba(x[rows])  # classes absent in training: 0
-        arrays[task] = {"scores": scores, "label": truth[rows].astype(np.int64), "pt": pt}
+        else:
+            k = (num_classes or {}).get(task, 2 if task in ("tau_id", "charge") else 6)
+            scores = np.zeros((int(rows.sum()), k), dtype=np.float32)
+            scores[:, model.classes_.astype(int)] = model.predict_proba(x[rows])  # classes absent in training: 0
+            arrays[task] = {"scores": scores, "label": truth[rows].astype(np.int64), "pt": pt}
+        if WEIGHT_COLUMN in test:
+            arrays[task]["weight"] = test[WEIGHT_COLUMN][rows].astype(np.float32)
     return {"arrays": arrays, "count": {t: float(len(a["pt"])) for t, a in arrays.items()}}
