@@ -1,7 +1,8 @@
-"""Launching jobs on clusters: `hepml submit/status/logs` (the Ray Jobs API of a running cluster) and the
+"""Launching jobs on clusters: `hepml submit/status/logs/wait/stop/list` (the Ray Jobs API of a running cluster) and the
 `hepml slurm ...` group (render and submit a job as a SLURM batch job running a Ray cluster)."""
 
 import datetime
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -76,7 +77,7 @@ def render(
     site_overrides: SiteOverrides = None,
     run_dir: RunDirOpt = None,
     hold: HoldOpt = False,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the script here (default: stdout).")] = None,
+    output: Annotated[Path | None, typer.Option("--out", "-o", help="Write the script here (default: stdout).")] = None,
 ) -> None:
     """Print the sbatch script that runs JOB on SITE (check it, then `sbatch` it yourself, or use `submit`)."""
     _, _, script = _render(job, site, overrides, site_overrides, run_dir, hold)
@@ -164,30 +165,102 @@ app.add_typer(slurm_app, name="slurm")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The Ray Jobs API of a running cluster
+# The Ray Jobs API of a running cluster (address: --address, else $RAY_ADDRESS, else http://127.0.0.1:8265)
+
+JobIdArg = Annotated[str, typer.Argument(help="Submission id (from `hepml submit` or `hepml list`).")]
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option("--timeout", min=0, help="Give up waiting after this many seconds (exit 4). Default: no limit."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of text.")]
+ERRORS_EXIT = "2 unknown id, unreachable cluster, or a missing or wrong token (RAY_AUTH_TOKEN)"
+ENDED_EXITS = f"Exit status: 0 SUCCEEDED, 1 FAILED, 3 STOPPED, 4 still running after --timeout, {ERRORS_EXIT}."
+REPORT_EXITS = f"Exit status: 0 when the cluster answered, {ERRORS_EXIT}."
 
 
-@app.command()
+@app.command(help="Submit a job to a running Ray cluster through the Jobs API; prints the submission id.\n\n"
+             + REPORT_EXITS)
 def submit(
     job: Annotated[Path, typer.Argument(help="Job file.")],
-    address: Annotated[str, typer.Option("--address", help="Ray Jobs API of the cluster, e.g. http://HOST:8265.")],
+    address: JobsApiAddress = None,
     overrides: Overrides = None,
     run_dir: Annotated[str | None, typer.Option("--run-dir", help="Absolute run directory on the cluster's shared storage.")] = None,
     ship_code: Annotated[bool, typer.Option("--ship-code/--no-ship-code", help="Send the local hepml_dist package with the job.")] = True,
 ) -> None:
-    """Submit a job to a running Ray cluster through the Jobs API; prints the submission id."""
-    job_id = ray_jobs.submit(load_job(job, overrides or []), address, run_dir=run_dir, ship_code=ship_code)
-    typer.echo(job_id)
+    spec = load_job(job, overrides or [])
+    typer.echo(ray_jobs.JobsApi(address).submit(spec, run_dir=run_dir, ship_code=ship_code))
 
 
-@app.command()
-def status(job_id: Annotated[str, typer.Argument(help="Submission id from `hepml submit`.")], address: JobsApiAddress = None) -> None:
-    """Status of a submitted job."""
-    info = ray_jobs.status(job_id, address)
-    typer.echo(f"{info['id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+@app.command(help="Status of a submitted job: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED.\n\n" + REPORT_EXITS)
+def status(job_id: JobIdArg, address: JobsApiAddress = None, as_json: JsonOpt = False) -> None:
+    state = ray_jobs.JobsApi(address).state(job_id)
+    typer.echo(json.dumps(state.as_dict(), indent=2) if as_json else _status_line(state))
 
 
-@app.command()
-def logs(job_id: Annotated[str, typer.Argument(help="Submission id from `hepml submit`.")], address: JobsApiAddress = None) -> None:
-    """Logs of a submitted job."""
-    typer.echo(ray_jobs.logs(job_id, address), nl=False)
+@app.command(help="Logs of a submitted job; --follow streams them until the job ends.\n\n"
+             f"Exit status: 0 (with --follow: as `hepml wait`: 1 FAILED, 3 STOPPED), {ERRORS_EXIT}.")
+def logs(
+    job_id: JobIdArg,
+    address: JobsApiAddress = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new output until the job ends (Ctrl-C stops "
+                                         "following, not the job); exit with the job's final state.")] = False,
+) -> None:
+    api = ray_jobs.JobsApi(address)
+    if not follow:
+        typer.echo(api.logs(job_id), nl=False)
+        return
+    final = api.follow(job_id, lambda chunk: typer.echo(chunk, nl=False))
+    typer.echo(f"[hepml] {_status_line(final)}", err=True)
+    raise typer.Exit(ray_jobs.exit_code(final))
+
+
+@app.command(help="Wait for a submitted job to end; the exit status says how it ended.\n\n" + ENDED_EXITS)
+def wait(job_id: JobIdArg, address: JobsApiAddress = None, timeout: TimeoutOpt = None) -> None:
+    state = ray_jobs.JobsApi(address).wait(job_id, timeout_s=timeout)
+    typer.echo(_status_line(state))
+    raise typer.Exit(ray_jobs.exit_code(state))
+
+
+@app.command(help="Stop a submitted job (its processes get SIGTERM, then SIGKILL); --wait until it has ended.\n\n"
+             "Exit status: 0 (with --wait: the job's end, as for `hepml wait`: 3 STOPPED, 4 still running after "
+             f"--timeout), {ERRORS_EXIT}.")
+def stop(
+    job_id: JobIdArg,
+    address: JobsApiAddress = None,
+    wait_until_ended: Annotated[
+        bool, typer.Option("--wait", help="Wait until the job has ended; exit with its state.")
+    ] = False,
+    timeout: TimeoutOpt = None,
+) -> None:
+    api = ray_jobs.JobsApi(address)
+    typer.echo(f"{job_id}: stop requested" if api.stop(job_id) else f"{job_id}: had already ended")
+    if wait_until_ended:
+        state = api.wait(job_id, timeout_s=timeout)
+        typer.echo(_status_line(state))
+        raise typer.Exit(ray_jobs.exit_code(state))
+
+
+@app.command("list", help="Table of the cluster's jobs: id, status, start, end, entrypoint.\n\n" + REPORT_EXITS)
+def list_jobs(address: JobsApiAddress = None, as_json: JsonOpt = False) -> None:
+    jobs = ray_jobs.JobsApi(address).jobs()
+    if as_json:
+        typer.echo(json.dumps([job.as_dict() for job in jobs], indent=2))
+        return
+    rows = [("ID", "STATUS", "START", "END", "ENTRYPOINT")]
+    rows += [(job.id, job.status, _local_time(job.start_time), _local_time(job.end_time), _shorten(job.entrypoint))
+             for job in jobs]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:  # plain columns, one job a line: easy to grep and cut
+        typer.echo("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]))
+
+
+def _status_line(state: ray_jobs.JobState) -> str:
+    return f"{state.id}: {state.status}" + (f" ({state.message})" if state.message else "")
+
+
+def _local_time(iso: str | None) -> str:
+    return datetime.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S") if iso else "-"
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
