@@ -49,14 +49,15 @@ def verify_dataset(directory: str | os.PathLike, *, decode: bool = True,
                 problems.append(ShardProblem(shard.path, "sha256 differs from the manifest (corrupt or rewritten)"))
                 continue
             if decode:
-                problems += _check_counts(path, shard.path, shard.chunks)
+                shapes = {name: column.shape for name, column in manifest.columns.items()}
+                problems += _check_counts(path, shard.path, shard.chunks, shapes)
     return manifest, problems
 
 
-def _check_counts(path: Path, name: str, chunks: list[int]) -> list[ShardProblem]:
+def _check_counts(path: Path, name: str, chunks: list[int], shapes: dict[str, list[int]]) -> list[ShardProblem]:
     counts = []
     try:
-        for _, arrays in iter_shard_chunks(path, expected_chunks=len(chunks), name=name):
+        for _, arrays in iter_shard_chunks(path, shapes=shapes, expected_chunks=len(chunks), name=name):
             counts.append(len(next(iter(arrays.values()))) if arrays else 0)
     except CorruptShardError as err:
         return [ShardProblem(name, err.reason)]

@@ -31,7 +31,6 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -39,11 +38,10 @@ from typing import Any, Literal
 import awkward as ak
 import numpy as np
 import pyarrow.parquet as pq
-import uproot
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hepml_dist.data import expressions
+from hepml_dist.data import expressions, sources
 from hepml_dist.data.manifest import Manifest
 from hepml_dist.data.writer import DatasetWriter
 from hepml_dist.errors import UserError
@@ -87,30 +85,53 @@ class Schema(_Model):
     def column_defs(self) -> Iterator[tuple[JaggedGroup | None, str, ColumnDef]]:
         for group in self.jagged:
             for name, spec in group.columns.items():
-                yield group, name, spec if isinstance(spec, ColumnDef) else ColumnDef(expr=spec)
+                yield group, name, _as_def(spec)
         for name, spec in self.columns.items():
-            yield None, name, spec if isinstance(spec, ColumnDef) else ColumnDef(expr=spec)
+            yield None, name, _as_def(spec)
 
     def inputs(self) -> set[str]:
         names = set()
-        for expression in self._expressions():
+        for _, expression in self.located_expressions():
             names |= expressions.inputs_of(expression)
         return names
 
-    def _expressions(self) -> list[str]:
-        out = [spec.expr for _, _, spec in self.column_defs()]
-        out += [g.sort_by for g in self.jagged if g.sort_by]
-        return out + ([self.selection] if self.selection else [])
+    def located_expressions(self) -> list[tuple[str, str]]:
+        """(where in the schema, expression) of every expression: `columns.jet_pt`, `jagged[0].sort_by`, ..."""
+        out = [(f"jagged[{i}].columns.{name}", _as_def(spec).expr)
+               for i, group in enumerate(self.jagged) for name, spec in group.columns.items()]
+        out += [(f"columns.{name}", _as_def(spec).expr) for name, spec in self.columns.items()]
+        out += [(f"jagged[{i}].sort_by", g.sort_by) for i, g in enumerate(self.jagged) if g.sort_by]
+        return out + ([("selection", self.selection)] if self.selection else [])
 
     def check(self, source: str) -> None:
-        for expression in self._expressions():
-            expressions.parse(expression)
+        """UserError naming `source` and the schema field of the first forbidden expression or bad dtype."""
+        for where, expression in self.located_expressions():
+            try:
+                expressions.parse(expression)
+            except UserError as err:
+                raise UserError(f"{source}: {where}: {err}") from None
+        for group, name, spec in self.column_defs():
+            if spec.dtype is not None and not _numeric_dtype(spec.dtype):
+                where = f"jagged[{self.jagged.index(group)}].columns" if group else "columns"
+                raise UserError(f"{source}: {where}.{name}: dtype {spec.dtype!r} is not a numeric numpy dtype; use "
+                                "float32, float64, int32, int64 or bool")
         names = [name for _, name, _ in self.column_defs()] + [g.count for g in self.jagged]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise UserError(f"{source}: column(s) {duplicates} defined more than once")
         if self.format == "root" and not self.tree:
             raise UserError(f"{source}: `tree` (the TTree name) is required for format: root")
+
+
+def _as_def(spec: str | ColumnDef) -> ColumnDef:
+    return spec if isinstance(spec, ColumnDef) else ColumnDef(expr=spec)
+
+
+def _numeric_dtype(name: str) -> bool:
+    try:
+        return np.dtype(name).kind in "biuf"
+    except (TypeError, ValueError):
+        return False
 
 
 def shipped_schemas() -> list[str]:
@@ -167,14 +188,15 @@ def plan_tasks(files: Sequence[str], schema: Schema, step: int) -> list[Task]:
 def file_tasks(file: str, schema: Schema, step: int) -> list[Task]:
     if not Path(file).is_file():
         raise UserError(f"{file}: input file not found")
+    sources.check_format(file, schema.format, schema.name)
     if schema.format == "root":
-        entries = open_tree(file, schema).num_entries
+        tree = open_tree(file, schema)
+        with sources.readable(file, "ROOT"):
+            entries = tree.num_entries
         return [Task(file, a, min(a + step, entries)) for a in range(0, entries, step)]
 
-    try:
+    with sources.readable(file, "parquet"):
         meta = pq.ParquetFile(file).metadata
-    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for unreadable files
-        raise UserError(f"{file}: not a readable parquet file ({err})") from None
     tasks, start, rows = [], 0, 0
     for group in range(meta.num_row_groups):
         rows += meta.row_group(group).num_rows
@@ -186,37 +208,9 @@ def file_tasks(file: str, schema: Schema, step: int) -> list[Task]:
     return tasks
 
 
-@lru_cache(maxsize=16)
-def _open_root(file: str, size: int, mtime: float):  # size and mtime: a rewritten file is opened again
-
-    try:
-        return uproot.open(file)
-    except Exception as err:  # noqa: BLE001
-        raise UserError(f"{file}: not a readable ROOT file ({err})") from None
-
-
 def open_tree(file: str, schema: Schema):
-    stat = os.stat(file)
-    handle = _open_root(file, stat.st_size, stat.st_mtime)
-    if schema.tree not in handle:
-        trees = [k.split(";")[0] for k, v in handle.classnames().items() if v == "TTree"]
-        raise UserError(f"{file}: no tree {schema.tree!r} (trees: {trees}); set `tree` in the schema")
-    return handle[schema.tree]
-
-
-def _read_inputs(task: Task, schema: Schema, names: set[str]):
-    if schema.format == "root":
-        tree = open_tree(task.file, schema)
-        present = set(tree.keys())
-        columns = sorted(names & present)
-        missing = names - present
-        return tree.arrays(columns, entry_start=task.start, entry_stop=task.stop, library="ak"), missing
-
-    parquet = pq.ParquetFile(task.file)
-    present = set(parquet.schema_arrow.names)
-    columns = sorted(names & present)
-    table = parquet.read_row_groups(list(range(task.start, task.stop)), columns=columns)
-    return ak.from_arrow(table), names - present
+    """The schema's TTree in a ROOT file."""
+    return sources.open_tree(file, schema.tree)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -241,33 +235,101 @@ def pad_jagged(values, length: int, dtype: np.dtype) -> tuple[np.ndarray, np.nda
     flat = np.asarray(ak.to_numpy(flat), dtype=dtype)
     out = np.zeros((len(counts), length, *flat.shape[1:]), dtype=dtype)
     rows = np.repeat(np.arange(len(counts)), counts)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    cols = np.arange(len(flat)) - np.repeat(starts, counts)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
     out[rows, cols] = flat
     return out, counts
 
 
 def _as_numpy(value: Any, n: int, dtype: np.dtype, name: str, where: str) -> np.ndarray:
-    if np.isscalar(value):
-        return np.full(n, value, dtype=dtype)
     if isinstance(value, ak.Array):
         try:
             value = ak.to_numpy(value)
         except ValueError:
             raise UserError(f"{where}: column {name} has a variable length per example; put it in a `jagged` "
                             "group") from None
-    array = np.asarray(value)
-    if array.ndim == 0:
-        return np.full(n, array, dtype=dtype)
-    if array.dtype.kind == "f" and np.dtype(dtype).kind in "iu" and not np.isfinite(array).all():
-        raise UserError(f"{where}: column {name} has NaN/inf but is stored as {dtype}")
-    return array.astype(dtype)
+    try:
+        array = np.asarray(value)
+        with np.errstate(over="ignore"):  # values beyond the dtype's range are reported by convert_task
+            return np.full(n, array, dtype=dtype) if array.ndim == 0 else array.astype(dtype)
+    except (OverflowError, ValueError, TypeError) as err:
+        raise UserError(f"{where}: column {name}: cannot store its values as {dtype} ({err})") from None
+
+
+def _evaluate(expression: str, inputs: dict[str, Any], where: str, what: str) -> Any:
+    """The expression's value, with the file, the entries and the schema field in any error."""
+    try:
+        value = expressions.evaluate(expression, inputs)
+    except UserError as err:
+        raise UserError(f"{where}: {what}: {err}") from None
+    if fields := (ak.fields(value) if isinstance(value, ak.Array) else []):
+        raise UserError(f"{where}: {what}: {expression!r} gives records with fields {fields}; pick one field "
+                        f"({expression}.{fields[0]}) or use a 4-vector function such as pt({expression})")
+    return value
+
+
+def _check_finite(value: Any, name: str, expression: str, where: str) -> None:
+    """NaN/inf are errors (docs/converting-data.md): say where the first one is and how to replace them."""
+    flat = ak.to_numpy(ak.flatten(value, axis=None)) if isinstance(value, ak.Array) else np.asarray(value)
+    if flat.dtype.kind != "f" or np.isfinite(flat).all():
+        return
+    bad = ~np.isfinite(value)
+    while getattr(bad, "ndim", 0) > 1:
+        bad = ak.any(bad, axis=-1) if isinstance(bad, ak.Array) else bad.any(axis=-1)
+    first = int(np.argmax(np.asarray(bad))) if np.ndim(bad) else 0
+    fix = expression if len(expression) < 60 else "x"
+    raise UserError(f"{where}: column {name}: {flat.size - np.count_nonzero(np.isfinite(flat))} NaN/inf value(s), "
+                    f"the first in example {first} of these entries (after the selection); replace them in the "
+                    f"schema, e.g. finite_or({fix}, 0), or drop those examples with a `selection`")
+
+
+def _select(inputs: dict[str, Any], selection: str, where: str) -> dict[str, Any]:
+    keep = _evaluate(selection, inputs, where, "selection")
+    if keep.ndim > 1 if isinstance(keep, ak.Array) else np.ndim(keep) > 1:
+        raise UserError(f"{where}: selection {selection!r} gives a list per example; it needs one true/false per "
+                        "example, e.g. num(part_px) > 0 or jet_pt > 200")
+    n = len(next(iter(inputs.values())))
+    keep = np.broadcast_to(np.asarray(ak.to_numpy(keep) if isinstance(keep, ak.Array) else keep, dtype=bool), (n,))
+    return {k: v[keep] for k, v in inputs.items()}
+
+
+def _jagged_column(value: Any, group: JaggedGroup, name: str, dtype: np.dtype, where: str, inputs: dict[str, Any],
+                   state: dict[int, tuple[np.ndarray, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(clipped counts, padded values) of one column of a jagged group; every column of the group must have the
+    lengths of the first, which fixes the group's order (`sort_by`). `state` keeps (lengths, order) per group."""
+    what = f"column {name} (jagged group {group.count})"
+    if not isinstance(value, ak.Array) or value.ndim < 2:
+        raise UserError(f"{where}: {what} gives one value per example; columns of a jagged group need a list per "
+                        "example (one value per constituent); move it to `columns`")
+    lengths = ak.to_numpy(ak.num(value, axis=1))
+    if id(group) not in state:
+        order = None
+        if group.sort_by:
+            order = ak.argsort(_evaluate(group.sort_by, inputs, where, f"sort_by of {group.count}"), axis=1,
+                               ascending=False)
+            if not np.array_equal(ak.to_numpy(ak.num(order, axis=1)), lengths):
+                raise UserError(f"{where}: sort_by of {group.count} has other lengths than column {name}; it needs "
+                                "one value per constituent")
+        state[id(group)] = (lengths, order)
+    reference, order = state[id(group)]
+    if not np.array_equal(lengths, reference):
+        example = int(np.argmax(lengths != reference))
+        raise UserError(f"{where}: column {name} has other lengths than the rest of its group ({group.count}), "
+                        f"first in example {example} ({lengths[example]} vs {reference[example]}); all columns of "
+                        "a jagged group need one entry per constituent")
+    try:
+        padded, clipped = pad_jagged(value if order is None else value[order], group.max_length, dtype)
+    except (ValueError, TypeError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise UserError(f"{where}: {what}: cannot store it as {dtype} ({reason})") from None
+    return clipped.astype(np.int32), padded
 
 
 def convert_task(task: Task, schema: Schema) -> dict[str, np.ndarray]:
-    """Read one work unit and evaluate the schema on it."""
-    where = f"{task.file} [{task.start}:{task.stop}]"
-    arrays, missing = _read_inputs(task, schema, schema.inputs())
+    """Read one work unit and evaluate the schema on it; a UserError names the file, the entries and the column
+    of anything that cannot be stored (strings, nulls, NaN/inf, lists of the wrong length, ...)."""
+    where = f"{task.file} ({'entries' if schema.format == 'root' else 'row groups'} {task.start}:{task.stop})"
+    arrays, missing = sources.read_inputs(task.file, schema.format, schema.tree, task.start, task.stop,
+                                          schema.inputs())
     required = set()
     for _, _, spec in schema.column_defs():
         if not spec.optional:
@@ -276,32 +338,29 @@ def convert_task(task: Task, schema: Schema) -> dict[str, np.ndarray]:
         raise UserError(f"{task.file}: missing input branch/column(s) {lacking} required by schema "
                         f"{schema.name}; check the file or the schema")
     inputs = {name: arrays[name] for name in ak.fields(arrays)}
-    if schema.selection:
-        keep = np.asarray(ak.to_numpy(expressions.evaluate(schema.selection, inputs)), dtype=bool)
-        inputs = {k: v[keep] for k, v in inputs.items()}
+    for name, array in inputs.items():
+        if problem := sources.input_problem(array):
+            raise UserError(f"{task.file}: input branch/column {name!r} {problem}; schema {schema.name} needs "
+                            "numbers there: fix the file, or leave the branch out of the schema")
+    if schema.selection and inputs:
+        inputs = _select(inputs, schema.selection, where)
     n = len(next(iter(inputs.values()))) if inputs else 0
     counts = {g.count for g in schema.jagged}
     out: dict[str, np.ndarray] = {}
-    order_by_group: dict[int, Any] = {}
+    groups: dict[int, tuple[np.ndarray, Any]] = {}
     for group, name, spec in schema.column_defs():
         if spec.optional and expressions.inputs_of(spec.expr) & missing:
             continue
         dtype = np.dtype(spec.dtype) if spec.dtype else _default_dtype(name, counts)
-        value = expressions.evaluate(spec.expr, inputs)
+        value = _evaluate(spec.expr, inputs, where, f"column {name}")
+        _check_finite(value, name, spec.expr, where)
         if group is None:
             out[name] = _as_numpy(value, n, dtype, name, where)
-            continue
-        key = id(group)
-        if group.sort_by and key not in order_by_group:
-            order_by_group[key] = ak.argsort(expressions.evaluate(group.sort_by, inputs), axis=1, ascending=False)
-        if key in order_by_group:
-            value = value[order_by_group[key]]
-        padded, lengths = pad_jagged(value, group.max_length, dtype)
-        if group.count in out and not np.array_equal(out[group.count], lengths):
-            raise UserError(f"{where}: column {name} has other lengths than the rest of its group "
-                            f"({group.count}); all columns of a jagged group need one entry per constituent")
-        out[group.count] = lengths.astype(np.int32)
-        out[name] = padded
+        else:
+            out[group.count], out[name] = _jagged_column(value, group, name, dtype, where, inputs, groups)
+        if dtype.kind == "f" and not np.isfinite(out[name]).all():  # finite values, too large for the dtype
+            raise UserError(f"{where}: column {name}: values beyond the range of {dtype}; scale them in the schema "
+                            "or store the column as float64 (dtype: float64)")
     return out
 
 
@@ -330,7 +389,8 @@ def convert(
     """Convert input files into a dataset at `out_dir`; resumes an interrupted run with the same arguments.
 
     `workers` reader processes (0 = read in this process); `on_progress(done_units, total_units, examples)`
-    is called after every work unit.
+    is called after every work unit. A conversion stopped by a UserError (bad input, a full disk) leaves nothing
+    at `out_dir` unless it wrote a checkpoint that a rerun resumes from (DatasetWriter.abandon).
     """
     files = [str(Path(f).resolve()) for f in inputs]
     if not files:
@@ -347,6 +407,15 @@ def convert(
     writer = DatasetWriter(out_dir, schema=schema.name, splits=splits, seed=seed, chunk_size=chunk_size,
                            chunks_per_shard=max(1, -(-shard_size // chunk_size)), source_files=files, meta=meta,
                            overwrite=overwrite, resume=True)
+    try:
+        return _write_all(writer, tasks, schema, workers, on_progress)
+    except UserError:  # bad input or a full disk: keep only what a rerun can resume from
+        writer.abandon()
+        raise
+
+
+def _write_all(writer: DatasetWriter, tasks: Sequence[Task], schema: Schema, workers: int,
+               on_progress: Callable[[int, int, int], None] | None) -> Manifest:
     done = int((writer.resumed_progress or {}).get("tasks_done", 0))
     shards_at_checkpoint = writer.shards_written
     examples = writer.examples_added
@@ -360,6 +429,9 @@ def convert(
             on_progress(index + 1, len(tasks), examples)
     if on_progress and done == len(tasks):
         on_progress(len(tasks), len(tasks), examples)
+    if writer.examples_added == 0:
+        cut = f", or the selection `{schema.selection}` keeps none of their entries" if schema.selection else ""
+        raise UserError(f"{', '.join(writer.source_files)}: no examples to convert (the files have no entries{cut})")
     return writer.close()
 
 

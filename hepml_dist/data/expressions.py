@@ -2,7 +2,8 @@
 
 A schema maps each stored column to an expression over the input branches (ROOT) or columns (parquet). The
 expression is parsed with `ast` and only names, numbers, arithmetic, comparisons, `& | ~`, attribute access to
-record fields (`p4.x`) and the functions below are allowed, so a schema file cannot run arbitrary code.
+record fields (`p4.x`) and the functions below are allowed, so a schema file cannot run arbitrary code. Length,
+nesting and powers of constants are bounded too, so that checking or evaluating an expression always ends quickly.
 Expressions work on awkward arrays (jagged per-constituent quantities) and numpy arrays alike.
 """
 
@@ -199,26 +200,106 @@ _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, as
             ast.Gt: operator.gt, ast.GtE: operator.ge}
 
 
+MAX_LENGTH = 1000  # characters of one expression: the shipped schemas need at most ~130
+MAX_DEPTH = 100  # nesting of one expression (evaluated recursively; a sum of n terms nests n deep)
+MAX_EXPONENT = 64  # |exponent| of a power of constants: Python integers make 2**10**10 take forever
+KEYWORDS: dict[str, set[str]] = {"concat_elements": {"width"}}  # the only keyword arguments a function takes
+_ALLOWED = (ast.Expression, ast.Name, ast.Constant, ast.BinOp, ast.UnaryOp, ast.Compare, ast.Call, ast.Attribute,
+            ast.Load, ast.keyword, *_BINARY, *_UNARY, *_COMPARE)
+
+
+def _shown(expression: str) -> str:
+    """The expression as error messages quote it (long ones cut)."""
+    text = str(expression)
+    return repr(text) if len(text) <= 80 else repr(text[:80]) + f"... ({len(text)} characters)"
+
+
+def _depth(tree: ast.AST) -> int:
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack += [(child, depth + 1) for child in ast.iter_child_nodes(node)]
+    return deepest
+
+
+def _has_names(node: ast.AST) -> bool:
+    return any(isinstance(n, ast.Name) and n.id not in CONSTANTS for n in ast.walk(node))
+
+
+def _has_power(node: ast.AST) -> bool:
+    return any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in ast.walk(node))
+
+
+def _constant_value(node: ast.AST) -> float | None:
+    """The value of a name-free, power-free arithmetic of numbers; None if it is anything else."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and (value := _constant_value(node.operand)) is not None:
+        return _UNARY[type(node.op)](value)
+    if isinstance(node, ast.BinOp) and not isinstance(node.op, ast.Pow):
+        left, right = _constant_value(node.left), _constant_value(node.right)
+        if left is not None and right is not None:
+            try:
+                return _BINARY[type(node.op)](left, right)
+            except ArithmeticError:
+                return None
+    return None
+
+
+def _check_power(node: ast.BinOp) -> str | None:
+    """Why this power may not be computed (None if it may): a power inside an exponent, or a power of constants
+    with a large or non-numeric exponent (numbers are Python integers there, so 9**9**9 would never finish)."""
+    if _has_power(node.right):
+        return "a power inside an exponent (x**2**3) is not allowed; write the exponent as one number"
+    if _has_names(node.left) or _has_names(node.right):
+        return None  # arrays: numpy overflows to inf, which the converter reports
+    exponent = _constant_value(node.right)
+    if _has_power(node.left) or exponent is None or abs(exponent) > MAX_EXPONENT:
+        return (f"a power of constants needs a plain exponent of at most {MAX_EXPONENT} and a base without ** "
+                f"(write the number itself)")
+    return None
+
+
+def _node_problem(node: ast.AST) -> str | None:
+    """Why one node of an expression is not allowed, or None."""
+    if not isinstance(node, _ALLOWED):
+        return (f"{type(node).__name__} is not allowed (use names, numbers, arithmetic, comparisons, & | ~, "
+                f"record fields and the functions {sorted(FUNCTIONS)})")
+    if isinstance(node, ast.Call):
+        if not (isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS):
+            return f"unknown function {ast.unparse(node.func)!r}; available: {sorted(FUNCTIONS)}"
+        allowed = KEYWORDS.get(node.func.id, set())
+        if bad := [k.arg or "**" for k in node.keywords if k.arg not in allowed]:
+            return f"{node.func.id}() takes no keyword argument {bad[0]!r}" + (
+                f" (only {sorted(allowed)})" if allowed else "")
+    if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+        return f"field {node.attr!r} is not allowed"
+    if isinstance(node, ast.Constant) and not isinstance(node.value, int | float | bool):
+        return "only numbers are allowed as constants"
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        return _check_power(node)
+    return None
+
+
 @lru_cache(maxsize=512)
 def parse(expression: str) -> ast.Expression:
     """Parse and check an expression; UserError naming the offending part if it is not allowed."""
+    text = str(expression)
+    if len(text) > MAX_LENGTH:
+        raise UserError(f"expression {_shown(text)}: longer than {MAX_LENGTH} characters; split it into several "
+                        "columns or shorten it")
     try:
-        tree = ast.parse(str(expression), mode="eval")
+        tree = ast.parse(text, mode="eval")
     except SyntaxError as err:
-        raise UserError(f"expression {expression!r}: {err.msg}") from None
+        raise UserError(f"expression {_shown(text)}: {err.msg}") from None
+    except (RecursionError, MemoryError):
+        raise UserError(f"expression {_shown(text)}: nested too deeply (at most {MAX_DEPTH} levels)") from None
+    if _depth(tree) > MAX_DEPTH:
+        raise UserError(f"expression {_shown(text)}: nested too deeply (at most {MAX_DEPTH} levels)")
     for node in ast.walk(tree):
-        allowed = (ast.Expression, ast.Name, ast.Constant, ast.BinOp, ast.UnaryOp, ast.Compare, ast.Call,
-                   ast.Attribute, ast.Load, ast.keyword, *_BINARY, *_UNARY, *_COMPARE)
-        if not isinstance(node, allowed):
-            raise UserError(f"expression {expression!r}: {type(node).__name__} is not allowed (use names, numbers, "
-                            f"arithmetic, comparisons, & | ~, record fields and the functions {sorted(FUNCTIONS)})")
-        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS):
-            raise UserError(f"expression {expression!r}: unknown function {ast.unparse(node.func)!r}; "
-                            f"available: {sorted(FUNCTIONS)}")
-        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
-            raise UserError(f"expression {expression!r}: field {node.attr!r} is not allowed")
-        if isinstance(node, ast.Constant) and not isinstance(node.value, int | float | bool):
-            raise UserError(f"expression {expression!r}: only numbers are allowed as constants")
+        if problem := _node_problem(node):
+            raise UserError(f"expression {_shown(text)}: {problem}")
     return tree
 
 
@@ -242,12 +323,12 @@ def evaluate(expression: str, inputs: Mapping[str, Any]) -> Any:
             if node.id in CONSTANTS:
                 return CONSTANTS[node.id]
             if node.id not in inputs:
-                raise UserError(f"expression {expression!r}: no input branch/column {node.id!r}")
+                raise UserError(f"expression {_shown(expression)}: no input branch/column {node.id!r}")
             return inputs[node.id]
         if isinstance(node, ast.Attribute):
             value = run(node.value)
             if node.attr not in _fields(value):
-                raise UserError(f"expression {expression!r}: no field {node.attr!r} (fields: {_fields(value)})")
+                raise UserError(f"expression {_shown(expression)}: no field {node.attr!r} (fields: {_fields(value)})")
             return value[node.attr]
         if isinstance(node, ast.BinOp):
             return _BINARY[type(node.op)](run(node.left), run(node.right))
@@ -265,7 +346,18 @@ def evaluate(expression: str, inputs: Mapping[str, Any]) -> Any:
             args = [run(a) for a in node.args]
             kwargs = {k.arg: run(k.value) for k in node.keywords}
             return FUNCTIONS[node.func.id](*args, **kwargs)
-        raise UserError(f"expression {expression!r}: cannot evaluate {type(node).__name__}")
+        raise UserError(f"expression {_shown(expression)}: cannot evaluate {type(node).__name__}")
 
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return run(tree)
+    try:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return run(tree)
+    except UserError:
+        raise
+    except (ArithmeticError, TypeError, ValueError, IndexError) as err:  # a function or operator refused its inputs
+        raise UserError(f"expression {_shown(expression)}: cannot evaluate it ({type(err).__name__}: "
+                        f"{_first_line(err)})") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""

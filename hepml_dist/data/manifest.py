@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hepml_dist import __version__, files
 from hepml_dist.errors import UserError
 
@@ -70,14 +72,28 @@ class ShardInfo:
     def examples(self) -> int:
         return int(sum(self.chunks))
 
+    @property
+    def key(self) -> str | None:
+        """`<split>_<shard>`, how every chunk key in this shard's tar starts (docs/data-format.md), if the shard has
+        the standard name."""
+        found = re.fullmatch(r"([A-Za-z0-9]+)/shard-([0-9]+)\.tar", self.path)
+        return f"{found.group(1)}_{found.group(2)}" if found else None
+
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "examples": self.examples, "chunks": self.chunks, "sha256": self.sha256,
                 "bytes": self.bytes}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ShardInfo:
-        return cls(path=str(d["path"]), chunks=[int(n) for n in d["chunks"]], sha256=str(d["sha256"]),
-                   bytes=int(d["bytes"]))
+        path = str(d["path"])
+        if Path(path).is_absolute() or ".." in Path(path).parts or len(Path(path).parts) != 2:
+            raise ValueError(f"path {path!r}: must be <split>/<shard>.tar inside the dataset")
+        chunks = [int(n) for n in d["chunks"]]
+        if not chunks or min(chunks) < 1:
+            raise ValueError(f"chunks {chunks}: every chunk holds at least one example")
+        if "examples" in d and int(d["examples"]) != sum(chunks):
+            raise ValueError(f"examples {d['examples']} is not the sum of chunks {chunks} ({sum(chunks)})")
+        return cls(path=path, chunks=chunks, sha256=str(d["sha256"]), bytes=int(d["bytes"]))
 
 
 @dataclass
@@ -93,7 +109,14 @@ class ColumnInfo:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ColumnInfo:
-        return cls(dtype=str(d["dtype"]), shape=[int(n) for n in d["shape"]], padded=bool(d.get("padded", False)))
+        dtype = str(d["dtype"])
+        try:
+            numeric = np.dtype(dtype).kind in "biuf"
+        except (TypeError, ValueError):
+            numeric = False
+        if not numeric:
+            raise ValueError(f"dtype {dtype!r} is not a numeric numpy dtype")
+        return cls(dtype=dtype, shape=[int(n) for n in d["shape"]], padded=bool(d.get("padded", False)))
 
 
 @dataclass
@@ -114,7 +137,11 @@ class SplitInfo:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SplitInfo:
         counts = {str(k): {str(c): int(n) for c, n in v.items()} for k, v in d.get("class_counts", {}).items()}
-        return cls(shards=[ShardInfo.from_dict(s) for s in d.get("shards", [])], class_counts=counts)
+        shards = [_field(f"shards[{i}]", ShardInfo.from_dict, s) for i, s in enumerate(d.get("shards", []))]
+        if "examples" in d and int(d["examples"]) != sum(s.examples for s in shards):
+            raise ValueError(f"examples {d['examples']} is not the sum over its shards "
+                             f"({sum(s.examples for s in shards)})")
+        return cls(shards=shards, class_counts=counts)
 
 
 @dataclass
@@ -156,6 +183,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], root: Path | None = None) -> Manifest:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a manifest is a JSON object, not {type(d).__name__}")
         if d.get("format") != FORMAT_NAME:
             raise ValueError(f"not a {FORMAT_NAME} manifest (format = {d.get('format')!r})")
         if int(d.get("format_version", 0)) > FORMAT_VERSION:
@@ -163,8 +192,8 @@ class Manifest:
                              f"({FORMAT_VERSION}); upgrade hepml_dist")
         return cls(
             schema=str(d["schema"]),
-            columns={name: ColumnInfo.from_dict(c) for name, c in d["columns"].items()},
-            splits={name: SplitInfo.from_dict(s) for name, s in d["splits"].items()},
+            columns={name: _field(f"columns.{name}", ColumnInfo.from_dict, c) for name, c in d["columns"].items()},
+            splits={name: _field(f"splits.{name}", SplitInfo.from_dict, s) for name, s in d["splits"].items()},
             split_fractions={k: float(v) for k, v in d["split_fractions"].items()},
             seed=int(d["seed"]),
             chunk_size=int(d["chunk_size"]),
@@ -177,6 +206,16 @@ class Manifest:
         )
 
 
+def _field(where: str, parse, value):
+    """parse(value); any problem is re-raised as a ValueError naming the manifest field (`splits.train: ...`)."""
+    try:
+        return parse(value)
+    except KeyError as err:
+        raise ValueError(f"{where}: missing key {err}") from None
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """Read `DIR/manifest.json` (or the manifest file itself); a clear UserError if missing or malformed."""
     path = Path(path)
@@ -186,8 +225,14 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
                         "(or `hepml data generate`)")
     try:
         return Manifest.from_dict(json.loads(file.read_text()), root=file.parent)
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise UserError(f"{file}: malformed manifest ({type(err).__name__}: {err}); rewrite the dataset") from None
+    except KeyError as err:
+        problem = f"missing key {err}"
+    except json.JSONDecodeError as err:
+        problem = f"not valid JSON ({err})"
+    except (ValueError, TypeError, AttributeError) as err:  # UnicodeDecodeError is a ValueError
+        problem = str(err)
+    raise UserError(f"{file}: malformed manifest: {problem}. It is written by `hepml data convert` (and "
+                    "`generate`, `tokenize`): restore the original or write the dataset again")
 
 def write_manifest(manifest: Manifest, directory: str | os.PathLike) -> None:
     """Write `DIR/manifest.json` atomically: readers never see half a manifest."""

@@ -151,13 +151,18 @@ def iter_shard_chunks(
     chunks: Sequence[int] | set[int] | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
     expected_chunks: int | None = None,
+    expected_bytes: int | None = None,
+    shard_key: str | None = None,
     name: str | None = None,
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Yield (chunk index within the shard, {column: array}) for the chunks of one shard, in stored order.
 
     `columns` restricts what is decoded (other members are skipped without decoding; local files are seeked
     over); `chunks` restricts which chunk indices are yielded; `shapes` (per-example shapes, e.g. from the
-    manifest) zero-pads narrower chunks to the dataset maximum; `expected_chunks` checks the shard is complete.
+    manifest) zero-pads narrower chunks to the dataset maximum; `expected_chunks` checks the shard is complete,
+    and `expected_bytes` (the manifest's size) that a local shard was neither truncated nor replaced by a shard of
+    another size (one stat; only `hepml data verify` compares checksums); `shard_key` (`ShardInfo.key`) that every
+    chunk belongs to this shard, which catches a shard file replaced by another shard of the same size.
     Local paths are read with random access; URLs (anything webdataset's `gopen` opens: http(s), pipe:, s3 via
     pipe:) are streamed. Any read or decode problem raises CorruptShardError naming the shard.
     """
@@ -166,6 +171,10 @@ def iter_shard_chunks(
     wanted = None if columns is None else set(columns)
     if is_local(source) and not os.path.exists(_local_path(source)):
         raise CorruptShardError(label, "file not found")
+    size = os.path.getsize(_local_path(source)) if is_local(source) and expected_bytes is not None else None
+    if size is not None and size != expected_bytes:
+        raise CorruptShardError(label, f"{size} bytes, the manifest says {expected_bytes} (truncated, or replaced "
+                                "by another file)")
     members = (_iter_members_local(_local_path(source), wanted, chunks) if is_local(source)
                else _iter_members_stream(source, wanted, chunks))
     chunk_set = None if chunks is None else set(chunks)
@@ -192,6 +201,9 @@ def iter_shard_chunks(
 
     try:
         for key, column, data in members:
+            if key != current_key and shard_key is not None and not key.startswith(shard_key + "_"):
+                raise CorruptShardError(label, f"holds chunk {key}, which belongs to another shard than {shard_key} "
+                                        "(the file was replaced by another shard)")
             if key != current_key:
                 if current_key is not None and (done := finish(current_index, current_key, arrays)):
                     yield done

@@ -188,7 +188,8 @@ class WorkerStream(IterableDataset):
             try:
                 got = {}
                 for chunk, arrays in iter_shard_chunks(ref.source, columns=s.columns, chunks=set(rows),
-                                                       shapes=s.shapes, expected_chunks=len(ref.info.chunks)):
+                                                       shapes=s.shapes, expected_chunks=len(ref.info.chunks),
+                                                       expected_bytes=ref.info.bytes, shard_key=ref.info.key):
                     start, stop = rows[chunk]
                     if len(next(iter(arrays.values()))) != ref.info.chunks[chunk]:
                         raise CorruptShardError(ref.source, f"chunk {chunk} has "

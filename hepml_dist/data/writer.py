@@ -11,6 +11,7 @@ Converters, generators and `hepml data tokenize` all write through `DatasetWrite
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -126,8 +127,8 @@ class ColumnLayout:
                                 f"{first_len}; all columns must share the first axis")
             if self.check_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
                 bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-                raise UserError(f"column {name}: {bad} NaN/inf value(s); fill or drop them in the converter "
-                                "(schema `fill_nan`) before writing")
+                raise UserError(f"column {name}: {bad} NaN/inf value(s); replace them before writing (in a "
+                                "converter schema: finite_or(x, 0)) or drop those examples")
             block[name] = array
         return block
 
@@ -274,6 +275,7 @@ class DatasetWriter:
         self._closed = False
         self.resumed_progress: dict[str, Any] | None = None  # the `progress` of the checkpoint resumed from
         self.manifest: Manifest | None = None  # set by close()
+        self._created_dir = not self.out_dir.exists()
         self._prepare_directory(overwrite, resume)
 
     def add(self, columns: Mapping[str, Any]) -> None:
@@ -315,6 +317,19 @@ class DatasetWriter:
         self._closed = True
         self.manifest = manifest
         return manifest
+
+    def abandon(self) -> None:
+        """After a failure: remove the shards and folders this writer made, unless a checkpoint (DIR/.partial/)
+        makes them resumable, in which case everything stays for the rerun."""
+        if self._closed or (self.out_dir / PARTIAL_DIR / "state.json").is_file():
+            return
+        shutil.rmtree(self.out_dir / PARTIAL_DIR, ignore_errors=True)
+        for split in SPLITS:
+            for shard in (self.out_dir / split).glob("shard-*.tar*"):
+                shard.unlink()
+        for folder in [self.out_dir / split for split in SPLITS] + ([self.out_dir] if self._created_dir else []):
+            with contextlib.suppress(OSError):  # only folders left empty
+                folder.rmdir()
 
     def __enter__(self) -> DatasetWriter:
         return self

@@ -56,6 +56,8 @@ class Unit:
     start: int = 0
     stop: int = 0
     chunks: int = 0  # shards: chunks the manifest lists (a completeness check)
+    bytes: int | None = None  # shards: the manifest's size and chunk-key prefix (a truncated or swapped file)
+    key: str | None = None
 
 
 @dataclass
@@ -189,7 +191,7 @@ def plan_shards(spec, patterns: Sequence[str], observers: list[str]) -> tuple[li
     truth = truth_columns(spec, available)
     builder = feats.get_builder(spec.data.inputs.features)
     columns = feats.stored_columns(builder, sorted(available), [*observers, *truth, *spec.data.inputs.event_features])
-    units = [Unit(ref.source, chunks=len(ref.info.chunks)) for ref in refs]
+    units = [Unit(ref.source, chunks=len(ref.info.chunks), bytes=ref.info.bytes, key=ref.info.key) for ref in refs]
     return units, columns, shapes, truth
 
 
@@ -292,7 +294,7 @@ class Predictor:
             yield {k: columns[k] for k in self.plan.columns}
             return
         got = dict(iter_shard_chunks(unit.source, columns=self.plan.columns, shapes=self.plan.shapes,
-                                     expected_chunks=unit.chunks))
+                                     expected_chunks=unit.chunks, expected_bytes=unit.bytes, shard_key=unit.key))
         for index in sorted(got):
             yield got[index]
 
