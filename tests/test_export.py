@@ -9,6 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from hepml_dist.cli import app
+from hepml_dist.data.features import build_batch, get_builder, to_torch
+from hepml_dist.data.plot import read_examples
+from hepml_dist.generate import get_process
+from hepml_dist.generate.runner import generate_dataset
 from hepml_dist.inference.export import example_jets
 from hepml_dist.models import build_model
 from hepml_dist.runs import write_model_checkpoint
@@ -48,16 +52,37 @@ def test_sophon_export_keeps_weaver_names_and_matches_pytorch(tmp_path):
     assert [i.name for i in session.get_inputs()] == ["pf_features", "pf_vectors", "pf_mask"]
     assert [o.name for o in session.get_outputs()] == ["softmax"]
     for num, length in ((7, 40), (1, 128)):  # other batch sizes and lengths than traced
-        jets = example_jets(num, length, 17, seed=num)
-        got = onnx_outputs(out, {"pf_features": jets["features"], "pf_vectors": jets["vectors"], "pf_mask": jets["mask"]})["softmax"]
-        with torch.no_grad():
-            embedding = model.task_embeddings(jets)["jet_class"]
-            probabilities = model.heads["jet_class"](embedding).softmax(-1)
-        assert got.shape == (num, 188 + 32)  # 188 probabilities, then the embedding (model width 32 here)
-        np.testing.assert_allclose(got[:, :188], probabilities.numpy(), atol=1e-5)
-        np.testing.assert_allclose(got[:, 188:], embedding.numpy(), atol=1e-4)
+        assert_sophon_parity(out, model, example_jets(num, length, 17, seed=num))
     description = json.loads(out.with_name("sophon.onnx.json").read_text())
     assert description["outputs"]["softmax"][:2] == ["0", "1"] and description["features"] == "sophon_full"
+
+
+def assert_sophon_parity(onnx_file: Path, model: torch.nn.Module, jets: dict[str, torch.Tensor]) -> None:
+    """onnxruntime's `softmax` output = PyTorch's 188 probabilities followed by the class-token embedding."""
+    got = onnx_outputs(onnx_file, {"pf_features": jets["features"], "pf_vectors": jets["vectors"],
+                                   "pf_mask": jets["mask"]})["softmax"]
+    with torch.no_grad():
+        embedding = model.task_embeddings(jets)["jet_class"]
+        probabilities = model.heads["jet_class"](embedding).softmax(-1)
+    assert got.shape == (len(jets["mask"]), 188 + 32)  # 188 probabilities, then the embedding (model width 32 here)
+    np.testing.assert_allclose(got[:, :188], probabilities.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got[:, 188:], embedding.numpy(), atol=1e-4)
+
+
+def test_sophon_export_matches_pytorch_on_generated_jets(tmp_path):
+    """Real jets (jetclass2-lite, through the sophon_full feature builder) at several batch sizes and lengths."""
+    data = tmp_path / "jets"
+    generate_dataset(get_process("jetclass2-lite"), 200, data, seed=3, show_progress=False,
+                     options={"classes": "X_bb,X_cc,QCD"})
+    columns, _ = read_examples(data, "train", 10**6)
+    run, model = trained_run(tmp_path, "sophon", SMALL_PART)
+    out = tmp_path / "sophon.onnx"
+    assert runner.invoke(app, ["export", "onnx", str(run), "--out", str(out)]).exit_code == 0
+    for num, length in ((1, 128), (5, 16), (64, 64), (len(columns["part_n"]), 100)):
+        raw = {name: values[:num] for name, values in columns.items()}
+        batch = to_torch(build_batch(raw, get_builder("sophon_full"), max_length=length))
+        assert batch["mask"].shape == (num, 1, length) and batch["mask"].sum() > 0
+        assert_sophon_parity(out, model, batch)
 
 
 def test_multitask_export_has_one_output_per_task(tmp_path):

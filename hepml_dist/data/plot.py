@@ -11,12 +11,14 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import mplhep
 import numpy as np
 
 from hepml_dist.data.manifest import read_manifest
 from hepml_dist.data.reader import iter_shard_chunks
 from hepml_dist.errors import UserError
+from hepml_dist.files import replacing
 
 MLPF_FEATURES = {
     1: ["type", "pt", "eta", "sin_phi", "cos_phi", "p", "chi2", "ndf", "dEdx", "dEdx_error", "inner_radius",
@@ -161,3 +163,31 @@ def plot_dataset(dataset: str | Path, out: str | Path, *, split: str = "train", 
     if n == 0:
         raise UserError(f"{dataset}: split {split} is empty")
     return files
+
+
+def plot_weighted_groups(path: str | Path, weighted: np.ndarray, edges: tuple[np.ndarray, np.ndarray],
+                         variables: tuple[str, str], titles: list[str]) -> Path:
+    """One panel per group: its weighted yield [nx, ny] in the two reweighting variables (`hepml data weights`);
+    flat where the reweighting worked, empty where the group has no examples."""
+    matplotlib.use("Agg")
+    columns = min(len(titles), 5)
+    rows = -(-len(titles) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    for ax, table, title in zip(axes.flat, weighted, titles):
+        shown = np.ma.masked_equal(table.T, 0.0)
+        mesh = ax.pcolormesh(edges[0], edges[1], shown, cmap="viridis", vmin=0.0)
+        if edges[0][0] > 0 and edges[0][-1] / edges[0][0] > 5:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 2x10^2, 3x10^2, ... would overlap
+        fig.colorbar(mesh, ax=ax, pad=0.01)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(variables[0], fontsize=8)
+        ax.set_ylabel(variables[1], fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(titles):]:
+        ax.axis("off")
+    fig.tight_layout()
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=60, format="png")
+    plt.close(fig)
+    return Path(path)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,8 +126,10 @@ def flat_tables(hists: np.ndarray, group_weights: Sequence[float], percentile: f
 
 
 def compute_weights(dataset: str | Path, spec: ReweightSpec, *, splits: Sequence[str] = ("train",),
-                    progress: Any = None) -> Path:
-    """Fill the histograms in one pass over the dataset, store the table next to it, return its path."""
+                    progress: Any = None, plot: Callable[..., Any] | None = None) -> Path:
+    """Fill the histograms in one pass over the dataset, store the table next to it, return its path. With `plot`
+    (`hepml_dist.data.plot.plot_weighted_groups`; passed in so that the loader, which imports this module, never
+    loads matplotlib), also `reweight-<key>.png` next to it: each group's weighted yield in the two variables."""
     root = Path(dataset)
     manifest = read_manifest(root)
     for column in (spec.label, *spec.variables):
@@ -162,6 +164,10 @@ def compute_weights(dataset: str | Path, spec: ReweightSpec, *, splits: Sequence
                    for s in counts}
     out = weights_path(root, spec)
     out.parent.mkdir(exist_ok=True)
+    shares = _shares(source, tables, spec)
+    if plot is not None:
+        titles = [f"{g.name}: share {100 * shares[g.name]:.1f}% (weight {g.weight:g})" for g in spec.groups]
+        plot(out.with_suffix(".png"), source * tables, edges, tuple(spec.variables), titles)
     write_json(out, {
         "key": reweight_key(spec),
         "spec": spec.model_dump(mode="json", exclude={"mode"}),
@@ -169,7 +175,7 @@ def compute_weights(dataset: str | Path, spec: ReweightSpec, *, splits: Sequence
         "examples": totals,
         "mean_weight": mean_weight,
         "group_counts": {g.name: int(source[i].sum()) for i, g in enumerate(spec.groups)},
-        "group_sampled_share": _shares(source, tables, spec),
+        "group_sampled_share": shares,
         "tables": {g.name: tables[i].round(8).tolist() for i, g in enumerate(spec.groups)},
     })
     return out

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 PROCESS_MODULES: dict[str, str] = {
     "fcc-tau": "hepml_dist.generate.fcc_tau",
     "jetclass-lite": "hepml_dist.generate.jetclass_lite",
+    "jetclass2-lite": "hepml_dist.generate.jetclass2_lite",
     "clic-events": "hepml_dist.generate.clic_events",
     "events-met": "hepml_dist.generate.events_met",
 }

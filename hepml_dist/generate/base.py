@@ -8,7 +8,7 @@ that worker, so the dataset depends on (process, events, seed) only, never on th
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,6 +61,9 @@ class RunContext:
     """Collision events of the whole run (for per-sample event counts, e.g. cross-section weights)."""
     prepared: Any = None
     """Result of `Process.prepare`, if the process has one."""
+    options: Any = None
+    """The process's own options (e.g. `--classes`, `--mass-range`) as its `configure` parsed them; None for a
+    process without options."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,12 @@ class Process:
     prepare: Callable[[RunContext], Any] | None = None
     """Work done once per run in the main process (e.g. cross sections); its result reaches `make` as
     `context.prepared`."""
+    options: tuple[str, ...] = ()
+    """Names of the process's own command-line options (`--mass-range` is `mass_range`); others are refused."""
+    configure: Callable[[Mapping[str, str]], Any] | None = None
+    """Parses the given options (a subset of `options`, values as typed) into `context.options`, defaults filled
+    in; raises UserError naming a bad one. Called once per run in the main process. A dataclass result is
+    recorded in the manifest."""
 
 
 def unit_sizes(total_events: int, unit_events: int) -> list[int]:

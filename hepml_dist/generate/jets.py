@@ -14,6 +14,7 @@ import fastjet
 import numpy as np
 
 _BANNER_SHOWN = False
+RECLUSTER_RADIUS = 1000.0  # fastjet's JetDefinition::max_allowable_R: every pair of particles merges
 
 
 def _quiet_banner(fastjet) -> None:
@@ -196,3 +197,28 @@ def jet_schema(max_len: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     for name in ("jet_pt", "jet_eta", "jet_phi", "jet_energy", "jet_mass"):
         schema[name] = ("float32", ())
     return schema
+
+
+def substructure(jets: Jets, px, py, pz, e, radius: float, z_cut: float = 0.1, beta: float = 0.0,
+                 max_subjets: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Soft-drop mass [N] and N-subjettiness tau_1..tau_max_subjets [N, max_subjets] of each jet, from all its
+    constituents (flat arrays indexed by `jets.constituents`).
+
+    Each jet's constituents are reclustered on their own into one Cambridge/Aachen tree (fastjet, with the largest
+    radius fastjet allows, as fastjet-contrib's Recluster does: with R = `radius`, constituents further apart than
+    R would be lost) and declustered from the top, dropping the softer branch until
+    min(pT1, pT2) / (pT1 + pT2) > z_cut (Delta R12 / radius)^beta (soft drop, arXiv:1402.2657; z_cut = 0.1,
+    beta = 0 is the CMS / Delphes setting JetClass-II uses); the mass of what is left is the soft-drop mass.
+    tau_N: fastjet-contrib Nsubjettiness with one-pass kT axes and the normalised measure (beta = 1, R0 = radius)."""
+    if len(jets) == 0:
+        return np.zeros(0, np.float64), np.zeros((0, max_subjets), np.float64)
+    _quiet_banner(fastjet)
+    members = jets.constituents
+    particles = ak.unflatten(ak.zip({name: np.asarray(values, np.float64)[members]
+                                     for name, values in (("px", px), ("py", py), ("pz", pz), ("E", e))}),
+                             jets.n_constituents)
+    sequence = fastjet.ClusterSequence(particles, jet_definition("cambridge", RECLUSTER_RADIUS))
+    groomed = sequence.exclusive_jets_softdrop_grooming(njets=1, beta=beta, symmetry_cut=z_cut, R0=radius)
+    mass = np.maximum(ak.to_numpy(groomed.msoftdrop), 0.0)  # a one-particle jet can come out at -1e-7
+    taus = ak.to_numpy(sequence.njettiness(njets=list(range(1, max_subjets + 1)), beta=1.0, R0=radius))
+    return mass, np.asarray(taus, np.float64).reshape(len(jets), max_subjets)

@@ -11,10 +11,10 @@ import importlib.util
 import multiprocessing
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -88,8 +88,10 @@ def generate_dataset(
     pythia_settings: Sequence[str] = (),
     overwrite: bool = False,
     show_progress: bool = True,
+    options: Mapping[str, str] | None = None,
 ) -> GenerationReport:
-    """Generate `events` collision events of `process` into the dataset directory `out`."""
+    """Generate `events` collision events of `process` into the dataset directory `out`; `options` are the
+    process's own (`Process.options`), values as typed on the command line."""
     if events < 1:
         raise UserError(f"--events {events}: need at least one event")
     if workers < 1:
@@ -104,7 +106,8 @@ def generate_dataset(
         raise UserError(f"--pythia: {err}") from None
     sizes = unit_sizes(events, process.unit_events)
     workers = min(workers, len(sizes))
-    context = RunContext(init_seed(seed, process.name), settings, events)
+    parsed = _process_options(process, options or {})
+    context = RunContext(init_seed(seed, process.name), settings, events, options=parsed)
     if process.prepare is not None:
         context = replace(context, prepared=process.prepare(context))
     meta = {
@@ -112,6 +115,7 @@ def generate_dataset(
             "process": process.name, "summary": process.summary, "events": events, "seed": seed,
             "unit_events": process.unit_events, "pythia_settings": list(settings), "example": process.example,
             "pythia": _pythia_version(), "classes": process.classes,
+            **({"options": asdict(parsed)} if is_dataclass(parsed) else {}),
             **({"prepared": context.prepared} if context.prepared is not None else {}),
         }
     }
@@ -135,6 +139,16 @@ def generate_dataset(
             progress.stop()
     manifest = writer.close()
     return GenerationReport(process.name, events, examples, time.perf_counter() - start, cpu, manifest)
+
+
+def _process_options(process: Process, options: Mapping[str, str]):
+    """The process's parsed options; a UserError for an option the process does not take."""
+    for name in options:
+        if name not in process.options:
+            takes = (f"it takes only {', '.join('--' + o.replace('_', '-') for o in process.options)}"
+                     if process.options else "it takes none of the process options")
+            raise UserError(f"--{name.replace('_', '-')}: process {process.name} has no such option ({takes})")
+    return process.configure(options) if process.configure is not None else None
 
 
 def _units(process: Process, sizes: list[int], seed: int, workers: int, context: RunContext):
