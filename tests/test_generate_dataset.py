@@ -42,7 +42,8 @@ CONTRACT = {
     },
 }
 # extra columns a process may add (classification by process, physical cross-section weights)
-EXTRA = {"events-met": {"label_process": ("int64", ()), "gen_xsec_weight": ("float32", ())}}
+EXTRA = {"events-met": {"label_process": ("int64", ()), "gen_xsec_weight": ("float32", ())},
+         "clic-events": {"gen_process": ("int32", ())}}
 EVENTS = {"fcc-tau": 200, "jetclass-lite": 40, "clic-events": 30, "events-met": 200}
 
 
@@ -128,10 +129,10 @@ def test_plot_writes_a_png_per_column(tau_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["no-such-process", "--events", "10"], "unknown process"),
+    (["no-such-process", "--events", "10"], "is not one of"),
     (["fcc-tau", "--events", "0"], "at least one event"),
     (["fcc-tau", "--events", "10", "--pythia", "Nonsense:key = 3"], "Pythia rejected"),
-    (["fcc-tau", "--events", "10", "--splits", "0.7,0.3"], "three fractions"),
+    (["fcc-tau", "--events", "10", "--fractions", "0.7,0.3"], "three fractions"),
 ])
 def test_bad_input_is_a_clear_error(args, message, tmp_path):
     result = runner.invoke(app, ["data", "generate", *args, "--out", str(tmp_path / "x"), "--workers", "1"])

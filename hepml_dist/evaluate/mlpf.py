@@ -7,6 +7,12 @@ As in particleflow (`mlpf/jet_utils.py`, `mlpf/plotting/plot_utils.py`):
   (not exclusive); response r = pT_reco / pT_gen; median and IQR / median (IQR = q75 - q25) in bins of gen-jet pT;
 - MET = |sum of particle pT vectors|; response MET_reco / MET_gen in bins of gen MET (events with gen MET >= 10 GeV).
 Events are awkward arrays of particle records (`pt, eta, phi, energy, cls`), one list per event.
+
+Three particle collections go through the same code: MLPF's predictions (metric names as is), the target particles
+(`target_*`) and the rule-based particle flow of `mlpf_baseline.py` (`*_baseline`); against the stored generator
+jets, again against jets of the target particles (`vs_target_jets`), and per process when the data store
+`gen_process` (`per_process`). `hepml evaluate` on an MLPF run stores all of it as metrics.json's `mlpf`
+(`evaluate_mlpf_run`) and the scalar numbers among its metrics (`summary_metrics`).
 """
 
 import json
@@ -22,7 +28,13 @@ import mplhep
 import numpy as np
 import torch
 
+from hepml_dist import files, runs
+from hepml_dist.data.loader import open_stream
+from hepml_dist.data.shards import ShardResolver
+from hepml_dist.errors import UserError
 from hepml_dist.evaluate.loop import run_model
+from hepml_dist.evaluate.mlpf_baseline import rule_based_particles
+from hepml_dist.generate.clic_events import PROCESS_NAMES
 from hepml_dist.models.mlpf.losses import regression_target
 from hepml_dist.models.mlpf.model import ENERGY, PT, task_roles
 from hepml_dist.spec import JobSpec
@@ -135,55 +147,143 @@ def binned_response(reference: np.ndarray, reco: np.ndarray, edges: list[float])
     return {"edges": list(edges), **{key: [row[key] for row in rows] for key in rows[0]}}
 
 
+def collection_key(collection: str, key: str) -> str:
+    """Metric name of `key` for a particle collection: MLPF's own names, `target_<key>`, `<key>_baseline`."""
+    return {"mlpf": key, "target": f"target_{key}", "baseline": f"{key}_baseline"}[collection]
+
+
 def evaluate_particles(
     predicted: ak.Array,
     gen_jets: ak.Array,
     gen_met: np.ndarray | None = None,
     target: ak.Array | None = None,
     plots_dir: Path | None = None,
+    baseline: ak.Array | None = None,
 ) -> dict:
-    """Jet and MET response of predicted (and, if given, target) particles against generator jets and MET."""
+    """Jet and MET response of predicted (and, if given, target and rule-based baseline) particles against
+    generator jets and MET."""
     results: dict = {}
-    collections = {"": predicted, **({"target_": target} if target is not None else {})}
-    for prefix, particles in collections.items():
+    collections = {"mlpf": predicted, "target": target, "baseline": baseline}
+    for collection, particles in collections.items():
+        if particles is None:
+            continue
+
+        def put(key, value, collection=collection):
+            results[collection_key(collection, key)] = value
+
         gen_pt, reco_pt, match_fraction = match_jets(gen_jets, cluster_jets(particles))
         summary = response_summary(reco_pt / gen_pt)
-        results[f"{prefix}jet_response_median"] = summary["median"]
-        results[f"{prefix}jet_resolution"] = summary["iqr_over_median"]
-        results[f"{prefix}jet_match_fraction"] = match_fraction
-        results[f"{prefix}jet_response_vs_pt"] = binned_response(gen_pt, reco_pt, JET_PT_BINS)
+        put("jet_response_median", summary["median"])
+        put("jet_resolution", summary["iqr_over_median"])
+        put("jet_match_fraction", match_fraction)
+        put("jet_response_vs_pt", binned_response(gen_pt, reco_pt, JET_PT_BINS))
         if gen_met is not None:
             met, gen = missing_et(particles), np.asarray(gen_met, dtype=np.float64)
             ok = gen >= MET_BINS[0]  # the ratio is meaningless for (nearly) balanced events
             met_summary = response_summary(met[ok] / gen[ok])
-            results[f"{prefix}met_response_median"] = met_summary["median"]
-            results[f"{prefix}met_resolution"] = met_summary["iqr_over_median"]
-            results[f"{prefix}met_response_vs_met"] = binned_response(gen[ok], met[ok], MET_BINS)
+            put("met_response_median", met_summary["median"])
+            put("met_resolution", met_summary["iqr_over_median"])
+            put("met_response_vs_met", binned_response(gen[ok], met[ok], MET_BINS))
     if plots_dir is not None:
         plot_responses(results, Path(plots_dir))
     return results
 
 
 def evaluate_mlpf(
-    model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: JobSpec, plots_dir: Path | None = None
+    model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], spec: JobSpec, plots_dir: Path | None = None,
+    limit: int | None = None,
 ) -> dict:
-    """Run a trained MLPF over event batches (with `genjet_*`, `genjet_n`, optional `gen_met`) and evaluate."""
-    predicted, target, gen_jets, gen_met = [], [], [], []
+    """Run a trained MLPF over event batches (with `genjet_*`, `genjet_n`, optional `gen_met`, `gen_process`) and
+    evaluate MLPF, the target particles and the rule-based baseline; with `gen_process` holding several processes,
+    the same again per process under `per_process[<name>]`."""
+    parts: dict[str, list] = {k: [] for k in ("predicted", "target", "baseline", "gen_jets", "gen_met", "process")}
     model.eval()
-    for batch, outputs in run_model(model, batches, device=torch.device("cpu")):
-        predicted.append(predicted_particles(outputs, batch, spec))
-        target.append(target_particles(batch, spec))
+    for batch, outputs in run_model(model, batches, device=torch.device("cpu"), limit=limit):
+        parts["predicted"].append(predicted_particles(outputs, batch, spec))
+        parts["target"].append(target_particles(batch, spec))
+        real = _to_numpy(batch["mask"])[:, 0] > 0
+        parts["baseline"].append(rule_based_particles(_to_numpy(batch["features"]).transpose(0, 2, 1), real))
         columns = (batch[f"genjet_{name}"] for name in ("pt", "eta", "phi", "energy", "n"))
-        gen_jets.append(jets_from_columns(*columns))
+        parts["gen_jets"].append(jets_from_columns(*columns))
         if "gen_met" in batch:
-            gen_met.append(_to_numpy(batch["gen_met"]))
-    return evaluate_particles(
-        ak.concatenate(predicted),
-        ak.concatenate(gen_jets),
-        np.concatenate(gen_met) if gen_met else None,
-        ak.concatenate(target),
-        plots_dir,
-    )
+            parts["gen_met"].append(_to_numpy(batch["gen_met"]))
+        if "gen_process" in batch:  # the loader may hand it over as a float
+            parts["process"].append(np.rint(_to_numpy(batch["gen_process"])).astype(np.int64))
+    if not parts["gen_jets"]:
+        raise UserError("MLPF evaluation: the split gave no events")
+    per_event = ("gen_met", "process")  # numpy columns; the rest are awkward lists of particles or jets
+    joined = {k: None if not v else np.concatenate(v) if k in per_event else ak.concatenate(v)
+              for k, v in parts.items()}
+
+    def evaluate(select=slice(None), plots: Path | None = None) -> dict:
+        return evaluate_particles(
+            joined["predicted"][select], joined["gen_jets"][select],
+            None if joined["gen_met"] is None else joined["gen_met"][select],
+            joined["target"][select], plots, joined["baseline"][select],
+        )  # fmt: skip
+
+    results = evaluate(plots=plots_dir)
+    results["events"] = len(joined["gen_jets"])
+    # the same against jets of the target particles (what a perfect per-element reconstruction would give)
+    results["vs_target_jets"] = evaluate_particles(
+        joined["predicted"], cluster_jets(joined["target"]), missing_et(joined["target"]),
+        baseline=joined["baseline"])  # fmt: skip
+    process = joined["process"]
+    if process is not None and len(np.unique(process)) > 1:
+        results["per_process"] = {}
+        for index in np.unique(process):
+            name = PROCESS_NAMES[index] if 0 <= index < len(PROCESS_NAMES) else f"process_{index}"
+            selected = evaluate(process == index)
+            selected["events"] = int((process == index).sum())
+            results["per_process"][name] = selected
+            if plots_dir is not None:
+                plot_responses(selected, Path(plots_dir), tag=f"{name}_")
+    return results
+
+
+MLPF_COLUMNS = ("elem_features", "elem_n", "label_existence", "label_particle_class", "target_pt", "target_eta",
+                "target_sin_phi", "target_cos_phi", "target_energy", "genjet_pt", "genjet_eta", "genjet_phi",
+                "genjet_energy", "genjet_n")
+"""Stored columns MLPF evaluation needs (gen_met and gen_process are used when present)."""
+
+
+def require_columns(patterns, split: str) -> None:
+    """UserError naming the missing columns (and the family) if a split's data cannot be evaluated as MLPF."""
+    resolver = ShardResolver()
+    for ref in resolver.resolve(patterns):
+        missing = [c for c in MLPF_COLUMNS if c not in resolver.manifests[ref.dataset].columns]
+        if missing:
+            raise UserError(f"family mlpf: the {split} data {ref.source} lack column(s) {missing} that the MLPF jet "
+                            "and MET evaluation needs; use a clic-events dataset (hepml data generate clic-events)")
+
+
+def evaluate_mlpf_run(folder: Path, split: str, max_batches: int | None, plots_dir: Path) -> dict:
+    """`evaluate_mlpf` of the checkpoint `folder` on `split` of its job's data (what `hepml evaluate` stores as
+    metrics.json's `mlpf`)."""
+    spec, model = runs.load_trained(folder)
+    spec = runs.absolute_paths(spec)
+    require_columns(getattr(spec.data, split), split)
+    stream = open_stream(spec.data, split, rank=0, world_size=1, seed=spec.training.seed, training=False)
+    limit = min(stream.steps_per_epoch, max_batches or stream.steps_per_epoch)
+    return evaluate_mlpf(model, stream.batches(0), spec, plots_dir=plots_dir, limit=limit)
+
+
+SUMMARY_KEYS = ("jet_response_median", "jet_resolution", "jet_match_fraction", "met_response_median", "met_resolution")
+
+
+def summary_metrics(results: dict, split: str) -> dict[str, float]:
+    """The scalar numbers of `evaluate_mlpf` (MLPF and `_baseline`, overall and per process) as flat metrics."""
+    out = {}
+    scopes = {"": results, **{f"{name}_": r for name, r in results.get("per_process", {}).items()}}
+    if "vs_target_jets" in results:
+        scopes["vs_target_jets_"] = results["vs_target_jets"]
+    for scope, numbers in scopes.items():
+        for key in SUMMARY_KEYS:
+            for collection in ("mlpf", "baseline"):
+                name = collection_key(collection, key)
+                if name in numbers:
+                    out[f"{split}_{scope}{name}"] = float(numbers[name])
+    return out
 
 
 def _response_figure(series: dict[str, dict], stat: str, title: str, xlabel: str):
@@ -203,8 +303,21 @@ def _response_figure(series: dict[str, dict], stat: str, title: str, xlabel: str
     return fig
 
 
-def plot_responses(results: dict, plots_dir: Path) -> list[Path]:
-    """PNG plots of jet response median and IQR/median vs gen-jet pT, the same for MET, and the metrics as JSON."""
+SERIES_LABELS = {"mlpf": "MLPF", "baseline": "rule-based PF", "target": "target"}
+
+
+def response_series(results: dict, key: str, stat: str = "median") -> dict[str, dict]:
+    """{legend label: binned response} of each particle collection that `results` holds for `key` with at least
+    one finite `stat` (a collection without a single matched jet has nothing to draw)."""
+    series = {label: results[collection_key(c, key)] for c, label in SERIES_LABELS.items()
+              if collection_key(c, key) in results}
+    return {label: binned for label, binned in series.items()
+            if np.isfinite(np.array(binned[stat], dtype=float)).any()}
+
+
+def plot_responses(results: dict, plots_dir: Path, tag: str = "") -> list[Path]:
+    """PNG plots of jet response median and IQR/median vs gen-jet pT, the same for MET, and the metrics as JSON;
+    `tag` prefixes the file names (one set per process)."""
     matplotlib.use("Agg")
 
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -214,16 +327,15 @@ def plot_responses(results: dict, plots_dir: Path) -> list[Path]:
         ("met", "met_response_vs_met", "MET response", "gen MET [GeV]"),
     )
     for kind, key, title, xlabel in figures:
-        labels = {"": "MLPF", "target_": "target"}
-        series = {label: results[prefix + key] for prefix, label in labels.items() if prefix + key in results}
-        for stat in ("median", "iqr_over_median") if series else ():
+        for stat in ("median", "iqr_over_median"):
+            series = response_series(results, key, stat)
+            if not series:
+                continue
             with plt.style.context(mplhep.style.ROOT):
                 fig = _response_figure(series, stat, title, xlabel)
-                path = plots_dir / f"{kind}_response_{stat}.png"
+                path = plots_dir / f"{tag}{kind}_response_{stat}.png"
                 fig.savefig(path, dpi=120, bbox_inches="tight")
             plt.close(fig)
             written.append(path)
-    tmp = plots_dir / ".mlpf_metrics.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(plots_dir / "mlpf_metrics.json")
+    files.write_text(plots_dir / f"{tag}mlpf_metrics.json", json.dumps(results, indent=1))
     return written

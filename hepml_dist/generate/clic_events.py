@@ -15,7 +15,8 @@ generator jets and the generator MET. The toy detector (numbers in docs/generato
 Targets: a track's target is its particle (class charged hadron, electron or muon); a cluster's target is the sum
 of the untracked particles that deposited in it, classified by the most energetic one and forced neutral (photon for
 e and gamma, neutral hadron otherwise). Clusters of tracked particles only, and tracks of nothing (none here), have
-no target. dE/dx, track time and the 'energy_other' cluster feature are not simulated (0).
+no target. dE/dx, track time and the 'energy_other' cluster feature are not simulated (0). `gen_process` says
+which sample (PROCESS_NAMES) each event comes from, for the per-process MLPF evaluation.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ SAMPLES = {
     "ttbar": [*_EE380, "Top:ffbar2ttbar(s:gmZ) = on"],
     "qq": [*_EE380, "WeakSingleBoson:ffbar2gmZ = on", "23:onMode = off", "23:onIfAny = 1 2 3 4 5"],
 }
+PROCESS_NAMES = list(SAMPLES)
 
 CLIC = Detector(
     name="CLIC-like", bfield=4.0, track_max_abs_eta=2.66, track_min_pt=0.1, track_max_vertex_radius=1486.0,
@@ -75,6 +77,7 @@ SCHEMA: Schema = {
     **{f"genjet_{v}": ("float32", (MAX_GENJETS,)) for v in ("pt", "eta", "phi", "energy")},
     "genjet_n": ("int32", ()),
     "gen_met": ("float32", ()),
+    "gen_process": ("int32", ()),  # index into PROCESS_NAMES: the sample of the event (gen_* reach the batch)
 }
 
 
@@ -343,7 +346,8 @@ class ClicEventsGenerator:
                 continue
             pythia = self.pythia[name]
             py.reseed(pythia, seeds.pythia(instance))
-            parts.append(simulate(py.generate(pythia, n), rng))
+            columns = simulate(py.generate(pythia, n), rng)
+            parts.append({**columns, "gen_process": np.full(n, PROCESS_NAMES.index(name), dtype=np.int32)})
         return concat_shuffled(parts, rng)
 
 
@@ -353,7 +357,7 @@ PROCESS = Process(
     schema=SCHEMA,
     unit_events=100,
     make=ClicEventsGenerator,
-    classes={"label_particle_class": CLASSES},
+    classes={"label_particle_class": CLASSES, "gen_process": PROCESS_NAMES},
     example="event",
     chunk_size=128,
 )
