@@ -33,6 +33,9 @@ MAX_CLASSES_FOR_ROC = 32
 """Multiclass tasks with more classes (e.g. Sophon's 188) report accuracy and loss only."""
 PT_KEYS = ("gen_tau_pt", "jet_pt")
 """Batch keys used as the pT axis of response plots, first found wins."""
+KEPT_COLUMNS = ("gen_xsec_weight", "label_process")
+"""Per-example batch keys kept with the predictions where the batch has them: cross-section weights and process
+labels of events, for the expected significance (`significance.py`)."""
 ONE_SIGMA = 0.682689492137086
 """Confidence level of the quoted intervals: the probability content of +-1 standard deviation of a Gaussian."""
 LOWER_BOUND_SUFFIX = "_is_lower_bound"
@@ -269,7 +272,8 @@ def class_log_probabilities(task: TaskSpec, logits: torch.Tensor) -> torch.Tenso
 class Collector:
     """Per-rank accumulation of validation results for every task: per valid example the class probabilities
     (`scores`), for tasks with ROC metrics their logs (`log_probs`), the label (or `pred` and `true`), the example
-    weight (`weight`, 1 where the data carry none) and the pT where the batch has one."""
+    weight (`weight`, 1 where the data carry none), the pT where the batch has one, and the `KEPT_COLUMNS` the
+    batch has (per-example tasks only)."""
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
@@ -304,6 +308,9 @@ class Collector:
                     self._keep(task.name, "log_probs", class_log_probabilities(task, rows))
                 self._keep(task.name, "label", batch[task.label_key][valid])
             if valid.ndim == 1:
+                for key in KEPT_COLUMNS:
+                    if key in batch:
+                        self._keep(task.name, key, batch[key][valid])
                 for key in PT_KEYS:
                     if key in batch:
                         self._keep(task.name, "pt", batch[key][valid])

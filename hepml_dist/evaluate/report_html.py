@@ -72,6 +72,8 @@ def render_page(run: Run, facts, headline, sections: list[Section], models: list
         parts = [f'<h2 id="{s.anchor}">{html.escape(s.title)}</h2>']
         if s.text:
             parts.append(f"<p>{s.text}</p>")
+        if s.table:
+            parts.append(s.table)
         for png, caption in s.images:
             parts.append(f'<figure><img alt="{html.escape(s.title)}" src="data:image/png;base64,{png}">'
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")

@@ -30,6 +30,9 @@ class AotModelSpec(ModelSection):
     """Hidden widths of the output MLP."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout in attention blocks and the head's hidden layers (never after the output layer)."""
+    luminosity_fb: float = Field(140.0, gt=0.0)
+    """Integrated luminosity (fb^-1) at which `hepml evaluate` and `hepml report` quote the expected significance
+    of the signal task (events weighted by their `gen_xsec_weight`); it does not change the model or training."""
 
     def attention_widths(self) -> Iterator[tuple[str, int, str, int]]:
         yield "model.embed_dims", self.embed_dims[-1], "model.num_heads", self.num_heads
