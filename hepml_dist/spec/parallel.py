@@ -46,6 +46,11 @@ class ParallelSpec(Section):
     """CPU cores reserved per worker (its loader processes run within them)."""
     find_unused_parameters: bool = False
     """DDP: allow parameters without gradient in a step (needed by some phased or frozen setups)."""
+    collective_timeout_s: int = Field(600, ge=1)
+    """Seconds a rank waits in a collective (all-reduce, barrier, broadcast) for the others before the run fails,
+    naming the rank(s) that stopped answering; the gloo and NCCL/RCCL process-group timeout. It must exceed the
+    longest time one rank works alone while the others wait: rank 0 writing a checkpoint (consolidating ZeRO-3
+    weights) or computing validation metrics, and the first steps under torch.compile."""
 
     @property
     def accelerators(self) -> list[str]:

@@ -1,5 +1,9 @@
-"""`hepml train`: run a job on Ray Train (an embedded Ray on 127.0.0.1, or a cluster), or continue a run."""
+"""`hepml train`: run a job on Ray Train (an embedded Ray on 127.0.0.1, or a cluster), or continue a run.
 
+A run stopped by a signal prints the command that resumes it and exits with `signals.EXIT_STATUS` (130 after Ctrl-C,
+143 after SIGTERM, 0 after SLURM's SIGUSR1)."""
+
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +14,7 @@ from hepml_dist.cli.options import Overrides
 from hepml_dist.errors import UserError
 from hepml_dist.spec import load_job
 from hepml_dist.train.launch import launch
+from hepml_dist.train.signals import EXIT_STATUS, StoppedAtOnce
 
 app = typer.Typer()
 
@@ -35,10 +40,28 @@ def train(
         raise UserError("name a job file (hepml train JOB.yaml), or --resume RUN_DIR")
     else:
         spec = load_job(job, overrides or [])
-    result = launch(spec, address=address, run_dir=run_dir, progress=progress)
+    try:
+        result = launch(spec, address=address, run_dir=run_dir, progress=progress)
+    except StoppedAtOnce as stop:
+        typer.echo(f"stopped at once by a second {stop.signal_name}, not waiting for the final checkpoint; "
+                   f"{how_to_resume(stop.run_dir, address)}")
+        raise typer.Exit(stop.exit_status) from None
     if result.finished:
         typer.echo(f"finished at step {result.step}: {result.run_dir}")
-    elif result.stopped:
-        typer.echo(f"stopped on request at step {result.step} (checkpoint written); run the same command to resume: {result.run_dir}")
+        return
+    if result.stopped or result.stop_signal:
+        cause = f"by {result.stop_signal}" if result.stop_signal else "on request"
+        saved = " (checkpoint written)" if result.stopped else ""
+        typer.echo(f"stopped {cause} at step {result.step}{saved}; {how_to_resume(result.run_dir, address)}")
     else:
         typer.echo(f"ended at step {result.step}: {result.run_dir}")
+    if result.stop_signal:
+        raise typer.Exit(EXIT_STATUS[result.stop_signal])
+
+
+def how_to_resume(run_dir: Path, address: str | None) -> str:
+    """The command that continues a run from its latest checkpoint, with the run's own resolved spec."""
+    if runs.latest_checkpoint(run_dir) is None:
+        return f"{run_dir} holds no checkpoint yet: run the same command again to start over"
+    command = ["hepml", "train", "--resume", str(run_dir), *(["--address", address] if address else [])]
+    return f"to resume: {shlex.join(command)}"

@@ -7,6 +7,7 @@ files into the plain model.pt that `hepml predict`/`export` read. The config is 
 """
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,9 @@ def make_deepspeed_engine(module: nn.Module, spec: JobSpec, device: torch.device
     deepspeed = import_deepspeed()
     if spec.parallel.zero_stage == 3 and zero3_leaf_classes(module):
         deepspeed.utils.set_z3_leaf_modules(module, zero3_leaf_classes(module))
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    # Sets a process group up only where none exists yet (under Ray Train, TorchConfig made it with this timeout).
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               timeout=timedelta(seconds=spec.parallel.collective_timeout_s))
     world = torch.distributed.get_world_size() if is_distributed() else 1
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(module.named_parameters(), spec.optim)]
     engine, _, _, _ = deepspeed.initialize(

@@ -3,13 +3,58 @@
 A no-op (or the identity) without an initialised process group of more than one rank, so the same loop runs in a
 single process. Ray Train sets the process group up (gloo on CPU, NCCL on NVIDIA, RCCL on AMD); torchrun and the
 tests' mp.spawn do the same by hand.
+
+Every collective waits at most `parallel.collective_timeout_s` (the process group's timeout) for the other ranks: a
+rank that stops answering (a stuck file system, a GPU fault, a deadlock) makes the others fail with a
+`CollectiveTimeoutError` naming themselves and the step, from which the driver names the silent rank.
 """
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from hepml_dist.errors import UserError
+
+# What a waiting rank's error says when the process group's timeout expired: gloo's transport ("Timed out waiting
+# 10000ms for recv operation to complete", then "Application timeout caused pair closure" for the next collective),
+# and the NCCL/RCCL watchdog ("Watchdog caught collective operation timeout"), where it reaches Python.
+COLLECTIVE_TIMEOUT_MARKERS = (
+    "Timed out waiting",
+    "Application timeout caused pair closure",
+    "collective operation timeout",
+)
+
+
+class CollectiveTimeoutError(UserError):
+    """This rank waited `timeout_s` in a collective after `step` optimizer steps, and some other rank never joined."""
+
+    def __init__(self, rank: int, step: int, timeout_s: float):
+        super().__init__(rank, step, timeout_s)  # the arguments themselves, so the error pickles to the driver
+        self.rank, self.step, self.timeout_s = rank, step, timeout_s
+
+    def __str__(self) -> str:
+        return (f"rank {self.rank} waited {self.timeout_s:g} s in a collective after step {self.step} and another "
+                "rank never joined it (parallel.collective_timeout_s)")
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    return isinstance(err, CollectiveTimeoutError) or any(m in str(err) for m in COLLECTIVE_TIMEOUT_MARKERS)
+
+
+@contextmanager
+def naming_collective_timeouts(rank: int, timeout_s: float, step: Callable[[], int]) -> Iterator[None]:
+    """Turn a collective that timed out inside the block into a `CollectiveTimeoutError` of this rank, after
+    `step()` optimizer steps (read when it happens)."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, CollectiveTimeoutError) or not is_collective_timeout(err):
+            raise
+        raise CollectiveTimeoutError(rank, step(), timeout_s) from err
 
 
 def is_distributed() -> bool:

@@ -5,12 +5,13 @@ share the driver's working directory), starts or joins Ray, and runs a `TorchTra
 `RunConfig` come from the spec. Checkpoints live in RUN_DIR/checkpoints (written by the workers, atomically);
 every attempt of the worker group, a re-run of the same job, and `--resume` continue from the latest one.
 While it waits, the driver shows a rich progress bar (followed from metrics.jsonl) or, without a terminal, the
-workers' plain log lines; SIGTERM/SIGUSR1 make the workers checkpoint and exit cleanly.
+workers' plain log lines; SIGINT/SIGTERM/SIGUSR1 make the workers checkpoint and exit cleanly (train/signals.py),
+and an embedded Ray is shut down before `launch` returns. A collective that times out (a rank stopped answering)
+fails the run with an error naming the rank(s) that waited and the one(s) that did not answer.
 """
 
 import json
 import os
-import signal
 import sys
 import threading
 import warnings
@@ -32,8 +33,10 @@ from hepml_dist.precision import CPU_FP16_NOTE, require_precision
 from hepml_dist.spec import JobSpec, load_job
 from hepml_dist.spec.parallel import ACCELERATORS, ParallelSpec
 from hepml_dist.track.tracker import run_info
+from hepml_dist.train.distributed import CollectiveTimeoutError, is_collective_timeout
 from hepml_dist.train.loop import train_loop_per_worker
-from hepml_dist.train.session import clear_stop, request_stop
+from hepml_dist.train.session import clear_stop
+from hepml_dist.train.signals import StopOnSignals
 
 RAY_DIR = "ray"  # Ray Train's own bookkeeping inside the run directory
 WORKER_ENV = {
@@ -45,6 +48,8 @@ WORKER_ENV = {
     "COMET_ERROR_TRACKING_ENABLE": "false",
     "PYTHONUNBUFFERED": "1",
 }
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -52,10 +57,13 @@ class TrainResult:
     finished: bool
     stopped: bool
     metrics: dict[str, Any]
+    stop_signal: str | None = None
+    """The signal that asked the run to stop (SIGINT, SIGTERM, SIGUSR1), if one did."""
 
 
 SAFE_TO_CHANGE = ("training.epochs", "training.steps", "training.eval_interval", "training.log_interval",
-                  "training.nan_policy", "checkpoint", "tracking", "cluster", "description", "parallel.cpus_per_worker")
+                  "training.nan_policy", "checkpoint", "tracking", "cluster", "description", "parallel.cpus_per_worker",
+                  "parallel.collective_timeout_s")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -197,8 +205,33 @@ def launch(
         print(f"[hepml] {run_dir}: resuming from step {resume_step}", flush=True)
 
     embedded = start_ray(spec, address)
+    try:
+        stop_signal = _fit(spec, run_dir, embedded, progress, callbacks)
+    finally:  # also after a second Ctrl-C (signals.StoppedAtOnce)
+        if embedded:
+            ray.shutdown()  # stop what we started before saying the run is over (and how to resume it)
+    failure = runs.read_failure(run_dir)
+    if failure:
+        raise UserError(failure)
+    latest = runs.latest_checkpoint(run_dir)
+    state = runs.read_state(latest) if latest else {}
+    # Ray V2 keeps no metrics reported without a checkpoint: the run directory is the record of where the run stands.
+    return TrainResult(run_dir, int(state.get("step", 0)), bool(state.get("finished")), bool(state.get("stopped")),
+                       state.get("metrics", {}), stop_signal)
+
+
+class _Trainer(TorchTrainer):
+    """Ray Train's trainer without its Ctrl-C handler, which aborts the workers before they checkpoint: SIGINT is
+    handled like SIGTERM (`StopOnSignals`)."""
+
+    def _register_sigint_handler(self, controller) -> None:
+        return None
+
+
+def _fit(spec: JobSpec, run_dir: Path, embedded: bool, progress: bool | None, callbacks: list | None) -> str | None:
+    """Run the worker group to its end; returns the signal that stopped it, if one did."""
     interactive = sys.stdout.isatty() if progress is None else progress
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         train_loop_per_worker,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
@@ -207,7 +240,7 @@ def launch(
             "plain_logs": not interactive,
             "info": run_info(spec),
         },
-        torch_config=TorchConfig(timeout_s=1800),
+        torch_config=TorchConfig(timeout_s=spec.parallel.collective_timeout_s),
         scaling_config=scaling_config(spec.parallel),
         run_config=RunConfig(
             name=RAY_DIR,
@@ -220,24 +253,23 @@ def launch(
             callbacks=callbacks,  # e.g. Tune's TuneReportCallback when a `hepml tune` trial runs this
         ),
     )
-    with _stop_on_signals(lambda: request_stop(run_dir)), _follow_progress(spec, run_dir, interactive):
+    with StopOnSignals(run_dir) as signals, _follow_progress(spec, run_dir, interactive):
         try:
             trainer.fit()
+        except KeyboardInterrupt as err:  # a second signal; inside ray.get it arrives as a plain KeyboardInterrupt
+            raise (signals.at_once or err) from None
         except Exception as err:  # noqa: BLE001 - turn worker errors we understand into clear messages
-            raise _explain(err) from None
-    failure = runs.read_failure(run_dir)
-    if failure:
-        raise UserError(failure)
-    latest = runs.latest_checkpoint(run_dir)
-    state = runs.read_state(latest) if latest else {}
-    # Ray V2 keeps no metrics reported without a checkpoint: the run directory is the record of where the run stands.
-    return TrainResult(run_dir, int(state.get("step", 0)), bool(state.get("finished")), bool(state.get("stopped")),
-                       state.get("metrics", {}))
+            raise _explain(err, spec.parallel) from None
+    return signals.first
 
 
-def _explain(err: Exception) -> Exception:
-    """A worker's UserError (bad data, non-finite loss, ...) becomes that message; anything else stays as it is."""
+def _explain(err: Exception, parallel: ParallelSpec) -> Exception:
+    """A collective timeout names the ranks that waited and the ones that did not answer; a worker's UserError (bad
+    data, non-finite loss, ...) becomes that message; anything else stays as it is."""
     failures = getattr(err, "worker_failures", None) or {}
+    timed_out = {rank: f for rank, f in failures.items() if is_collective_timeout(f)}
+    if timed_out:
+        return _collective_timeout(timed_out, parallel)
     for rank, failure in sorted(failures.items()):
         if isinstance(failure, UserError):
             text = str(failure).strip().splitlines()
@@ -245,32 +277,27 @@ def _explain(err: Exception) -> Exception:
     return err
 
 
-class _stop_on_signals:
-    """SIGTERM/SIGUSR1 in the driver -> the workers checkpoint and exit; a second SIGTERM stops at once."""
+def _collective_timeout(timed_out: dict[int, Exception], parallel: ParallelSpec) -> UserError:
+    """The ranks whose collective timed out waited for the others; those that reported nothing (still inside their
+    step when Ray stopped the group) are the likely cause."""
+    waited = sorted(timed_out)
+    silent = [r for r in range(parallel.num_workers) if r not in timed_out]
+    steps = sorted({f.step for f in timed_out.values() if isinstance(f, CollectiveTimeoutError)})
+    where = f" after step {steps[0]}" if steps else ""
+    head = (f"collective timed out{where}: rank(s) {_ranks(waited)} waited {parallel.collective_timeout_s} s "
+            "(parallel.collective_timeout_s) for the others")
+    if not silent:
+        return UserError(f"{head}, and every rank did: the ranks were too slow for the timeout or lost their "
+                         "connection; raise parallel.collective_timeout_s, or check the network between the nodes")
+    return UserError(
+        f"{head}; rank(s) {_ranks(silent)} never joined: likely hung. Check the node of rank {silent[0]} (its worker "
+        "log above: a stuck file system, a GPU fault, a deadlock), or raise parallel.collective_timeout_s if a rank "
+        "legitimately works alone that long (checkpointing, validation metrics, compiling)"
+    )
 
-    def __init__(self, on_signal):
-        self.on_signal = on_signal
-        self.previous: dict[int, Any] = {}
-        self.count = 0
 
-    def _handle(self, signum, frame):
-        self.count += 1
-        if self.count > 1 and signum == signal.SIGTERM:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        print(f"[hepml] received {signal.Signals(signum).name}: asking the workers to checkpoint and stop", flush=True)
-        self.on_signal()
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(str(r) for r in ranks)
 
 
 class _follow_progress:
