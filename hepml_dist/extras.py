@@ -3,6 +3,7 @@ metrics.jsonl and TensorBoard; the extras add the rest. `require` imports one of
 it is missing says which extra to install instead of a bare ModuleNotFoundError."""
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from hepml_dist.errors import UserError

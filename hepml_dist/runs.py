@@ -6,6 +6,7 @@ tokenizing and generation read runs without importing the training engine.
     RUN_DIR/                           <cluster.storage_path or ./runs>/<job name>
       spec.yaml                        the resolved job spec
       metrics.jsonl, comet/            what rank 0 logged (hepml_dist.track)
+      tensorboard/, running.json       TensorBoard event files; the mark of a run in progress (hepml_dist.track)
       error.json                       a deterministic training failure for the driver to report (then removed)
       checkpoints/step-00001234/       one complete checkpoint per folder (see write_checkpoint_files)
         spec.yaml, model.pt, state.json, training.pt (DDP) or deepspeed/ (every rank's shards)
@@ -13,12 +14,14 @@ tokenizing and generation read runs without importing the training engine.
       checkpoints/best.json            {"checkpoint": "step-...", "metric": ..., "value": ..., "mode": ...}
 
 A folder named `step-*` is always whole: it is assembled under a hidden temporary name and renamed once complete.
-Weights are read with `torch.load(weights_only=True)` only.
+Weights are read with `torch.load(weights_only=True)` only. The readers of the small files (checkpoint listing,
+state.json, best.json, the failure file) live in `hepml_dist.run_files`, which needs no torch; they are used from here.
 """
 
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -31,11 +34,19 @@ from torch import nn
 from hepml_dist import files
 from hepml_dist.errors import UserError
 from hepml_dist.models import build_model
+from hepml_dist.run_files import (  # noqa: F401 - the readers live there (no torch); callers use them from here
+    BEST,
+    CHECKPOINTS,
+    FAILURE,
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    read_best,
+    read_failure,
+    read_state,
+)
 from hepml_dist.spec import JobSpec, SpecError, dump_spec, load_job
 
-CHECKPOINTS = "checkpoints"
-BEST = "best.json"
-FAILURE = "error.json"
 DEEPSPEED_TAG = "deepspeed"  # the sub-folder of a checkpoint that holds DeepSpeed's per-rank shard files
 
 
@@ -92,10 +103,6 @@ def write_run_spec(run_dir: Path, spec: JobSpec) -> None:
 # Checkpoint folders
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
 def checkpoint_folder(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
 
@@ -138,34 +145,12 @@ def write_model_checkpoint(folder: Path, spec: JobSpec, model: nn.Module, state:
     return folder
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first (temp folders of interrupted writes are ignored)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "model.pt").is_file() and (p / "state.json").is_file())
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
 def remove_stale_temp_folders(run_dir: Path) -> None:
     """Leftovers of checkpoints whose writing was interrupted (a crash or a kill mid-save)."""
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
         for tmp in root.glob(".step-*"):
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-
-
-def read_state(folder: Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "state.json").read_text())
-
-
-def read_best(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / CHECKPOINTS / BEST
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def update_best(run_dir: Path, name: str, metrics: dict[str, float], metric: str | None, mode: str) -> bool:
@@ -207,7 +192,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"{path}: no such run directory or checkpoint")
     best = path / CHECKPOINTS / BEST
     if best.is_file():
-        chosen = path / CHECKPOINTS / json.loads(best.read_text())["checkpoint"]
+        chosen = path / CHECKPOINTS / _best_checkpoint_name(best)
         if (chosen / "model.pt").is_file():
             return chosen
     found = list_checkpoints(path)
@@ -216,9 +201,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def _best_checkpoint_name(best: Path) -> str:
+    try:
+        name = json.loads(best.read_text())["checkpoint"]
+    except (ValueError, KeyError, TypeError) as err:  # hand-edited: JSONDecodeError/UnicodeDecodeError are ValueErrors
+        raise UserError(f"{best}: unreadable ({type(err).__name__}: {err}); fix it, or delete it to use the latest "
+                        "checkpoint") from None
+    if not isinstance(name, str) or Path(name).name != name:
+        raise UserError(f"{best}: checkpoint {name!r} is not a folder name in {best.parent}; fix it, or delete it "
+                        "to use the latest checkpoint")
+    return name
+
+
+def _load_weights(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        # only the type: torch's own text for these suggests weights_only=False, which must not be followed here
+        raise UserError(f"{file}: not a readable model checkpoint ({type(err).__name__}); the file is truncated or "
+                        "corrupt: use another checkpoint folder of the run") from None
+
+
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     folder = resolve_checkpoint(path)
-    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    return _load_weights(folder / "model.pt")
 
 
 def load_trained(path: str | Path) -> tuple[JobSpec, nn.Module]:
@@ -229,7 +235,7 @@ def load_trained(path: str | Path) -> tuple[JobSpec, nn.Module]:
     except SpecError as err:
         raise UserError(f"{folder}/spec.yaml is not a valid job spec:\n{err}") from None
     model = build_model(spec)
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    state = _load_weights(folder / "model.pt")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(
@@ -247,11 +253,6 @@ def load_trained(path: str | Path) -> tuple[JobSpec, nn.Module]:
 def record_failure(run_dir: Path, message: str) -> None:
     """A deterministic training error (e.g. a non-finite loss) for the driver to report; cleared at the next start."""
     files.write_json(Path(run_dir) / FAILURE, {"error": message})
-
-
-def read_failure(run_dir: Path) -> str | None:
-    path = Path(run_dir) / FAILURE
-    return json.loads(path.read_text())["error"] if path.is_file() else None
 
 
 def clear_failure(run_dir: Path) -> None:

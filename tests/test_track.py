@@ -7,8 +7,7 @@ import zipfile
 import pytest
 
 from hepml_dist.spec import load_job
-from hepml_dist.track import NullTracker, make_tracker
-from hepml_dist.track.tracker import read_metrics
+from hepml_dist.track.tracker import NullTracker, make_tracker, read_metrics
 
 
 @pytest.fixture

@@ -72,6 +72,22 @@ def test_offline_comet_archive_holds_the_metrics(reference_run):
     assert "git_commit" in messages
 
 
+def test_tensorboard_events_follow_metrics_jsonl_and_the_run_is_listed_finished(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hepml_dist.track.summary import summarize
+
+    run_dir = reference_run.run_dir
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    for metric, tag in (("train_loss", "train/train_loss"), ("val_is_signal_auc", "val/val_is_signal_auc")):
+        logged = [(r["step"], r[metric]) for r in read_metrics(run_dir) if metric in r]
+        assert [(e.step, e.value) for e in accumulator.Scalars(tag)] == [(s, pytest.approx(v)) for s, v in logged]
+    row = summarize(run_dir)
+    assert (row.state, row.step, row.total_steps, row.best_metric) == ("finished", 24, 24, "val_is_signal_auc")
+    assert not (run_dir / "running.json").exists()
+
+
 def test_evaluate_writes_metrics_and_plots(reference_run):
     from hepml_dist.evaluate.runner import evaluate_run
 

@@ -10,14 +10,14 @@ Inputs, all written by the engine: RUN_DIR/spec.yaml, metrics.jsonl, metrics.jso
 evaluated checkpoint, params.json. The per-jet predictions of the transformer are RUN_DIR/predictions-<split>.npz
 (`save_predictions`); if `hepml evaluate` did not leave them, they are computed here once from the evaluated
 checkpoint with the engine's Collector, exactly as `hepml evaluate` does, and kept. The baseline's predictions are
-cached in RUN_DIR/baseline/. The page embeds every image (base64 PNG) and needs nothing else.
+cached in RUN_DIR/baseline/. The page embeds every image (base64 PNG) and needs nothing else; the figures also go
+to the run's results tracker (`report/<name>` in TensorBoard, Comet and plots/report/), unless `--no-track`.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from sklearn.metrics import roc_auc_score
 from hepml_dist import files, runs
 from hepml_dist.errors import UserError
 from hepml_dist.evaluate import baseline as bl
+from hepml_dist.evaluate import mlpf_report
 from hepml_dist.evaluate import report_figures as rf
 from hepml_dist.evaluate.metrics import (
     accuracy,
@@ -49,7 +50,15 @@ from hepml_dist.evaluate.report_facts import (
     save_predictions,
 )
 from hepml_dist.evaluate.report_html import Section, render_page
+from hepml_dist.evaluate.report_search import (
+    check_search_inputs,
+    event_baseline_applies,
+    event_baseline_predictions,
+    search_sections,
+)
 from hepml_dist.evaluate.runner import split_payload
+from hepml_dist.track.images import figure_png
+from hepml_dist.track.tracker import NullTracker, Tracker, make_results_tracker
 
 WORKING_POINTS = (0.5, 0.7)
 """Signal efficiencies at which the report quotes background rejection."""
@@ -79,7 +88,9 @@ def transformer_predictions(run: Run) -> dict[str, Any]:
 
 
 def baseline_applies(spec) -> bool:
-    return spec.data.train is not None and any(t.name in bl.TAU_TASKS for t in spec.tasks)
+    """The tau baseline is for tau jobs only; MLPF has its own (the rule-based PF in its section)."""
+    return (spec.data.train is not None and spec.model.family != "mlpf"
+            and any(t.name in bl.TAU_TASKS for t in spec.tasks))
 
 
 def baseline_predictions(run: Run, max_train_jets: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -131,7 +142,7 @@ def percent(value: float, low: float, high: float) -> str:
 def pt_response(spec_task, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(pT, predicted/true, reco-jet/true) for the `log_pt_ratio` target of a regression task, if it has one."""
     targets = list(spec_task.targets or [])
-    if "log_pt_ratio" not in targets:
+    if "log_pt_ratio" not in targets or "pt" not in arrays:  # MLPF's per-element targets carry no jet pT
         return None
     pred, true = arrays["pred"], arrays["true"]
     i = targets.index("log_pt_ratio") if pred.shape[1] == len(targets) else 0
@@ -147,12 +158,18 @@ def pt_response(spec_task, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, n
 # Page assembly
 
 
-def _png(figure) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return base64.b64encode(buffer.getvalue()).decode()
+class Figures:
+    """The page's figures: each is drawn once, embedded as a base64 PNG and logged as `report/<name>` at the
+    evaluated step to the run's results tracker (plots/report/*.png, TensorBoard's Images tab, Comet)."""
 
+    def __init__(self, tracker: Tracker, step: int):
+        self.tracker, self.step = tracker, step
+
+    def png(self, figure, name: str) -> str:
+        png = figure_png(figure, dpi=110)
+        plt.close(figure)
+        self.tracker.log_image(f"report/{name}", png, step=self.step)
+        return base64.b64encode(png).decode()
 
 
 def _sample_label(spec) -> str:
@@ -161,10 +178,25 @@ def _sample_label(spec) -> str:
 
 
 def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_baseline: bool = True,
-                 max_train_jets: int | None = None, log=print) -> Path:
-    """Write the HTML report of a run; returns its path (RUN_DIR/report.html unless `out`)."""
+                 max_train_jets: int | None = None, log=print, track: bool = True) -> Path:
+    """Write the HTML report of a run; returns its path (RUN_DIR/report.html unless `out`). With `track`, its
+    figures also go to the run's results tracker (`Figures`)."""
     started = time.perf_counter()
     run = load_run(run_dir)
+    check_search_inputs(run)  # an event classifier's data must carry xsec weights: say so before any work
+    if run.spec.model.family == "mlpf":  # the jet/MET evaluation's columns: checked before any work
+        mlpf_report.require_data(run)
+    tracker = make_results_tracker(run.spec, run.path, run.split) if track else NullTracker()
+    try:
+        page = _page(run, Figures(tracker, int(run.state.get("step", 0))), with_baseline, max_train_jets, log, started)
+    finally:
+        tracker.close()
+    target = Path(out) if out else run.path / REPORT_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return files.write_text(target, page)
+
+
+def _page(run: Run, figures: Figures, with_baseline: bool, max_train_jets: int | None, log, started: float) -> str:
     spec = run.spec
     tasks = {t.name: t for t in spec.tasks}
     log(f"reading predictions of {run.checkpoint.name} on the {run.split} split")
@@ -173,6 +205,10 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_bas
     if with_baseline and baseline_applies(spec):
         log("baseline: gradient-boosted trees on jet-level quantities (fitted once per run, then cached)")
         models["baseline"], baseline_meta = baseline_predictions(run, max_train_jets)
+    event_baseline_meta: dict[str, Any] = {}  # the event classifier's baseline is described in its own section
+    if with_baseline and event_baseline_applies(spec):
+        log("baseline: gradient-boosted trees on event features and leading objects (fitted once per run, then cached)")
+        models["baseline"], event_baseline_meta = event_baseline_predictions(run, max_train_jets)
     for name, payload in models.items():
         _drop_non_finite(name, payload, run.notes)
     _note_weights(models, run.notes)
@@ -187,23 +223,23 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_bas
         if not present:
             continue
         if task.kind == "regression":
-            sections += _regression_section(task, present, headline, sample, pt_label)
+            sections += _regression_section(task, present, headline, sample, pt_label, figures)
         elif task.kind == "binary" and task.only_where is None:
-            sections.append(_tagging_section(task, present, headline, sample))
+            sections.append(_tagging_section(task, present, headline, sample, figures))
         elif task.kind == "binary":
-            sections.append(_property_section(task, present, headline, sample, pt_label))
+            sections.append(_property_section(task, present, headline, sample, pt_label, figures))
         else:
-            sections.append(_multiclass_section(task, present, headline, sample))
-    curves = Section("Training", "training", images=[(_png(rf.training_figure(run.records, sample)),
+            sections.append(_multiclass_section(task, present, headline, sample, figures))
+    curves = Section("Training", "training", images=[(figures.png(rf.training_figure(run.records, sample), "training"),
                      "Training loss per task and in total (averaged over each log window), validation loss and "
                      "scores at every evaluation, and the learning rate, against the optimizer step.")])
+    sections += search_sections(run, models, headline, figures, sample, event_baseline_meta)
+    if spec.model.family == "mlpf":
+        sections += mlpf_report.mlpf_sections(run, figures)
     sections.insert(0, curves)
 
     facts = run_facts(run, parameter_count(run))
-    page = render_page(run, facts, headline, sections, list(models), baseline_meta, time.perf_counter() - started)
-    target = Path(out) if out else run.path / REPORT_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return files.write_text(target, page)
+    return render_page(run, facts, headline, sections, list(models), baseline_meta, time.perf_counter() - started)
 
 
 def _drop_non_finite(model: str, payload: dict[str, Any], notes: list[str]) -> None:
@@ -228,7 +264,7 @@ def _note_weights(models: dict[str, dict[str, Any]], notes: list[str]) -> None:
                      f"those of {', '.join(sorted(set(models) - weighted))} are not (their predictions carry no weights)")
 
 
-def _tagging_section(task, present, headline, sample) -> Section:
+def _tagging_section(task, present, headline, sample, figures: Figures) -> Section:
     classes = list(task.classes or ["background", "signal"])
     curves = {m: (a["label"].astype(int), log_ratio(log_probabilities(a)), a.get("weight")) for m, a in present.items()}
     headline.append((f"{task.name}: AUC", {m: f"{roc_auc_score(l, s, sample_weight=w):.5f}"
@@ -251,13 +287,13 @@ def _tagging_section(task, present, headline, sample) -> Section:
         text += " " + _shared_background(curves, classes[0])
     spread = rf.discriminant_figure(curves, signal=classes[1], background=classes[0], sample=sample)
     return Section(f"{task.name}: {classes[1]} vs {classes[0]} ROC", task.name, text,
-                   [(_png(figure), "Background rejection against signal efficiency; markers at the working points; "
+                   [(figures.png(figure, f"{task.name}_roc"), "Background rejection against signal efficiency; markers at the working points; "
                                    "lower panel: ratio to the baseline. Dotted: a single background jet passing."),
-                    (_png(spread), "The discriminant of each model for signal and background jets of the test "
+                    (figures.png(spread, f"{task.name}_discriminant"), "The discriminant of each model for signal and background jets of the test "
                                    "split (log scale; the tails decide the rejection at high purity).")])
 
 
-def _property_section(task, present, headline, sample, pt_label) -> Section:
+def _property_section(task, present, headline, sample, pt_label, figures: Figures) -> Section:
     """A binary property of a subset (tau charge): accuracy and the misidentification rate vs pT."""
     series = {}
     values = {}
@@ -267,10 +303,11 @@ def _property_section(task, present, headline, sample, pt_label) -> Section:
     headline.append((f"{task.name}: accuracy", values))
     figure = rf.rate_figure(series, f"{task.name} misidentification [%]", pt_label=pt_label, sample=sample)
     text = f"{task.name} on the jets where {task.only_where} = 1 ({len(next(iter(series.values()))[0]):,} test jets)."
-    return Section(f"{task.name}: accuracy", task.name, text, [(_png(figure), f"Wrong {task.name} assignments in bins of pT.")])
+    return Section(f"{task.name}: accuracy", task.name, text, [(figures.png(figure, f"{task.name}_misid"),
+                                                                     f"Wrong {task.name} assignments in bins of pT.")])
 
 
-def _multiclass_section(task, present, headline, sample) -> Section:
+def _multiclass_section(task, present, headline, sample, figures: Figures) -> Section:
     values, matrices = {}, {}
     for m, a in present.items():
         values[m] = percent(*accuracy(log_probabilities(a), a["label"].astype(int), a.get("weight")))
@@ -282,10 +319,10 @@ def _multiclass_section(task, present, headline, sample) -> Section:
     text = f"{task.name}: arg-max of the predicted class probabilities, {n:,} test jets" + (
         f" (those with {task.only_where} = 1)." if task.only_where else ".")
     return Section(f"{task.name}: confusion matrix", task.name, text,
-                   [(_png(figure), "Each row (true class) sums to 100 %.")])
+                   [(figures.png(figure, f"{task.name}_confusion"), "Each row (true class) sums to 100 %.")])
 
 
-def _regression_section(task, present, headline, sample, pt_label) -> list[Section]:
+def _regression_section(task, present, headline, sample, pt_label, figures: Figures) -> list[Section]:
     series, weights = {}, {}
     for m, a in present.items():
         found = pt_response(task, a)
@@ -314,5 +351,5 @@ def _regression_section(task, present, headline, sample, pt_label) -> list[Secti
             "interquartile range / median; the summary's numbers are weighted by the example weights where the data carry "
             "them. Error bars: bootstrap.")
     return [Section(f"{task.name}: pT response and resolution", task.name, text,
-                    [(_png(figure), "Median response (top) and resolution (bottom) in bins of the generated pT, "
+                    [(figures.png(figure, f"{task.name}_response"), "Median response (top) and resolution (bottom) in bins of the generated pT, "
                                    "from the 2nd percentile of the pT distribution upward.")])]

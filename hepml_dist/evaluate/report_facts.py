@@ -19,7 +19,7 @@ import torch
 from hepml_dist import files, runs
 from hepml_dist.data.manifest import read_manifest
 from hepml_dist.errors import UserError
-from hepml_dist.track.tracker import read_metrics
+from hepml_dist.track.records import read_metrics, training_records
 
 PREDICTIONS = "predictions-{split}.npz"
 
@@ -58,7 +58,7 @@ class Run:
     path: Path
     spec: Any
     evaluation: dict[str, Any]
-    records: list[dict[str, Any]]
+    records: list[dict[str, Any]]  # the training records of metrics.jsonl (those of `hepml evaluate` left out)
     params: dict[str, Any]
     state: dict[str, Any]
     checkpoint: Path
@@ -93,7 +93,7 @@ def load_run(run_dir: str | Path) -> Run:
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     params_file = path / "params.json"
     params = json.loads(params_file.read_text()) if params_file.is_file() else {}
-    return Run(path, spec, evaluation, read_metrics(path), params, state, checkpoint, split,
+    return Run(path, spec, evaluation, training_records(read_metrics(path)), params, state, checkpoint, split,
                launched=spec_file.stat().st_mtime)
 
 

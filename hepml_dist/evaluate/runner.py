@@ -1,4 +1,5 @@
-"""`hepml evaluate RUN_DIR`: the trained model on a split -> RUN_DIR/metrics.json and RUN_DIR/plots/*.png."""
+"""`hepml evaluate RUN_DIR`: the trained model on a split -> RUN_DIR/metrics.json, and its metrics and plots through
+the run's results tracker: a record in metrics.jsonl, plots/*.png, TensorBoard, the run's Comet experiment."""
 
 import json
 from pathlib import Path
@@ -10,11 +11,14 @@ import torch
 from hepml_dist import files, runs
 from hepml_dist.data.loader import open_stream
 from hepml_dist.errors import UserError
+from hepml_dist.evaluate import mlpf as mlpf_eval
 from hepml_dist.evaluate.loop import evaluate_batches
 from hepml_dist.evaluate.metrics import compute_metrics, confusion
 from hepml_dist.evaluate.plots import make_plots
+from hepml_dist.evaluate.significance import search_metrics
 from hepml_dist.spec import JobSpec
-from hepml_dist.track.tracker import read_metrics
+from hepml_dist.track.records import read_metrics, training_records
+from hepml_dist.track.tracker import make_results_tracker
 
 CPU = torch.device("cpu")
 
@@ -43,17 +47,32 @@ def evaluate_run(path: str | Path, split: str = "test", max_batches: int | None 
         "checkpoint": str(folder),
         "split": split,
         "examples": {t: payload["count"][t] for t in payload["count"]},
-        "metrics": compute_metrics(spec, payload, prefix=split),
+        "metrics": {**compute_metrics(spec, payload, prefix=split), **search_metrics(spec, payload, split)},
         "confusion_matrices": {
             t.name: confusion(payload["arrays"][t.name]["scores"], payload["arrays"][t.name]["label"]).tolist()
             for t in spec.tasks
             if t.kind != "regression" and "scores" in payload["arrays"][t.name]
         },
     }
+    if spec.model.family == "mlpf":  # jet and MET response of MLPF and of the rule-based baseline
+        report["mlpf"] = mlpf_eval.evaluate_mlpf_run(folder, split, max_batches, run_dir / "plots")
+        report["metrics"].update(mlpf_eval.summary_metrics(report["mlpf"], split))
     files.write_text(run_dir / "metrics.json", json.dumps(report, indent=1))
-    plots = run_dir / "plots"
-    plots.mkdir(exist_ok=True)
-    for name, figure in make_plots(spec, payload, read_metrics(run_dir)).items():
-        figure.savefig(plots / f"{name}.png", dpi=120, bbox_inches="tight")
-        plt.close(figure)
+    state = runs.read_state(folder)
+    figures = make_plots(spec, payload, training_records(read_metrics(run_dir)))
+    tracker = make_results_tracker(spec, run_dir, split)
+    try:
+        tracker.log_metrics(tracked_names(report["metrics"], split), step=state.get("step", 0), epoch=state.get("epoch"))
+        for name, figure in figures.items():
+            tracker.log_figure(name, figure, step=state.get("step", 0))
+    finally:
+        tracker.close()
+        for figure in figures.values():
+            plt.close(figure)
     return report
+
+
+def tracked_names(metrics: dict[str, float], split: str) -> dict[str, float]:
+    """Metrics as the trackers get them: test metrics by their own names; those of the train and val splits as
+    `eval_<name>`, apart from the `train_*` and `val_*` metrics the training loop logs (on part of the split)."""
+    return metrics if split == "test" else {f"eval_{name}": value for name, value in metrics.items()}

@@ -32,6 +32,9 @@ class TrackingSpec(Section):
     A local metrics.jsonl is always written."""
     tags: list[str] = Field(default_factory=list)
     """Tags attached to the experiment."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to RUN_DIR/tensorboard/ (scalars, `hepml evaluate`/`report` figures, the spec),
+    so `tensorboard --logdir runs` shows every run; independent of `mode`."""
 
 
 class SlurmSpec(Section):

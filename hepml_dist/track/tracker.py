@@ -1,11 +1,17 @@
-"""Trackers: where rank 0 sends parameters, metrics and figures.
+"""Trackers: where rank 0 sends parameters, metrics and figures, and `hepml evaluate` / `hepml report` their results.
 
-`LocalTracker` writes RUN_DIR/metrics.jsonl (always), `CometTracker` writes to Comet: online when COMET_API_KEY is
-set in the environment, otherwise an offline archive under RUN_DIR/comet/. Comet's environment probes (cloud
-metadata, host IP, git patch, code upload) are switched off, so an offline run sends nothing anywhere. The API key is
-read by comet_ml from the environment; this module never passes, logs or writes it.
+`LocalTracker` writes RUN_DIR/metrics.jsonl and plots/ (always), `TensorBoardTracker` RUN_DIR/tensorboard/
+(tracking.tensorboard, on by default), `CometTracker` writes to Comet: online when COMET_API_KEY is set in the
+environment, otherwise an offline archive under RUN_DIR/comet/. The experiment key is kept in
+RUN_DIR/comet/experiment.json, so a resumed run and the evaluation of a run continue the same experiment (online:
+`ExistingExperiment`; offline: an extra archive that `comet upload` appends to it). `RunningMark` keeps
+RUN_DIR/running.json while training logs (`hepml runs` tells running from interrupted runs by it).
+Comet's environment probes (cloud metadata, host IP, git patch, code upload) are switched off, so an offline run
+sends nothing anywhere. The API key is read by comet_ml from the environment; this module never passes, logs or
+writes it.
 """
 
+import io
 import json
 import os
 import platform
@@ -17,9 +23,15 @@ from typing import Any, Protocol
 import ray
 import torch
 
+from hepml_dist import files
+from hepml_dist.errors import UserError
+from hepml_dist.extras import install_hint, is_installed, require
 from hepml_dist.spec import JobSpec
+from hepml_dist.track.records import EVALUATION_KEY, METRICS_FILE, RUNNING_FILE
+from hepml_dist.track.records import read_metrics  # noqa: F401 - long read from here; it lives where torch is not needed
+from hepml_dist.track.images import FigureAsImage
+from hepml_dist.track.tensorboard import TensorBoardTracker
 
-METRICS_FILE = "metrics.jsonl"
 COMET_DIR = "comet"
 COMET_KEY_FILE = "experiment.json"  # the experiment key (not a secret), to continue the experiment on resume
 
@@ -51,13 +63,16 @@ COMET_QUIET_ARGS: dict[str, Any] = dict(
 
 
 class Tracker(Protocol):
-    """What the training loop and `hepml evaluate` log to."""
+    """What the training loop, `hepml evaluate` and `hepml report` log to. A figure (matplotlib) is drawn once and
+    stored as a PNG image by each tracker (images.py); `log_image` takes an image drawn already."""
 
     def log_params(self, params: dict[str, Any]) -> None: ...
 
     def log_metrics(self, metrics: dict[str, float], step: int, epoch: int | None = None) -> None: ...
 
     def log_figure(self, name: str, figure: Any, step: int | None = None) -> None: ...
+
+    def log_image(self, name: str, png: bytes, step: int | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -74,29 +89,19 @@ class NullTracker:
     def log_figure(self, name: str, figure: Any, step: int | None = None) -> None:
         pass
 
+    def log_image(self, name: str, png: bytes, step: int | None = None) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of RUN_DIR/metrics.jsonl (a torn last line from a crash is ignored)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+class LocalTracker(FigureAsImage):
+    """RUN_DIR/metrics.jsonl (one JSON object per log call, plus `fields` in each), params.json and plots/*.png."""
 
-
-class LocalTracker:
-    """RUN_DIR/metrics.jsonl (one JSON object per log call), params.json and plots/*.png."""
-
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None):
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None, fields: dict[str, Any] | None = None):
         self.run_dir = Path(run_dir)
+        self.fields = fields or {}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / METRICS_FILE
         if resume_step is not None and path.is_file():
@@ -114,19 +119,35 @@ class LocalTracker:
         os.replace(tmp, path)
 
     def log_metrics(self, metrics: dict[str, float], step: int, epoch: int | None = None) -> None:
-        record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), **metrics}
+        record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), **self.fields, **metrics}
         self._file.write(json.dumps(record, default=float) + "\n")
 
-    def log_figure(self, name: str, figure: Any, step: int | None = None) -> None:
-        plots = self.run_dir / "plots"
-        plots.mkdir(exist_ok=True)
-        figure.savefig(plots / f"{name}.png", dpi=120, bbox_inches="tight")
+    def log_image(self, name: str, png: bytes, step: int | None = None) -> None:
+        path = self.run_dir / "plots" / f"{name}.png"  # a name `report/roc` goes to plots/report/roc.png
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with files.replacing(path) as tmp:
+            tmp.write_bytes(png)
 
     def close(self) -> None:
         self._file.close()
 
 
-class CometTracker:
+class RunningMark(NullTracker):
+    """RUN_DIR/running.json while a training process logs to the run: written at the start, touched at every log
+    call, removed at close (a killed process leaves it, with its pid and an old mtime: see records.py)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / RUNNING_FILE
+        files.write_json(self.path, {"host": platform.node(), "pid": os.getpid(), "since": round(time.time(), 3)})
+
+    def log_metrics(self, metrics: dict[str, float], step: int, epoch: int | None = None) -> None:
+        self.path.touch()
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class CometTracker(FigureAsImage):
     """One Comet experiment per run; on resume the online experiment is continued through its saved key."""
 
     def __init__(self, experiment: Any, online: bool):
@@ -136,32 +157,31 @@ class CometTracker:
     def create(cls, spec: JobSpec, run_dir: str | Path) -> "CometTracker":
         for key, value in COMET_QUIET_ENV.items():
             os.environ.setdefault(key, value)
-        import comet_ml  # ~1 s to import, and runs with tracking.mode disabled never need it
-
+        comet_ml = require("comet_ml")  # the `comet` extra; ~1 s to import, and disabled tracking never needs it
         folder = Path(run_dir) / COMET_DIR
         folder.mkdir(parents=True, exist_ok=True)
         key_file = folder / COMET_KEY_FILE
+        previous = json.loads(key_file.read_text())["key"] if key_file.is_file() else None
+        names = dict(project_name=spec.tracking.project, workspace=spec.tracking.workspace)
         online = spec.tracking.mode == "online" and bool(os.environ.get("COMET_API_KEY"))
         experiment = None
         if online:
             try:
-                previous = json.loads(key_file.read_text())["key"] if key_file.is_file() else None
-                names = dict(project_name=spec.tracking.project, workspace=spec.tracking.workspace)
                 if previous:
                     experiment = comet_ml.ExistingExperiment(previous_experiment=previous, **names, **COMET_QUIET_ARGS)
                 else:
                     experiment = comet_ml.Experiment(**names, **COMET_QUIET_ARGS)
-                key_file.write_text(json.dumps({"key": experiment.get_key(), "online": True}))
             except Exception as err:  # no network or a bad key: keep the run going with an archive
                 print(f"[hepml] Comet online failed ({type(err).__name__}: {err}); writing an offline archive instead")
                 online, experiment = False, None
         if experiment is None:
-            experiment = comet_ml.OfflineExperiment(
-                project_name=spec.tracking.project,
-                workspace=spec.tracking.workspace,
-                offline_directory=str(folder),
-                **COMET_QUIET_ARGS,
-            )
+            offline = dict(offline_directory=str(folder), **names, **COMET_QUIET_ARGS)
+            # An experiment that exists (online, or in an earlier archive) is continued: `comet upload` of this
+            # archive, after the first one, appends to it.
+            experiment = (comet_ml.ExistingOfflineExperiment(previous_experiment=previous, **offline) if previous
+                          else comet_ml.OfflineExperiment(**offline))
+        if not previous:
+            files.write_json(key_file, {"key": experiment.get_key(), "online": online})
         experiment.set_name(spec.name)
         if spec.tracking.tags:
             experiment.add_tags(list(spec.tracking.tags))
@@ -173,14 +193,14 @@ class CometTracker:
     def log_metrics(self, metrics: dict[str, float], step: int, epoch: int | None = None) -> None:
         self.experiment.log_metrics(metrics, step=step, epoch=epoch)
 
-    def log_figure(self, name: str, figure: Any, step: int | None = None) -> None:
-        self.experiment.log_figure(figure_name=name, figure=figure, step=step)
+    def log_image(self, name: str, png: bytes, step: int | None = None) -> None:
+        self.experiment.log_image(io.BytesIO(png), name=name, step=step)  # Comet's Graphics tab
 
     def close(self) -> None:
         self.experiment.end()
 
 
-class MultiTracker:
+class MultiTracker(FigureAsImage):
     """Fans every call out to several trackers."""
 
     def __init__(self, trackers: list[Tracker]):
@@ -194,9 +214,9 @@ class MultiTracker:
         for t in self.trackers:
             t.log_metrics(metrics, step, epoch)
 
-    def log_figure(self, name: str, figure: Any, step: int | None = None) -> None:
+    def log_image(self, name: str, png: bytes, step: int | None = None) -> None:
         for t in self.trackers:
-            t.log_figure(name, figure, step)
+            t.log_image(name, png, step)
 
     def close(self) -> None:
         for t in self.trackers:
@@ -245,13 +265,43 @@ def make_tracker(
     resume_step: int | None = None,
     info: dict[str, Any] | None = None,
 ) -> Tracker:
-    """The tracker of this process: nothing on ranks > 0; metrics.jsonl plus Comet (unless disabled) on rank 0.
-    Logs the resolved spec and `info` (git commit, container image, ...) as parameters."""
+    """The tracker of a training process: nothing on ranks > 0; on rank 0 metrics.jsonl, the running mark,
+    TensorBoard (unless tracking.tensorboard is off) and Comet (unless disabled). Logs the resolved spec and `info`
+    (git commit, container image, ...) as parameters."""
     if rank != 0:
         return NullTracker()
-    trackers: list[Tracker] = [LocalTracker(run_dir, resume_step)]
-    if spec.tracking.mode != "disabled":
-        trackers.append(CometTracker.create(spec, run_dir))
-    tracker = MultiTracker(trackers)
+    trackers: list[Tracker] = [LocalTracker(run_dir, resume_step), RunningMark(run_dir)]
+    tracker = MultiTracker(trackers + dashboards(spec, run_dir, resume_step))
     tracker.log_params({"spec": spec.model_dump(mode="json"), **(info or {})})
     return tracker
+
+
+def make_results_tracker(spec: JobSpec, run_dir: str | Path, split: str) -> Tracker:
+    """What `hepml evaluate` and `hepml report` log a run's results to: records in its metrics.jsonl marked with
+    the evaluated split, figures in its plots/, its TensorBoard folder and its Comet experiment (continued)."""
+    local = LocalTracker(run_dir, fields={EVALUATION_KEY: split})
+    return MultiTracker([local, *dashboards(spec, run_dir)])
+
+
+def dashboards(spec: JobSpec, run_dir: str | Path, resume_step: int | None = None) -> list[Tracker]:
+    """TensorBoard and Comet, as the job's tracking section asks."""
+    found: list[Tracker] = []
+    if spec.tracking.tensorboard:
+        watched = ("val_loss", *([spec.checkpoint.keep_best_by] if spec.checkpoint.keep_best_by else []))
+        found.append(TensorBoardTracker(run_dir, resume_step, hparam_metrics=tuple(dict.fromkeys(watched))))
+    if spec.tracking.mode != "disabled" and comet_wanted(spec):
+        found.append(CometTracker.create(spec, run_dir))
+    return found
+
+
+def comet_wanted(spec: JobSpec) -> bool:
+    """Whether to track to Comet: yes when comet_ml is installed. Without it (the `comet` extra) a job that only
+    inherits the default mode tracks locally and says so; one that can upload (online, COMET_API_KEY set) stops."""
+    if is_installed("comet_ml"):
+        return True
+    if spec.tracking.mode == "online" and os.environ.get("COMET_API_KEY"):
+        raise UserError(f"tracking.mode online with COMET_API_KEY set: {install_hint('comet_ml')}; or "
+                        "--set tracking.mode=disabled")
+    print(f"[hepml] Comet not installed: tracking to metrics.jsonl and TensorBoard only ({install_hint('comet_ml')})",
+          flush=True)
+    return False

@@ -3,7 +3,8 @@
 model (registry) -> pretrained weights -> frozen modules -> data streams -> resume point -> engine (DDP, PCGrad or
 DeepSpeed) -> for each optimizer step: `train_step` (micro-batches, one all-reduce of the step flags each, the
 optimizer step), then what the `Cadence` says is due: a log line, validation on all ranks, a checkpoint, one
-report to Ray. A stop request (SIGTERM/SIGUSR1, or the driver's stop file) checkpoints and returns.
+report to Ray. A stop request (SIGTERM/SIGUSR1, or the driver's stop file) checkpoints and returns; a collective
+that times out (another rank stopped answering) fails with a `CollectiveTimeoutError` naming this rank and step.
 """
 
 import warnings
@@ -21,10 +22,10 @@ from hepml_dist.errors import UserError
 from hepml_dist.evaluate.loop import evaluate_batches
 from hepml_dist.models import build_model, get_family
 from hepml_dist.spec import JobSpec, parse_spec
-from hepml_dist.track import make_tracker
-from hepml_dist.track.tracker import Tracker
+from hepml_dist.track.tracker import Tracker, make_tracker
 from hepml_dist.train.cadence import Cadence
 from hepml_dist.train.checkpoint import ResumePoint, save_checkpoint
+from hepml_dist.train.distributed import naming_collective_timeouts
 from hepml_dist.train.engine import Engine, make_engine
 from hepml_dist.train.finetune import freeze, load_pretrained, phase_at, restrict_to
 from hepml_dist.train.session import StopRequest, WorkerContext, worker_context
@@ -65,7 +66,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     plain_logs = config.get("plain_logs", True)
     stopped, failure = False, None  # failure: a non-finite loss under nan_policy raise, seen by every rank at once
     skipped = 0  # micro-batches skipped under nan_policy skip in this process's life
-    with StopRequest(run_dir) as stop:
+    timeouts_named = naming_collective_timeouts(ctx.rank, spec.parallel.collective_timeout_s, lambda: step)
+    with StopRequest(run_dir) as stop, timeouts_named:
         while step < total_steps and not stopped and not failure:
             if phase_at(spec, epoch) != phase:
                 phase = phase_at(spec, epoch)
