@@ -23,7 +23,6 @@ MAX_LINES = 500
 # Function-level imports that stay: heavy or optional dependencies that only one path needs.
 ALLOWED_LAZY = {
     ("spec/commands.py", "hepml_dist.models.commands"),
-    ("track/tracker.py", "comet_ml"),
 }
 # Besides the training package itself, only the launchers and the tuner may import hepml_dist.train.
 MAY_IMPORT_TRAIN = ("hepml_dist.train", "hepml_dist.tune", "hepml_dist.launch", "hepml_dist.cli")

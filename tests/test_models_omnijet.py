@@ -1,6 +1,6 @@
 """OmniJet-alpha: the tokenizer learns to reconstruct jets, the backbone beats the unigram entropy, frozen backbones
 stay bit-identical, pretrained weights survive construction, every OmniJet job trains a few steps, and the
-`hepml data tokenize` / `hepml generate` tools work end to end on small generated jets."""
+`hepml data tokenize` / `hepml sample` tools work end to end on small generated jets."""
 
 import re
 from pathlib import Path
@@ -334,12 +334,12 @@ def test_tokenize_and_generate_commands_end_to_end(tmp_path):
     gpt_spec = shrink(load_job(ROOT / "jobs/omnijet-pretrain.yaml"))
     gpt_spec = gpt_spec.model_copy(update={"data": gpt_spec.data.model_copy(update={"train": str(tmp_path / "tokens/train")})})
     write_model_checkpoint(tmp_path / "gpt/checkpoints/step-00000001", gpt_spec, build_model(gpt_spec))
-    result = runner.invoke(app, ["generate", str(tmp_path / "gpt"), "--jets", "7", "--out", str(tmp_path / "gen.parquet")])
+    result = runner.invoke(app, ["sample", str(tmp_path / "gpt"), "--jets", "7", "--out", str(tmp_path / "gen.parquet")])
     assert result.exit_code == 0, result.output
     generated = ak.from_parquet(tmp_path / "gen.parquet")
     assert len(generated) == 7 and ak.all(ak.num(generated.part_pt) <= 22) and ak.all(generated.tokens[:, 0] == 0)
     assert ak.all(ak.num(generated.tokens) == ak.num(generated.part_pt) + 2) and ak.all(generated.tokens[:, -1] == 31)
     assert ak.all(generated.part_pt > 0) and ak.all(abs(generated.part_etarel) < 5)
 
-    bad = runner.invoke(app, ["generate", str(tmp_path / "tok"), "--jets", "3"])
+    bad = runner.invoke(app, ["sample", str(tmp_path / "tok"), "--jets", "3"])
     assert bad.exit_code == 2 and "not an OmniJet backbone run" in bad.output

@@ -1,6 +1,7 @@
 """Options that several `hepml` commands share, declared once."""
 
-from typing import Annotated
+from enum import Enum
+from typing import Annotated, Literal
 
 import typer
 
@@ -15,4 +16,19 @@ JobsApiAddress = Annotated[
 JsonOutput = Annotated[
     bool,
     typer.Option("--json", help="Print machine-readable JSON instead of a table."),
+]
+SplitName = Literal["train", "val", "test"]
+
+
+class Split(str, Enum):
+    """SplitName for repeatable options (Typer takes lists of enums, not of literals); use `.value`."""
+
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+Fractions = Annotated[
+    str,
+    typer.Option("--fractions", help="Fractions of the examples in train, val and test, e.g. 0.7,0.1,0.2."),
 ]

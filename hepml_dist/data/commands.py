@@ -13,11 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from hepml_dist.cli.options import Overrides
+from hepml_dist.cli.options import Fractions, Overrides, Split, SplitName
 from hepml_dist.data.check import column_ranges, verify_dataset
 from hepml_dist.data.convert import convert, load_schema
 from hepml_dist.data.manifest import read_manifest
-from hepml_dist.data.plot import plot_dataset
+from hepml_dist.data.plot import plot_dataset, plot_weighted_groups
 from hepml_dist.data.reweight import compute_weights
 from hepml_dist.errors import UserError
 from hepml_dist.spec import load_job
@@ -52,7 +52,7 @@ def convert_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset directory to write.")],
     schema: Annotated[str, typer.Option(help="Shipped schema (jetclass, jetclass2, fcc-tau, clic-events) "
                                         "or a schema YAML file.")],
-    split: Annotated[str, typer.Option(help="Train,val,test fractions.")] = "0.7,0.1,0.2",
+    fractions: Fractions = "0.7,0.1,0.2",
     shard_size: Annotated[int, typer.Option(min=1, help="Examples per shard.")] = 16384,
     chunk_size: Annotated[int, typer.Option(min=1, help="Examples per chunk (tar sample).")] = 1024,
     seed: Annotated[int, typer.Option(help="Seed of the split assignment and the write shuffle.")] = 0,
@@ -62,7 +62,7 @@ def convert_command(
 ) -> None:
     """Convert ROOT/parquet files into shards. Rerun the same command to resume an interrupted conversion."""
     loaded = load_schema(schema)
-    fractions = parse_fractions(split, "--split")
+    fractions = parse_fractions(fractions, "--fractions")
     with _progress() as progress:
         task = progress.add_task(f"convert ({loaded.name})", total=None)
 
@@ -112,7 +112,7 @@ def verify_command(
 @app.command("inspect")
 def inspect_command(
     directory: Annotated[Path, typer.Argument(help="Dataset directory (with manifest.json).")],
-    split: Annotated[str, typer.Option(help="Split whose columns are summarised.")] = "train",
+    split: Annotated[SplitName, typer.Option(help="Split whose columns are summarised.")] = "train",
     max_shards: Annotated[int, typer.Option(min=1, help="Shards read for the column ranges.")] = 2,
 ) -> None:
     """Counts per split and class, and the range of every column (padding excluded)."""
@@ -136,7 +136,8 @@ def inspect_command(
 def weights_command(
     directory: Annotated[Path, typer.Argument(help="Dataset directory (with manifest.json).")],
     job: Annotated[Path, typer.Option(help="Job file whose data.reweight settings to use.")],
-    splits: Annotated[str, typer.Option(help="Splits whose histograms define the weights (comma list).")] = "train",
+    splits: Annotated[list[Split] | None, typer.Option("--split", help="Split whose histograms define the weights "
+                                                         "(repeatable; default train).")] = None,
     overrides: Overrides = None,
 ) -> None:
     """Compute Sophon-style flat 2D weights per class group and store them with the dataset."""
@@ -144,8 +145,8 @@ def weights_command(
     if spec.data.reweight is None:
         raise UserError(f"{job}: data.reweight is not set; add it (variables, bins, groups) to compute weights")
     with _progress() as progress:
-        path = compute_weights(directory, spec.data.reweight, splits=[s.strip() for s in splits.split(",")],
-                               progress=progress)
+        path = compute_weights(directory, spec.data.reweight, splits=[s.value for s in splits] if splits else ["train"],
+                               progress=progress, plot=plot_weighted_groups)
     stored = json.loads(path.read_text())
     table = Table(title=f"weights written to {path}")
     for column in ("group", "weight", "examples", "sampled share"):
@@ -156,6 +157,8 @@ def weights_command(
     _console().print(table)
     means = ", ".join(f"{k}: {v:.3f}" for k, v in stored["mean_weight"].items())
     typer.echo(f"mean weight (fraction kept by sampling) {means}")
+    variables = " and ".join(spec.data.reweight.variables)
+    typer.echo(f"weighted yield of each group in {variables}: {path.with_suffix('.png')}")
 
 
 @app.command()
@@ -163,7 +166,7 @@ def plot(
     dataset: Annotated[Path, typer.Argument(help="Dataset directory (with manifest.json).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the PNG files (default DIR/plots).")
                    ] = None,
-    split: Annotated[str, typer.Option(help="Split to read.")] = "train",
+    split: Annotated[SplitName, typer.Option(help="Split to read.")] = "train",
     max_examples: Annotated[int, typer.Option(help="Read at most this many examples.")] = 200_000,
 ) -> None:
     """Histograms of every stored feature and label, one curve per class, as PNG files."""

@@ -3,37 +3,48 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 
+from hepml_dist.cli.options import Fractions
 from hepml_dist.data.commands import parse_fractions
-from hepml_dist.generate import get_process
+from hepml_dist.generate import PROCESS_MODULES, get_process
 from hepml_dist.generate.runner import default_workers, generate_dataset
 
 app = typer.Typer()
+ProcessName = Literal[tuple(PROCESS_MODULES)]  # the choices shown in --help
 
 PROCESS_HELP = ("fcc-tau (Z->tautau / Z->qq jets, 91.2 GeV), jetclass-lite (13 TeV boosted jets, 5 classes), "
+                "jetclass2-lite (13.6 TeV JetClass-II-like jets for Sophon: resonances of any mass, QCD), "
                 "clic-events (380 GeV ttbar/qq events for MLPF), events-met (13 TeV ZH(nunu bb) vs backgrounds)")
 
 
 @app.command()
 def generate(
-    process: Annotated[str, typer.Argument(help=PROCESS_HELP, show_default=False)],
+    process: Annotated[ProcessName, typer.Argument(help=PROCESS_HELP, show_default=False)],
     events: Annotated[int, typer.Option("--events", "-n", help="Collision events to generate (all samples).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset directory to write (train/, val/, test/).")],
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives byte-identical shards.")] = 0,
     workers: Annotated[int | None, typer.Option(help="Worker processes (default: the CPU cores available).")] = None,
-    splits: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.7,0.1,0.2",
+    fractions: Fractions = "0.7,0.1,0.2",
     pythia: Annotated[list[str] | None, typer.Option(
         "--pythia", help="Extra Pythia setting for every sample, e.g. 'PartonLevel:MPI = on' (repeatable).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a dataset already in --out.")] = False,
+    classes: Annotated[str | None, typer.Option(
+        help="jetclass2-lite: the classes to generate, comma-separated: class names of the jetclass2 schema "
+             "(X_bb, X_YY_bbqq, QCD_light, ...), the parts Res2P, Res34P, QCD, or X_bs (not a Sophon class). "
+             "Default Res2P,Res34P,QCD.")] = None,
+    mass_range: Annotated[str | None, typer.Option(
+        help="jetclass2-lite: mass range of the resonance X, lo,hi in GeV (default 15,250).")] = None,
 ) -> None:
     """Generate a dataset with Pythia 8 and a parametrised detector (physics and limits: docs/generators.md)."""
     spec = get_process(process)
+    options = {name: value for name, value in (("classes", classes), ("mass_range", mass_range)) if value is not None}
     report = generate_dataset(spec, events, out, seed=seed, workers=workers or default_workers(),
-                              splits=parse_fractions(splits, "--splits"), pythia_settings=pythia or [], overwrite=overwrite)
+                              splits=parse_fractions(fractions, "--fractions"), pythia_settings=pythia or [],
+                              overwrite=overwrite, options=options)
     console = Console()
     manifest = report.manifest
     counts = {split: info.examples for split, info in manifest.splits.items()}

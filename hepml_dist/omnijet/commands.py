@@ -1,4 +1,5 @@
-"""OmniJet-alpha commands: `hepml data tokenize` (jets -> token shards) and `hepml generate` (sample jets)."""
+"""OmniJet-alpha commands: `hepml data tokenize` (jets -> token shards) and `hepml sample` (sample jets from a
+trained backbone; `hepml data generate` is the Pythia generators)."""
 
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +17,7 @@ app = typer.Typer()
 def tokenize(
     run_dir: Annotated[Path, typer.Argument(help="Trained tokenizer: run directory or checkpoint folder.")],
     data: Annotated[Path, typer.Option("--data", help="Jet dataset (folder with manifest.json) or one split folder.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder for the token dataset.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the token dataset.")],
     max_length: Annotated[
         int | None,
         typer.Option("--max-length", help="Tokens per jet, start and stop included (default: the tokenizer job's max_length)."),
@@ -30,11 +31,11 @@ def tokenize(
     typer.echo(f"wrote {out} ({counts} jets, vocabulary {manifest.meta['vocab_size']})")
 
 
-@app.command()
-def generate(
+@app.command("sample")
+def sample(
     run_dir: Annotated[Path, typer.Argument(help="Trained OmniJet backbone: run directory or checkpoint folder.")],
     jets: Annotated[int, typer.Option("--jets", help="Number of jets to sample.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Output parquet file (RUN_DIR/generated/jets-N.parquet).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output parquet file (RUN_DIR/generated/jets-N.parquet).")] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer run (default: as recorded with the tokens).")] = None,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the sampling.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Random seed of the sampling.")] = 0,

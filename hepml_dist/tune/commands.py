@@ -1,12 +1,11 @@
 """`hepml tune`: hyper-parameter searches with Ray Tune, each trial an ordinary training run."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from hepml_dist.cli.options import Overrides
-from hepml_dist.errors import UserError
 from hepml_dist.tune.search import run_tune
 
 app = typer.Typer()
@@ -19,14 +18,15 @@ def tune(
                                         "choice([...]), uniform(a, b), randint(a, b).")],
     trials: Annotated[int, typer.Option("--trials", min=1, help="Number of trials.")] = 8,
     metric: Annotated[str, typer.Option("--metric", help="Validation metric to optimise.")] = "val_loss",
-    mode: Annotated[str, typer.Option("--mode", help="min or max.")] = "min",
+    mode: Annotated[Literal["min", "max"], typer.Option("--mode", help="Whether the metric is better low or high.")] = "min",
     overrides: Overrides = None,
     concurrent: Annotated[int | None, typer.Option("--concurrent", min=1, help="Trials at once (default: as many "
                                                    "as the cluster's CPUs/GPUs fit).")] = None,
-    scheduler: Annotated[str, typer.Option("--scheduler", help="asha (stop bad trials early) or fifo.")] = "asha",
-    out: Annotated[Path | None, typer.Option("--out", help="Where to write the best job YAML (default: "
+    scheduler: Annotated[Literal["asha", "fifo"], typer.Option("--scheduler", help="asha stops bad trials early; fifo runs "
+                                                              "every trial to the end.")] = "asha",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the best job YAML (default: "
                                              "<tune dir>/best.yaml).")] = None,
-    tune_dir: Annotated[Path | None, typer.Option("--dir", help="Folder of the search (default: "
+    tune_dir: Annotated[Path | None, typer.Option("--tune-dir", help="Folder of the search (default: "
                                                   "<storage>/<job name>-tune).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the search's sampling.")] = 0,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join (default: embedded).")] = None,
@@ -34,10 +34,6 @@ def tune(
     """Hyper-parameter search with Ray Tune; the best trial's spec is written as a job YAML.
 
     Each trial is a normal run (its own run directory and tracker entry); ASHA stops poor trials early."""
-    if mode not in ("min", "max"):
-        raise UserError(f"--mode {mode}: use min or max")
-    if scheduler not in ("asha", "fifo"):
-        raise UserError(f"--scheduler {scheduler}: use asha or fifo")
     result = run_tune(job, space, trials=trials, metric=metric, mode=mode, overrides=overrides or [],
                       concurrent=concurrent, scheduler=scheduler, out=out, tune_dir=tune_dir, seed=seed, address=address)
     for row in result["trials"]:
