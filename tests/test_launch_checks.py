@@ -16,3 +16,31 @@ def test_job_asking_for_gpus_this_machine_lacks_fails_before_starting(tmp_path, 
     assert "parallel:" in text and "GPU(s), and this machine has 0" in text
     assert "--set parallel.accelerator=cpu --set parallel.gpus_per_worker=0" in text
     assert not run_dir.exists()  # nothing written for a job that never started
+
+
+def test_progress_bar_follows_metrics_jsonl_with_step_loss_rate_and_eta(tmp_path):
+    import io
+    import json
+    import time
+
+    from rich.console import Console
+
+    from hepml_dist.spec import load_job
+    from hepml_dist.train.launch import ProgressBar
+
+    spec = load_job("jobs/aot-quickstart.yaml", ["training.epochs=2", "data.steps_per_epoch=50"])
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=160)
+    with ProgressBar(spec, tmp_path, enabled=True, console=console) as bar:
+        with (tmp_path / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": 30, "epoch": 0, "train_loss": 0.4321, "jets_per_s": 1234.0}) + "\n")
+        deadline = time.monotonic() + 10
+        while bar.progress.tasks[0].completed != 30 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        task = bar.progress.tasks[0]
+        assert (task.completed, task.total) == (30, 100)
+        assert task.fields["info"] == "epoch 1  loss 0.4321  1234 events/s"  # AOT counts events, not jets
+    assert "30/100" in screen.getvalue() and "events/s" in screen.getvalue()
+    # without a terminal: no bar (the workers' plain log lines are the progress)
+    with ProgressBar(spec, tmp_path, enabled=False) as off:
+        assert not hasattr(off, "progress")

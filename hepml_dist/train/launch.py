@@ -23,6 +23,7 @@ import ray
 import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from hepml_dist import runs
@@ -253,7 +254,7 @@ def _fit(spec: JobSpec, run_dir: Path, embedded: bool, progress: bool | None, ca
             callbacks=callbacks,  # e.g. Tune's TuneReportCallback when a `hepml tune` trial runs this
         ),
     )
-    with StopOnSignals(run_dir) as signals, _follow_progress(spec, run_dir, interactive):
+    with StopOnSignals(run_dir) as signals, ProgressBar(spec, run_dir, interactive):
         try:
             trainer.fit()
         except KeyboardInterrupt as err:  # a second signal; inside ray.get it arrives as a plain KeyboardInterrupt
@@ -300,11 +301,11 @@ def _ranks(ranks: list[int]) -> str:
     return ", ".join(str(r) for r in ranks)
 
 
-class _follow_progress:
+class ProgressBar:
     """A rich progress bar (step, epoch, jets/s or events/s, loss, ETA) fed from RUN_DIR/metrics.jsonl while fit() runs."""
 
-    def __init__(self, spec: JobSpec, run_dir: Path, enabled: bool):
-        self.spec, self.path, self.enabled = spec, run_dir / "metrics.jsonl", enabled
+    def __init__(self, spec: JobSpec, run_dir: Path, enabled: bool, console: Console | None = None):
+        self.spec, self.path, self.enabled, self.console = spec, run_dir / "metrics.jsonl", enabled, console
         self.examples = get_family(spec.model.family).examples
         self.done = threading.Event()
 
@@ -314,6 +315,7 @@ class _follow_progress:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), transient=False, redirect_stdout=True, redirect_stderr=True,
+            console=self.console,
         )
         total = self.spec.training.steps or ((self.spec.training.epochs or 1) * (self.spec.data.steps_per_epoch or 1)
                                             // self.spec.training.grad_accum)
