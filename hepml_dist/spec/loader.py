@@ -42,10 +42,12 @@ class SpecError(Exception):
 MAX_YAML_VALUES = 100_000
 """More values than any job needs: a file whose aliases expand beyond this (a "billion laughs" bomb) is refused
 before anything copies or validates it."""
+MAX_YAML_DEPTH = 50
+"""The deepest nesting a job file may have; the shipped jobs nest at most 6 levels."""
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser: `hepml jobs` reads 50 files
+    """A safe loader that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
 
     def construct_mapping(self, node, deep=False):
         seen: set[Any] = set()
@@ -58,17 +60,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _count_values(data: Any, budget: int) -> int:
-    """Values in `data`, counting shared (aliased) parts at every use, stopping once past `budget`."""
-    count, stack = 0, [data]
+def _count_values(data: Any, budget: int) -> tuple[int, int]:
+    """(values, nesting depth) of `data`, counting shared (aliased) parts at every use, stopping once past `budget`."""
+    count, deepest, stack = 0, 0, [(data, 0)]
     while stack and count <= budget:
-        item = stack.pop()
-        count += 1
+        item, depth = stack.pop()
+        count, deepest = count + 1, max(deepest, depth)
         if isinstance(item, dict):
-            stack.extend(item.values())
+            stack.extend((value, depth + 1) for value in item.values())
         elif isinstance(item, list):
-            stack.extend(item)
-    return count
+            stack.extend((value, depth + 1) for value in item)
+    return count, deepest
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -94,9 +96,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise SpecError([Problem(source, where, f"YAML syntax error: {what}")]) from None
     except RecursionError:
         raise SpecError([Problem(source, "(yaml)", "nested too deeply to be a job file")]) from None
-    if _count_values(data, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+    values, depth = _count_values(data, MAX_YAML_VALUES)
+    if values > MAX_YAML_VALUES:
         raise SpecError([Problem(source, "(yaml)", f"more than {MAX_YAML_VALUES:,} values once aliases are "
                                                    "expanded; a job file is a few hundred")])
+    if depth > MAX_YAML_DEPTH:  # libyaml parses deeper than Python can later copy and validate
+        raise SpecError([Problem(source, "(yaml)", f"nested too deeply to be a job file ({depth} levels; "
+                                                   f"at most {MAX_YAML_DEPTH})")])
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -302,6 +302,6 @@ def comet_wanted(spec: JobSpec) -> bool:
     if spec.tracking.mode == "online" and os.environ.get("COMET_API_KEY"):
         raise UserError(f"tracking.mode online with COMET_API_KEY set: {install_hint('comet_ml')}; or "
                         "--set tracking.mode=disabled")
-    print(f"[hepml] Comet not installed: tracking to metrics.jsonl and TensorBoard only ({install_hint('comet_ml')})",
-          flush=True)
+    print("[hepml] Comet is not installed (pip install 'hepml-dist[comet]'): tracking to metrics.jsonl and "
+          "TensorBoard only", flush=True)
     return False
