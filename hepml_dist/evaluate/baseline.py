@@ -132,19 +132,18 @@ def jet_quantities(raw: dict[str, np.ndarray]) -> np.ndarray:
     return np.stack([np.asarray(v, dtype=np.float64) for v in columns.values()], axis=1).astype(np.float32)
 
 
-def read_split(patterns: str | Sequence[str], max_examples: int | None = None) -> dict[str, np.ndarray]:
-    """The baseline's stored columns of one split (a split folder, glob or list of shards), in stored order."""
+def read_columns(patterns: str | Sequence[str], wanted: Sequence[str], needs: str, *, optional: Sequence[str] = (),
+                 max_examples: int | None = None) -> dict[str, np.ndarray]:
+    """Columns of one split (a split folder, glob or list of shards), in stored order, at most `max_examples` rows:
+    every `wanted` one (a shard lacking one is a UserError saying the baseline `needs` ...) and each `optional` one
+    that every shard holds."""
     resolver = ShardResolver()
     refs = resolver.resolve(patterns)
-    wanted = STORED_COLUMNS + TRUTH_COLUMNS
     for ref in refs:
         missing = [c for c in wanted if c not in resolver.manifests[ref.dataset].columns]
         if missing:
-            raise UserError(f"baseline: {ref.source} lacks column(s) {missing}; the tau baseline needs an fcc-tau "
-                            "dataset (hepml data generate fcc-tau, or hepml data convert --schema fcc-tau)")
-    # the example weights, when every shard carries them: the baseline's numbers are then weighted like the model's
-    if all(WEIGHT_COLUMN in resolver.manifests[ref.dataset].columns for ref in refs):
-        wanted = (*wanted, WEIGHT_COLUMN)
+            raise UserError(f"baseline: {ref.source} lacks column(s) {missing}; {needs}")
+    wanted = [*wanted, *(c for c in optional if all(c in resolver.manifests[r.dataset].columns for r in refs))]
     parts: dict[str, list[np.ndarray]] = {c: [] for c in wanted}
     count = 0
     for ref in refs:
@@ -153,15 +152,20 @@ def read_split(patterns: str | Sequence[str], max_examples: int | None = None) -
                                            expected_chunks=len(ref.info.chunks)):
             for c in wanted:
                 parts[c].append(arrays[c])
-            count += len(arrays["part_n"])
+            count += len(arrays[wanted[0]])
             if max_examples is not None and count >= max_examples:
                 break
         if max_examples is not None and count >= max_examples:
             break
-    columns = {c: np.concatenate(v) for c, v in parts.items()}
-    if max_examples is not None:
-        columns = {c: v[:max_examples] for c, v in columns.items()}
-    return columns
+    return {c: np.concatenate(v)[:max_examples] for c, v in parts.items()}
+
+
+def read_split(patterns: str | Sequence[str], max_examples: int | None = None) -> dict[str, np.ndarray]:
+    """The tau baseline's stored columns of one split, and the example weights when every shard carries them (the
+    baseline's numbers are then weighted like the model's)."""
+    return read_columns(patterns, [*STORED_COLUMNS, *TRUTH_COLUMNS], "the tau baseline needs an fcc-tau dataset "
+                        "(hepml data generate fcc-tau, or hepml data convert --schema fcc-tau)",
+                        optional=[WEIGHT_COLUMN], max_examples=max_examples)
 
 
 @dataclass

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-from hepml_dist.data.reader import iter_shard_chunks
-from hepml_dist.data.shards import ShardResolver
 from hepml_dist.errors import UserError
+from hepml_dist.evaluate.baseline import read_columns
 from hepml_dist.evaluate.significance import NEEDED_COLUMNS
 
 LEADING_OBJECTS = 4
@@ -37,25 +36,9 @@ def quantity_names(event_features: Sequence[str]) -> list[str]:
 def read_events(patterns, label: str, event_features: Sequence[str], max_events: int | None = None
                 ) -> dict[str, np.ndarray]:
     """The columns the baseline needs of a split, in stored order."""
-    resolver = ShardResolver()
-    refs = resolver.resolve(patterns)
-    wanted = ["obj_features", "obj_n", *(f"event_{n}" for n in event_features), label, "weight", *NEEDED_COLUMNS]
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in wanted}
-    count = 0
-    for ref in refs:
-        columns = resolver.manifests[ref.dataset].columns
-        missing = [c for c in wanted if c not in columns]
-        if missing:
-            raise UserError(f"baseline: {ref.source} lacks column(s) {missing}; the event-classifier baseline "
-                            "needs an events-met dataset (hepml data generate events-met)")
-        for _, arrays in iter_shard_chunks(ref.source, columns=wanted, shapes={c: columns[c].shape for c in wanted},
-                                           expected_chunks=len(ref.info.chunks)):
-            for c in wanted:
-                parts[c].append(arrays[c])
-            count += len(arrays["obj_n"])
-        if max_events is not None and count >= max_events:
-            break
-    return {c: np.concatenate(v)[:max_events] for c, v in parts.items()}
+    wanted = ["obj_n", "obj_features", *(f"event_{n}" for n in event_features), label, "weight", *NEEDED_COLUMNS]
+    return read_columns(patterns, wanted, "the event-classifier baseline needs an events-met dataset "
+                        "(hepml data generate events-met)", max_examples=max_events)
 
 
 def event_rows(raw: dict[str, np.ndarray], event_features: Sequence[str]) -> np.ndarray:
