@@ -189,7 +189,7 @@ def _settings(n: int, early: bool) -> dict[str, Any]:
                 n_iter_no_change=20)
 
 
-def _classifier(seed: int, n: int, early: bool):
+def classifier(seed: int, n: int, early: bool):
     return HistGradientBoostingClassifier(random_state=seed, **_settings(n, early))
 
 
@@ -224,7 +224,7 @@ def fit_baseline(train: dict[str, np.ndarray], seed: int = 0, tasks: Sequence[st
             classes, counts = np.unique(truth[rows], return_counts=True)
             if len(classes) < 2:
                 raise UserError(f"baseline: the training jets of task {task} hold a single class; generate more data")
-            model = _classifier(seed, int(rows.sum()), early=counts.min() >= EARLY_STOPPING_MIN)
+            model = classifier(seed, int(rows.sum()), early=counts.min() >= EARLY_STOPPING_MIN)
         model.fit(x[rows], truth[rows])
         baseline.models[task] = model
         baseline.train_jets[task] = int(rows.sum())

@@ -3,8 +3,10 @@
 What it shows: the run's facts (job, spec hash, data, steps, wall time, jets/s, workers), the training curves, and
 for each task the physics a group meeting asks for: the tagging ROC with the background rejection at 50 % and 70 %
 signal efficiency, the decay-mode confusion matrix, the pT response and resolution in bins of pT, the charge
-misidentification rate. Wherever the job is a tau job, a gradient-boosted baseline on jet-level quantities
-(`baseline.py`), trained on the same train split and evaluated on the same test jets, sits next to the transformer.
+misidentification rate. Then what the job's family declares (`families/`): its own sections (MLPF jet and MET
+response, an event classifier's expected significance, OmniJet-alpha's tokenizer and generation quality) and its
+baseline (gradient-boosted trees on jet-level quantities for jet taggers, on event features for event classifiers),
+trained on the same train split and evaluated on the same test examples, next to the transformer.
 
 Inputs, all written by the engine: RUN_DIR/spec.yaml, metrics.jsonl, metrics.json (`hepml evaluate`), the
 evaluated checkpoint, params.json. The per-jet predictions of the transformer are RUN_DIR/predictions-<split>.npz
@@ -28,9 +30,8 @@ from sklearn.metrics import roc_auc_score
 
 from hepml_dist import files, runs
 from hepml_dist.errors import UserError
-from hepml_dist.evaluate import baseline as bl
-from hepml_dist.evaluate import mlpf_report
 from hepml_dist.evaluate import report_figures as rf
+from hepml_dist.evaluate.families import ReportContext, evaluations
 from hepml_dist.evaluate.metrics import (
     accuracy,
     confusion,
@@ -50,12 +51,6 @@ from hepml_dist.evaluate.report_facts import (
     save_predictions,
 )
 from hepml_dist.evaluate.report_html import Section, render_page
-from hepml_dist.evaluate.report_search import (
-    check_search_inputs,
-    event_baseline_applies,
-    event_baseline_predictions,
-    search_sections,
-)
 from hepml_dist.evaluate.runner import split_payload
 from hepml_dist.track.images import figure_png
 from hepml_dist.track.tracker import NullTracker, Tracker, make_results_tracker
@@ -63,8 +58,6 @@ from hepml_dist.track.tracker import NullTracker, Tracker, make_results_tracker
 WORKING_POINTS = (0.5, 0.7)
 """Signal efficiencies at which the report quotes background rejection."""
 REPORT_NAME = "report.html"
-BASELINE_DIR = "baseline"
-BASELINE_VERSION = 2  # bump when the baseline's quantities or models change, to refit cached baselines
 
 
 def transformer_predictions(run: Run) -> dict[str, Any]:
@@ -81,41 +74,6 @@ def transformer_predictions(run: Run) -> dict[str, Any]:
     payload = split_payload(run.checkpoint, run.split, verb="predicting")[1]
     save_predictions(path, payload, {"checkpoint": str(run.checkpoint), "split": run.split})
     return payload
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The baseline (cached per run: it is fitted on the run's own train split)
-
-
-def baseline_applies(spec) -> bool:
-    """The tau baseline is for tau jobs only; MLPF has its own (the rule-based PF in its section)."""
-    return (spec.data.train is not None and spec.model.family != "mlpf"
-            and any(t.name in bl.TAU_TASKS for t in spec.tasks))
-
-
-def baseline_predictions(run: Run, max_train_jets: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(payload on the evaluated split, facts) of the baseline, fitted once per run and kept in RUN_DIR/baseline."""
-    spec = runs.absolute_paths(run.spec)
-    tasks = [t.name for t in spec.tasks if t.name in bl.TAU_TASKS]
-    key = {"version": BASELINE_VERSION, "train": spec.data.train, "test": getattr(spec.data, run.split),
-           "split": run.split, "tasks": tasks, "max_train_jets": max_train_jets, "seed": spec.training.seed,
-           "quantities": list(bl.JET_QUANTITIES)}
-    folder = run.path / BASELINE_DIR
-    cached = folder / PREDICTIONS.format(split=run.split)
-    if cached.is_file():
-        payload, meta = load_predictions(cached)
-        if meta.get("key") == key:
-            return payload, meta
-    train = bl.read_split(spec.data.train, max_train_jets)
-    fitted = bl.fit_baseline(train, seed=spec.training.seed, tasks=tasks)
-    test = bl.read_split(getattr(spec.data, run.split))
-    classes = {t.name: t.output_dim if t.kind == "multiclass" else 2 for t in spec.tasks if t.name in tasks}
-    payload = bl.predict_baseline(fitted, test, classes)
-    meta = {"key": key, "train_jets": fitted.train_jets, "fit_seconds": fitted.seconds,
-            "iterations": {t: int(m.n_iter_) for t, m in fitted.models.items()}}
-    folder.mkdir(exist_ok=True)
-    save_predictions(cached, payload, meta)
-    return payload, meta
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -183,12 +141,15 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_bas
     figures also go to the run's results tracker (`Figures`)."""
     started = time.perf_counter()
     run = load_run(run_dir)
-    check_search_inputs(run)  # an event classifier's data must carry xsec weights: say so before any work
-    if run.spec.model.family == "mlpf":  # the jet/MET evaluation's columns: checked before any work
-        mlpf_report.require_data(run)
+    family = evaluations(run.spec)
+    spec = runs.absolute_paths(run.spec)
+    for evaluation in family:  # what the family's evaluation and baseline read: checked before any work
+        evaluation.check_inputs(spec, run.split)
+        if with_baseline:
+            evaluation.check_baseline_inputs(spec, run.split)
     tracker = make_results_tracker(run.spec, run.path, run.split) if track else NullTracker()
     try:
-        page = _page(run, Figures(tracker, int(run.state.get("step", 0))), with_baseline, max_train_jets, log, started)
+        page = _page(run, family, Figures(tracker, int(run.state.get("step", 0))), with_baseline, max_train_jets, log, started)
     finally:
         tracker.close()
     target = Path(out) if out else run.path / REPORT_NAME
@@ -196,19 +157,16 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None, with_bas
     return files.write_text(target, page)
 
 
-def _page(run: Run, figures: Figures, with_baseline: bool, max_train_jets: int | None, log, started: float) -> str:
+def _page(run: Run, family: list, figures: Figures, with_baseline: bool, max_train_jets: int | None, log, started: float) -> str:
     spec = run.spec
     tasks = {t.name: t for t in spec.tasks}
     log(f"reading predictions of {run.checkpoint.name} on the {run.split} split")
     models = {"transformer": transformer_predictions(run)}
     baseline_meta: dict[str, Any] = {}
-    if with_baseline and baseline_applies(spec):
-        log("baseline: gradient-boosted trees on jet-level quantities (fitted once per run, then cached)")
-        models["baseline"], baseline_meta = baseline_predictions(run, max_train_jets)
-    event_baseline_meta: dict[str, Any] = {}  # the event classifier's baseline is described in its own section
-    if with_baseline and event_baseline_applies(spec):
-        log("baseline: gradient-boosted trees on event features and leading objects (fitted once per run, then cached)")
-        models["baseline"], event_baseline_meta = event_baseline_predictions(run, max_train_jets)
+    baseline = next((e for e in family if e.baseline is not None), None) if with_baseline else None
+    if baseline is not None:
+        log(f"baseline: {baseline.baseline_description} (fitted once per run, then cached)")
+        models["baseline"], baseline_meta = baseline.baseline(run, max_train_jets)
     for name, payload in models.items():
         _drop_non_finite(name, payload, run.notes)
     _note_weights(models, run.notes)
@@ -233,13 +191,14 @@ def _page(run: Run, figures: Figures, with_baseline: bool, max_train_jets: int |
     curves = Section("Training", "training", images=[(figures.png(rf.training_figure(run.records, sample), "training"),
                      "Training loss per task and in total (averaged over each log window), validation loss and "
                      "scores at every evaluation, and the learning rate, against the optimizer step.")])
-    sections += search_sections(run, models, headline, figures, sample, event_baseline_meta)
-    if spec.model.family == "mlpf":
-        sections += mlpf_report.mlpf_sections(run, figures)
+    context = ReportContext(run, models, headline, figures, sample, baseline_meta)
+    for evaluation in family:  # the family's own sections
+        sections += evaluation.sections(context)
     sections.insert(0, curves)
 
     facts = run_facts(run, parameter_count(run))
-    return render_page(run, facts, headline, sections, list(models), baseline_meta, time.perf_counter() - started)
+    baseline_html = baseline.baseline_html(baseline_meta) if baseline is not None else ""
+    return render_page(run, facts, headline, sections, list(models), baseline_html, time.perf_counter() - started)
 
 
 def _drop_non_finite(model: str, payload: dict[str, Any], notes: list[str]) -> None:

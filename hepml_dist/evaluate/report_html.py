@@ -6,7 +6,6 @@ import html
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from hepml_dist.evaluate.baseline import JET_QUANTITIES
 from hepml_dist.evaluate.report_facts import Run
 
 
@@ -52,9 +51,10 @@ def _better(metric: str, texts: dict[str, str]) -> str | None:
     return best if values["transformer"] != values["baseline"] else None
 
 
-def render_page(run: Run, facts, headline, sections: list[Section], models: list[str], baseline_meta,
+def render_page(run: Run, facts, headline, sections: list[Section], models: list[str], baseline_html: str,
                 seconds: float) -> str:
-    """The whole page: summary table, run facts, the sections, the baseline's description, notes."""
+    """The whole page: summary table, run facts, the sections, the baseline's description (HTML from the family's
+    evaluation), notes."""
     columns = models + (["reco jet"] if any("reco jet" in v for _, v in headline) else [])
     rows = []
     for metric, values in headline:
@@ -78,18 +78,8 @@ def render_page(run: Run, facts, headline, sections: list[Section], models: list
             parts.append(f'<figure><img alt="{html.escape(s.title)}" src="data:image/png;base64,{png}">'
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         body.append("\n".join(parts))
-    if baseline_meta:
-        jets = baseline_meta.get("train_jets", {})
-        quantities = "".join(f"<tr><td><code>{k}</code></td><td>{html.escape(v)}</td></tr>" for k, v in JET_QUANTITIES.items())
-        baseline_html = (
-            '<h2 id="baseline">The baseline</h2><p>scikit-learn <code>HistGradientBoostingClassifier</code> '
-            "(tau ID on all jets; charge and decay mode on tau jets) and <code>HistGradientBoostingRegressor</code> "
-            "(absolute error, log(pT_vis / pT_jet) on tau jets), 31 leaves, learning rate 0.1, L2 1.0, at least 100 "
-            "jets per leaf, early stopping on 10 % of the training jets. Fitted on the <b>same train split</b> as the transformer ("
-            + ", ".join(f"{t} {n:,}" for t, n in jets.items())
-            + f" jets) in {baseline_meta.get('fit_seconds', 0):.0f} s, evaluated on the same test jets. Its inputs, "
-            f"one row per jet computed from the stored candidates:</p><table>{quantities}</table>")
-        body.append(baseline_html)
+    if baseline_html:
+        body.append('<h2 id="baseline">The baseline</h2>' + baseline_html)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in run.notes)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
@@ -98,7 +88,7 @@ def render_page(run: Run, facts, headline, sections: list[Section], models: list
 <h1>{html.escape(run.spec.name)}</h1>
 <p class="sub">run report of <code>{html.escape(str(run.path.resolve()))}</code>, written {generated} by
 <code>hepml report</code> in {seconds:.0f} s</p>
-<nav>{nav}{'<a href="#baseline">baseline</a>' if baseline_meta else ''}</nav>
+<nav>{nav}{'<a href="#baseline">baseline</a>' if baseline_html else ''}</nav>
 <h2 id="summary">Summary</h2>{summary}
 <p class="note">Green: the better of transformer and baseline. All numbers from the same test jets and the same code.</p>
 <h2 id="facts">Run</h2>{facts_html}

@@ -20,15 +20,9 @@ from hepml_dist.evaluate.significance import (
     FIXED_SIGNAL_EFFICIENCY,
     MIN_BACKGROUND_EXAMPLES,
     SearchResult,
-    applies,
-    check_columns,
     evaluate_search,
     signal_task,
 )
-
-
-def event_baseline_applies(spec) -> bool:
-    return applies(spec) and spec.data.train is not None
 
 
 def event_baseline_predictions(run, max_train_events: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -53,11 +47,6 @@ def event_baseline_predictions(run, max_train_events: int | None = None) -> tupl
     cached.parent.mkdir(exist_ok=True)
     save_predictions(cached, payload, meta)
     return payload, meta
-
-
-def check_search_inputs(run) -> None:
-    """Exit 2 before any work when an event-classifier run's data lack the columns its significance needs."""
-    check_columns(runs.absolute_paths(run.spec), run.split)
 
 
 def significance_figure(results: dict[str, SearchResult], sample: str = "") -> Figure:

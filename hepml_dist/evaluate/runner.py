@@ -11,11 +11,10 @@ import torch
 from hepml_dist import files, runs
 from hepml_dist.data.loader import open_stream
 from hepml_dist.errors import UserError
-from hepml_dist.evaluate import mlpf as mlpf_eval
+from hepml_dist.evaluate.families import EvaluateContext, evaluations
 from hepml_dist.evaluate.loop import evaluate_batches
 from hepml_dist.evaluate.metrics import compute_metrics, confusion
 from hepml_dist.evaluate.plots import make_plots
-from hepml_dist.evaluate.significance import search_metrics
 from hepml_dist.spec import JobSpec
 from hepml_dist.track.records import read_metrics, training_records
 from hepml_dist.track.tracker import make_results_tracker
@@ -42,21 +41,26 @@ def evaluate_run(path: str | Path, split: str = "test", max_batches: int | None 
     """Evaluate the best (else latest) checkpoint of a run on `split`; writes metrics.json and plots/."""
     folder = runs.resolve_checkpoint(path)
     run_dir = runs.run_dir_of(folder)
+    family = evaluations(runs.read_run_spec(run_dir))
+    for evaluation in family:  # the family's evaluation reads more of the data than the model: checked before any work
+        evaluation.check_inputs(runs.absolute_paths(runs.read_run_spec(run_dir)), split)
     spec, payload = split_payload(folder, split, max_batches)
     report = {
         "checkpoint": str(folder),
         "split": split,
         "examples": {t: payload["count"][t] for t in payload["count"]},
-        "metrics": {**compute_metrics(spec, payload, prefix=split), **search_metrics(spec, payload, split)},
+        "metrics": compute_metrics(spec, payload, prefix=split),
         "confusion_matrices": {
             t.name: confusion(payload["arrays"][t.name]["scores"], payload["arrays"][t.name]["label"]).tolist()
             for t in spec.tasks
             if t.kind != "regression" and "scores" in payload["arrays"][t.name]
         },
     }
-    if spec.model.family == "mlpf":  # jet and MET response of MLPF and of the rule-based baseline
-        report["mlpf"] = mlpf_eval.evaluate_mlpf_run(folder, split, max_batches, run_dir / "plots")
-        report["metrics"].update(mlpf_eval.summary_metrics(report["mlpf"], split))
+    context = EvaluateContext(folder, run_dir, spec, split, payload, max_batches, run_dir / "plots")
+    for evaluation in family:  # what the family adds: MLPF's jet/MET response, a search's significance, ...
+        extra = dict(evaluation.results(context) or {})
+        report["metrics"].update(extra.pop("metrics", {}))
+        report.update(extra)
     files.write_text(run_dir / "metrics.json", json.dumps(report, indent=1))
     state = runs.read_state(folder)
     figures = make_plots(spec, payload, training_records(read_metrics(run_dir)))
