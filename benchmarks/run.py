@@ -171,8 +171,10 @@ def train_rows(stdout: str, data) -> list[tuple]:
         rows.append((f"end to end: demo job, 2 DDP workers x {two['threads_per_worker']} thread",
                      two["jets_per_s"], None, "jets/s",
                      f"scaling 2 vs 1 worker: {two['jets_per_s'] / one['jets_per_s']:.2f}x"))
+        phases = two.get("startup_phases_s", {})
         rows.append(("start-up: `hepml train` invoked to first optimizer step done (2 workers)", two["startup_s"],
-                     None, "s", "imports, embedded Ray, worker group, process group, model, first batch"))
+                     None, "s", "; ".join(f"{k} {v:.1f} s" for k, v in phases.items() if k != "total")
+                     or "imports, embedded Ray, worker group, process group, model, first batch"))
     return rows
 
 

@@ -3,7 +3,8 @@ jets, and weaver-core's own trainer (`weaver`) on the same jets, in one run on o
 
 Measured:
   * start-up: from invoking `hepml train` to the end of the first optimizer step (Python imports, embedded Ray,
-    the worker group and its process group, model, first batch), read from the run's metrics.jsonl;
+    the worker group and its process group, model, first batch), read from the run's metrics.jsonl, with the
+    phases `hepml train` records itself (`startup/<phase>_s`, hepml_dist/train/startup.py);
   * the demo job (jobs/multipartau-quickstart.yaml, 4 tasks) in jets/s with 1 worker using every core and with
     2 DDP workers of one core each, at the same per-worker batch;
   * ParT tau ID (one task, the quickstart's encoder), one process with every core: `hepml train` with 1 worker
@@ -82,9 +83,11 @@ def train_run(job: Path, data: Path, run_dir: Path, workers: int, threads: int, 
     warm = steps_logged[min(len(steps_logged) - 2, max(2, len(steps_logged) // 5))]
     last = steps_logged[-1]
     global_batch = batch * workers
+    startup = next((r for r in records if "startup/total_s" in r), {})  # the phases `hepml train` measured itself
     return {
         "workers": workers, "threads_per_worker": max(1, threads // workers), "batch_per_worker": batch,
         "steps": steps, "startup_s": steps_logged[0]["time"] - start,
+        "startup_phases_s": {k.split("/")[1][:-2]: v for k, v in startup.items() if k.startswith("startup/")},
         "jets_per_s": (last["step"] - warm["step"]) * global_batch / (last["time"] - warm["time"]),
     }
 
@@ -242,8 +245,9 @@ def main() -> None:
         for workers in (1, 2):
             runs[workers] = train_run(QUICKSTART, data, workdir / f"run-{workers}", workers, args.threads, args.steps,
                                       args.batch)
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in runs[workers]["startup_phases_s"].items())
             print(f"multipartau-quickstart, {workers} worker(s): {runs[workers]['jets_per_s']:.0f} jets/s, "
-                  f"start-up {runs[workers]['startup_s']:.1f} s", flush=True)
+                  f"start-up {runs[workers]['startup_s']:.1f} s ({phases} s)", flush=True)
         results["multipartau"] = list(runs.values())
         model_sets = [f"model.{k}={json.dumps(v)}" for k, v in SMALL_PART.items() if not k.startswith("head")] + [
             f"model.head.hidden=[{SMALL_PART['head_hidden']}]", f"model.head.dropout={SMALL_PART['head_dropout']}",

@@ -44,3 +44,21 @@ def test_progress_bar_follows_metrics_jsonl_with_step_loss_rate_and_eta(tmp_path
     # without a terminal: no bar (the workers' plain log lines are the progress)
     with ProgressBar(spec, tmp_path, enabled=False) as off:
         assert not hasattr(off, "progress")
+
+
+def test_startup_record_holds_each_phase_between_consecutive_marks_and_the_total():
+    import time
+
+    from hepml_dist.train.startup import PHASES, StartupClock
+
+    clock = StartupClock({"start": 100.0, "cli": 101.5, "ray": 104.0})
+    worker_side = StartupClock(clock.marks)  # as the train loop config carries it to rank 0
+    for phase, at in zip(list(PHASES)[2:], (110.0, 110.25, 110.5, 111.0, 112.0)):
+        worker_side.marks[phase] = at
+    record = worker_side.record()
+    assert record == {"startup/cli_s": 1.5, "startup/ray_s": 2.5, "startup/workers_s": 6.0, "startup/model_s": 0.25,
+                      "startup/data_s": 0.25, "startup/engine_s": 0.5, "startup/first_step_s": 1.0,
+                      "startup/total_s": 12.0}
+    assert clock.marks == {"start": 100.0, "cli": 101.5, "ray": 104.0}  # the driver's copy is not changed
+    started = StartupClock.from_process_start().marks["start"]  # this process's start, from the OS
+    assert 0 < time.time() - started < 24 * 3600

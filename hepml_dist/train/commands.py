@@ -15,6 +15,7 @@ from hepml_dist.errors import UserError
 from hepml_dist.spec import load_job
 from hepml_dist.train.launch import launch
 from hepml_dist.train.signals import EXIT_STATUS, StoppedAtOnce
+from hepml_dist.train.startup import StartupClock
 
 app = typer.Typer()
 
@@ -29,6 +30,7 @@ def train(
     progress: Annotated[bool | None, typer.Option("--progress/--plain", help="Progress bar or plain log lines (default: bar on a terminal).")] = None,
 ) -> None:
     """Train a job on Ray (DDP or DeepSpeed workers). Re-running the same job resumes from its last checkpoint."""
+    startup = StartupClock.from_process_start()
     if resume is not None:
         if runs.latest_checkpoint(resume) is None:
             raise UserError(f"--resume {resume}: no checkpoint in {resume}/checkpoints to resume from")
@@ -41,7 +43,8 @@ def train(
     else:
         spec = load_job(job, overrides or [])
     try:
-        result = launch(spec, address=address, run_dir=run_dir, progress=progress)
+        startup.mark("cli")
+        result = launch(spec, address=address, run_dir=run_dir, progress=progress, startup=startup)
     except StoppedAtOnce as stop:
         typer.echo(f"stopped at once by a second {stop.signal_name}, not waiting for the final checkpoint; "
                    f"{how_to_resume(stop.run_dir, address)}")

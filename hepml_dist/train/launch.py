@@ -38,6 +38,7 @@ from hepml_dist.train.distributed import CollectiveTimeoutError, is_collective_t
 from hepml_dist.train.loop import train_loop_per_worker
 from hepml_dist.train.session import clear_stop
 from hepml_dist.train.signals import StopOnSignals
+from hepml_dist.train.startup import StartupClock
 
 RAY_DIR = "ray"  # Ray Train's own bookkeeping inside the run directory
 WORKER_ENV = {
@@ -188,6 +189,7 @@ def launch(
     run_dir: Path | None = None,
     progress: bool | None = None,
     callbacks: list | None = None,
+    startup: StartupClock | None = None,
 ) -> TrainResult:
     """Train `spec` on Ray; returns where the run stands (finished, or stopped by a signal)."""
     address = address or (spec.cluster.address if spec.cluster.address != "local" else None)
@@ -206,8 +208,10 @@ def launch(
         print(f"[hepml] {run_dir}: resuming from step {resume_step}", flush=True)
 
     embedded = start_ray(spec, address)
+    if startup is not None:
+        startup.mark("ray")
     try:
-        stop_signal = _fit(spec, run_dir, embedded, progress, callbacks)
+        stop_signal = _fit(spec, run_dir, embedded, progress, callbacks, startup)
     finally:  # also after a second Ctrl-C (signals.StoppedAtOnce)
         if embedded:
             ray.shutdown()  # stop what we started before saying the run is over (and how to resume it)
@@ -229,7 +233,8 @@ class _Trainer(TorchTrainer):
         return None
 
 
-def _fit(spec: JobSpec, run_dir: Path, embedded: bool, progress: bool | None, callbacks: list | None) -> str | None:
+def _fit(spec: JobSpec, run_dir: Path, embedded: bool, progress: bool | None, callbacks: list | None,
+         startup: StartupClock | None = None) -> str | None:
     """Run the worker group to its end; returns the signal that stopped it, if one did."""
     interactive = sys.stdout.isatty() if progress is None else progress
     trainer = _Trainer(
@@ -240,6 +245,7 @@ def _fit(spec: JobSpec, run_dir: Path, embedded: bool, progress: bool | None, ca
             "ray": True,
             "plain_logs": not interactive,
             "info": run_info(spec),
+            "startup": startup.marks if startup is not None else None,  # rank 0 adds its marks, logs the phases
         },
         torch_config=TorchConfig(timeout_s=spec.parallel.collective_timeout_s),
         scaling_config=scaling_config(spec.parallel),

@@ -29,6 +29,7 @@ from hepml_dist.train.distributed import naming_collective_timeouts
 from hepml_dist.train.engine import Engine, make_engine
 from hepml_dist.train.finetune import freeze, load_pretrained, phase_at, restrict_to
 from hepml_dist.train.session import StopRequest, WorkerContext, worker_context
+from hepml_dist.train.startup import StartupClock
 from hepml_dist.train.step import LogWindow, format_record, log, train_step
 
 
@@ -37,13 +38,17 @@ class NonFiniteLossError(UserError):
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    startup = StartupClock(config.get("startup"))  # the driver's marks; logged once the first step is done
+    startup.mark("workers")
     spec = parse_spec(config["spec"], source="train_loop_config")
     run_dir = Path(config["run_dir"])
     ctx = worker_context(config.get("ray", False))
     torch.manual_seed(spec.training.seed)  # identical initial weights on every rank
     family = get_family(spec.model.family)
     model = initial_model(spec, ctx)
+    startup.mark("model")
     train_data, val_data = open_data(spec, ctx)
+    startup.mark("data")
     steps_per_epoch = optimizer_steps_per_epoch(spec, train_data.steps_per_epoch)
     total_steps = spec.training.steps or (spec.training.epochs or 1) * steps_per_epoch
 
@@ -59,6 +64,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     tracker = make_rank0_tracker(spec, run_dir, ctx, config, resume_step=step if resume.folder else None)
     if resume.folder:
         tracker.log_metrics({"resumed_from": step}, step=step, epoch=epoch)
+    startup.mark("engine")
 
     cadence = Cadence(spec.training, spec.checkpoint, total_steps, validates=val_data is not None)
     window = LogWindow(ctx.world_size)
@@ -85,6 +91,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     break
                 step += 1
                 window.add(result)
+                if "first_step" not in startup.marks:
+                    startup.mark("first_step")
+                    if config.get("startup"):  # `hepml train` measured from its process start
+                        tracker.log_metrics(startup.record(), step=step, epoch=epoch)
                 due = cadence.at(step, result.stop_requested)
                 if due.log:
                     record = window.flush(engine)
