@@ -32,7 +32,7 @@ def report(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file to write (default RUN_DIR/report.html).")] = None,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline",
                                            help="Fit and show the family's baseline: gradient-boosted trees for "
-                                           "tau and AOT jobs (MLPF's rule-based particle flow is always shown).")] = True,
+                                           "jet taggers and AOT jobs (MLPF's rule-based particle flow is always shown).")] = True,
     baseline_jets: Annotated[int | None, typer.Option(
         "--baseline-jets", min=100, help="Fit the baseline on at most this many train jets (default: all).")] = None,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Also send the figures to the run's TensorBoard "
