@@ -23,6 +23,8 @@ MAX_LINES = 500
 # Function-level imports that stay: heavy or optional dependencies that only one path needs.
 ALLOWED_LAZY = {
     ("spec/commands.py", "hepml_dist.models.commands"),
+    # scikit-learn (and the pandas it loads) only when metrics are computed: not in every training worker's start-up
+    ("evaluate/metrics.py", "sklearn.metrics"),
 }
 # Besides the training package itself, only the launchers and the tuner may import hepml_dist.train.
 MAY_IMPORT_TRAIN = ("hepml_dist.train", "hepml_dist.tune", "hepml_dist.launch", "hepml_dist.cli")

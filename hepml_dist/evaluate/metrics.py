@@ -20,9 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from scipy.special import logsumexp
-from scipy.stats import beta
-from sklearn.metrics import confusion_matrix, roc_auc_score
+from scipy.special import betaincinv, logsumexp
 
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.tasks import TaskSpec
@@ -60,8 +58,9 @@ def binomial(k, n, cl: float = ONE_SIGMA) -> tuple[np.ndarray, np.ndarray]:
     ok = n > 0
     k = np.clip(k, 0.0, np.where(ok, n, 1.0))
     # beta quantiles need positive shape parameters: the k = 0 and k = n ends are set by np.where below
-    low = beta.ppf(alpha / 2, np.maximum(k, 1e-300), np.maximum(n - k + 1, 1e-300))
-    high = beta.ppf(1 - alpha / 2, k + 1, np.maximum(n - k, 1e-300))
+    # (betaincinv(a, b, q) is scipy.stats.beta.ppf(q, a, b), without importing scipy.stats into every worker)
+    low = betaincinv(np.maximum(k, 1e-300), np.maximum(n - k + 1, 1e-300), alpha / 2)
+    high = betaincinv(k + 1, np.maximum(n - k, 1e-300), 1 - alpha / 2)
     low = np.where(ok, np.where(k > 0, low, 0.0), np.nan)
     high = np.where(ok, np.where(k < n, high, 1.0), np.nan)
     return low[()], high[()]
@@ -366,6 +365,8 @@ def accuracy(log_probs: np.ndarray, labels: np.ndarray, weights: np.ndarray | No
 def classification_metrics(task: TaskSpec, log_probs: np.ndarray, labels: np.ndarray,
                            weights: np.ndarray | None = None) -> dict[str, float]:
     """Accuracy, AUC and rejections from log-probabilities (`log_probabilities`), weighted by `weights`."""
+    from sklearn.metrics import roc_auc_score  # at first validation: sklearn and pandas add ~2 s to every worker's start
+
     labels = labels.astype(np.int64)
     w = _weights(weights, len(labels))
     out = {"accuracy": accuracy(log_probs, labels, w)[0]}
@@ -392,6 +393,8 @@ def classification_metrics(task: TaskSpec, log_probs: np.ndarray, labels: np.nda
 
 
 def confusion(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    from sklearn.metrics import confusion_matrix  # at first use: sklearn and pandas add ~2 s to every worker's start
+
     k = scores.shape[1]
     return confusion_matrix(labels.astype(np.int64), scores.argmax(axis=1), labels=list(range(k)))
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch._dynamo
 from torch import nn
 
 from hepml_dist.models import get_family
