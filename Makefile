@@ -48,8 +48,9 @@ DEMO_SPLITS := --set data.train=$(DEMO_DATA)/train --set data.val=$(DEMO_DATA)/v
 demo: $(DEMO_STAMP)
 	@set -e; start=$$(date +%s); \
 	if $(BIN)/python -c "import json, sys; g = json.load(open('$(DEMO_DATA)/manifest.json'))['meta']['generator']; \
-	    sys.exit((g['process'], g['events'], g['seed']) != ('fcc-tau', $(DEMO_EVENTS), $(DEMO_SEED)))" 2>/dev/null; then \
-	  echo "demo: reusing $(DEMO_DATA) (fcc-tau, $(DEMO_EVENTS) events, seed $(DEMO_SEED))"; \
+	    sys.exit((g['process'], g['events'], g['seed'], (g.get('options') or {}).get('detector')) \
+	             != ('fcc-tau', $(DEMO_EVENTS), $(DEMO_SEED), 'realistic'))" 2>/dev/null; then \
+	  echo "demo: reusing $(DEMO_DATA) (fcc-tau, $(DEMO_EVENTS) events, seed $(DEMO_SEED), realistic detector)"; \
 	else \
 	  if [ -f $(DEMO_DATA)/manifest.json ]; then overwrite=--overwrite; echo "demo: $(DEMO_DATA) holds another dataset: replacing it"; fi; \
 	  $(BIN)/hepml data generate fcc-tau --events $(DEMO_EVENTS) --seed $(DEMO_SEED) --out $(DEMO_DATA) $$overwrite; \

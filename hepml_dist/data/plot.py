@@ -3,6 +3,9 @@
 Works on any dataset of our format (generated or converted). Padded columns are histogrammed over their real
 entries only (the `*_n` count column decides); per-element columns (MLPF) are split by the per-element class,
 per-example columns by the example's class (the first label the generator lists, else the first `label_*`).
+Jet datasets (`part_*` columns) also get `derived_*` plots of what the detector changes: charged and neutral
+constituents per jet, the jet's neutral energy fraction, and the impact-parameter significances d0/sigma and
+dz/sigma of its charged constituents; titles name the generator's detector when the manifest records one.
 """
 
 from __future__ import annotations
@@ -111,6 +114,36 @@ def _grouped(values: np.ndarray, classes: np.ndarray | None, names: dict[int, st
     return kept or groups
 
 
+def derived_jet_quantities(columns: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Name -> (values, entries) of a jet dataset (empty if it is not one): per-jet values [N] with entries None, or
+    per-constituent values [N, P] with the mask [N, P] of the charged constituents they are defined on."""
+    needed = ("part_n", "part_charge", "part_energy", "part_d0val", "part_d0err", "part_dzval", "part_dzerr")
+    if not all(c in columns for c in needed):
+        return {}
+    real = np.arange(columns["part_charge"].shape[1])[None, :] < columns["part_n"][:, None]
+    charged = real & (columns["part_charge"] != 0)
+    neutral = real & (columns["part_charge"] == 0)
+    energy = np.where(real, columns["part_energy"], 0.0)
+    fraction = np.where(neutral, energy, 0.0).sum(axis=1) / np.maximum(energy.sum(axis=1), 1e-9)
+
+    def significance(value: str, error: str) -> np.ndarray:
+        # clipped to +-20 so the core stays readable; lifetime-signed on the realistic detector
+        return np.clip(columns[value] / np.where(charged, np.maximum(columns[error], 1e-9), 1.0), -20, 20)
+
+    return {
+        "derived_n_charged": (charged.sum(axis=1), None),
+        "derived_n_neutral": (neutral.sum(axis=1), None),
+        "derived_neutral_energy_fraction": (fraction, None),
+        "derived_d0_significance": (significance("part_d0val", "part_d0err"), charged),
+        "derived_dz_significance": (significance("part_dzval", "part_dzerr"), charged),
+    }
+
+
+def _detector_note(manifest) -> str:
+    detector = (manifest.meta.get("generator", {}).get("options") or {}).get("detector")
+    return f" ({detector} detector)" if detector else ""
+
+
 def plot_dataset(dataset: str | Path, out: str | Path, *, split: str = "train", max_examples: int = 200_000,
                  ) -> list[Path]:
     """Write the PNG files; returns their paths."""
@@ -162,6 +195,14 @@ def plot_dataset(dataset: str | Path, out: str | Path, *, split: str = "train", 
                                    _grouped(array[mask][:, i], classes, names)))
     if n == 0:
         raise UserError(f"{dataset}: split {split} is empty")
+    note = _detector_note(manifest)
+    for name, (values, entries) in derived_jet_quantities(columns).items():
+        classes = columns[example_label] if example_label else None
+        if entries is not None:
+            values = values[entries]
+            classes = None if classes is None else np.broadcast_to(classes[:, None], entries.shape)[entries]
+        names = _class_names(manifest, example_label, classes) if example_label else {}
+        files.append(_plot(out / f"{name}.png", name.removeprefix("derived_") + note, _grouped(values, classes, names)))
     return files
 
 

@@ -38,10 +38,23 @@ def generate(
              "Default Res2P,Res34P,QCD.")] = None,
     mass_range: Annotated[str | None, typer.Option(
         help="jetclass2-lite: mass range of the resonance X, lo,hi in GeV (default 15,250).")] = None,
+    detector: Annotated[Literal["realistic", "ideal"] | None, typer.Option(
+        help="fcc-tau: detector response: realistic (beam spot, tracking efficiency and fakes, particle-flow "
+             "confusion, gamma gamma -> hadrons overlay, jet-signed impact parameters) or ideal (resolutions "
+             "only). Default realistic.", show_default=False)] = None,
+    overlay_rate: Annotated[float | None, typer.Option(
+        help="fcc-tau, realistic detector: mean number of soft gamma gamma -> hadrons particles overlaid per "
+             "event (default 2).", show_default=False)] = None,
+    background_only: Annotated[bool, typer.Option(
+        "--background-only", help="fcc-tau: Z -> q qbar events only, from their own random stream (a "
+        "background-only test set: add --fractions 0,0,1).")] = False,
 ) -> None:
     """Generate a dataset with Pythia 8 and a parametrised detector (physics and limits: docs/generators.md)."""
     spec = get_process(process)
-    options = {name: value for name, value in (("classes", classes), ("mass_range", mass_range)) if value is not None}
+    given = (("classes", classes), ("mass_range", mass_range), ("detector", detector),
+             ("overlay_rate", None if overlay_rate is None else repr(overlay_rate)),
+             ("background_only", "true" if background_only else None))
+    options = {name: value for name, value in given if value is not None}
     report = generate_dataset(spec, events, out, seed=seed, workers=workers or default_workers(),
                               splits=parse_fractions(fractions, "--fractions"), pythia_settings=pythia or [],
                               overwrite=overwrite, options=options)

@@ -1,8 +1,11 @@
 """`fcc-tau`: FCC-ee Z-pole tau jets and quark jets for tau identification, decay mode, charge and kinematics.
 
 e+e- -> Z -> tau+ tau- (both taus hadronic) and e+e- -> Z -> q qbar (udscb) at sqrt(s) = 91.2 GeV, half the events
-each. PF candidates from a CLD-like response (`detector.CLD`), e+e- anti-kT jets (ee_genkt, R = 0.4, p = -1) with
-pT > 5 GeV, up to 20 pT-ordered candidates per jet. Tau jets are reco jets within Delta R < 0.3 of a visible tau
+each (`--background-only`: q qbar only). PF candidates from a CLD-like response: `--detector realistic` (the
+default; `detector_realistic`: beam spot, tracking efficiency and fakes, particle-flow confusion, gamma gamma ->
+hadrons overlay, impact parameters signed along the jet) or `--detector ideal` (`detector.CLD` alone: the shards of
+earlier versions). e+e- anti-kT jets (ee_genkt, R = 0.4, p = -1) with pT > 5 GeV, up to 20 pT-ordered candidates
+per jet. Tau jets are reco jets within Delta R < 0.3 of a visible tau
 (the tau minus its neutrinos); jets of tau events without a tau are dropped, every jet of a q qbar event is
 background. Labels and targets follow MultiParTau (HEP-KBFI/ml-tau-en-reg ad3edb7 enreg/tools/general.py for the decay
 modes; HEP-KBFI/ml-tau-model mltau/tools/io/ParT_dataloader.py for the targets; arXiv:2606.18460).
@@ -10,11 +13,16 @@ modes; HEP-KBFI/ml-tau-model mltau/tools/io/ParT_dataloader.py for the targets; 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
 import numpy as np
 
+from hepml_dist.errors import UserError
+from hepml_dist.generate import detector_realistic as realistic
 from hepml_dist.generate import pythia as py
 from hepml_dist.generate.base import Process, RunContext, Schema, UnitSeeds, concat_shuffled
-from hepml_dist.generate.detector import CLD, reconstruct_candidates
+from hepml_dist.generate.detector import CLD, Detector, reconstruct_candidates
 from hepml_dist.generate.jets import cluster, constituent_columns, delta_phi, delta_r, jet_schema
 
 MAX_CANDIDATES = 20
@@ -148,16 +156,70 @@ def tau_labels(match: np.ndarray, taus: dict[str, np.ndarray], jet_pt, jet_eta, 
     }
 
 
+# ---- options ------------------------------------------------------------------------------------------------------
+
+DETECTORS = ("realistic", "ideal")
+DEFAULT_DETECTOR = "realistic"
+# Instance of the Pythia seed stream that a background-only run gives its q qbar sample: not 1 (the q qbar sample of
+# a normal run), so a background-only set made with the demo's seed holds other events than the demo's test split.
+BACKGROUND_ONLY_STREAM = 2
+
+
+@dataclass(frozen=True)
+class Options:
+    """`--detector`, `--overlay-rate` and `--background-only`, parsed; recorded in the manifest with the numbers."""
+
+    detector: str
+    """`realistic` (default) or `ideal`."""
+    background_only: bool
+    """Generate Z -> q qbar events only (a background-only test set); default False."""
+    response: Detector
+    """Resolutions and acceptances (CLD-like, both detectors)."""
+    effects: realistic.Effects | None
+    """The realistic detector's effects (overlay rate included); None for the ideal detector."""
+
+
+def configure(options: Mapping[str, str]) -> Options:
+    """The options as typed (strings) -> Options, defaults filled in; a UserError names a bad one."""
+    detector = str(options.get("detector", DEFAULT_DETECTOR))
+    if detector not in DETECTORS:
+        raise UserError(f"--detector {detector!r}: choose one of {', '.join(DETECTORS)}")
+    effects = realistic.REALISTIC if detector == "realistic" else None
+    if "overlay_rate" in options:
+        if effects is None:
+            raise UserError("--overlay-rate: the ideal detector has no beam-induced background; use "
+                            "--detector realistic or drop --overlay-rate")
+        try:
+            rate = float(options["overlay_rate"])
+        except ValueError:
+            rate = -1.0
+        if not 0 <= rate <= 1000:
+            raise UserError(f"--overlay-rate {options['overlay_rate']!r}: give the mean number of overlaid soft "
+                            f"particles per event, a number in 0-1000 (default {realistic.REALISTIC.overlay_rate:g})")
+        effects = replace(effects, overlay_rate=rate)
+    background_only = str(options.get("background_only", "false")).lower() in ("1", "true", "yes", "on")
+    return Options(detector, background_only, CLD, effects)
+
+
 class FccTauGenerator:
     def __init__(self, context: RunContext):
         init_seed, extra_settings = context.init_seed, context.settings
+        self.options: Options = context.options or configure({})
         self.tau = py.make_pythia([*TAU_SETTINGS, *extra_settings], init_seed)
         self.qq = py.make_pythia([*QQ_SETTINGS, *extra_settings], init_seed + 1)
 
+    def _candidates(self, record: py.Record, rng: np.random.Generator):
+        if self.options.effects is None:
+            return reconstruct_candidates(record, self.options.response, rng)
+        candidates, _ = realistic.reconstruct(record, rng, self.options.effects, self.options.response)
+        return candidates
+
     def _jets(self, record: py.Record, rng: np.random.Generator, with_taus: bool) -> dict[str, np.ndarray]:
-        candidates = reconstruct_candidates(record, CLD, rng)
+        candidates = self._candidates(record, rng)
         jets = cluster(candidates.event, candidates.px, candidates.py, candidates.pz, candidates.e,
                        record.n_events, "ee_antikt", 0.4, min_pt=JET_MIN_PT)
+        if self.options.effects is not None:
+            candidates = realistic.sign_impact_parameters(candidates, jets)
         taus = hadronic_taus(record) if with_taus else no_taus()  # taus from b/c decays in q qbar are background
         match = match_taus(taus, jets.event, jets.eta, jets.phi)
         if with_taus:
@@ -169,10 +231,11 @@ class FccTauGenerator:
 
     def run(self, n_events: int, seeds: UnitSeeds) -> dict[str, np.ndarray]:
         rng = seeds.numpy()
-        n_tau = n_events // 2
+        n_tau = 0 if self.options.background_only else n_events // 2
+        qq_stream = BACKGROUND_ONLY_STREAM if self.options.background_only else 1
         parts = []
-        for instance, (pythia, n, with_taus) in enumerate(((self.tau, n_tau, True),
-                                                           (self.qq, n_events - n_tau, False))):
+        samples = ((0, self.tau, n_tau, True), (qq_stream, self.qq, n_events - n_tau, False))
+        for instance, pythia, n, with_taus in samples:
             if n == 0:
                 continue
             py.reseed(pythia, seeds.pythia(instance))
@@ -187,4 +250,6 @@ PROCESS = Process(
     unit_events=1000,
     make=FccTauGenerator,
     classes={"label_is_tau": ["jet", "tau"], "label_charge": ["tau-", "tau+"], "label_decay_mode": DECAY_MODES},
+    options=("detector", "overlay_rate", "background_only"),
+    configure=configure,
 )
