@@ -21,6 +21,7 @@ from hepml_dist.evaluate.mlpf_baseline import (
     rule_based_columns,
     track_phi_at_calorimeter,
 )
+from hepml_dist.evaluate.mlpf_particles import element_table, particle_performance, particle_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +64,54 @@ def test_rule_based_pf_on_hand_made_elements():
     elements[0, 0, 3], elements[0, 0, 4] = math.sin(1.5), math.cos(1.5)
     out = {k: v[0] for k, v in rule_based_columns(elements, real).items()}
     assert out["energy"][1] == pytest.approx(40.0)
+
+
+def _padded(values: list, pad) -> np.ndarray:
+    """Two events of 4 real elements each, padded to 5 with `pad` (which the evaluation must ignore)."""
+    return np.array([values[:4] + [pad], values[4:] + [pad]], dtype=float)
+
+
+def test_particle_efficiency_fake_rate_and_response_by_hand():
+    real = _padded([True] * 8, False).astype(bool)
+    target = {"cls": _padded([1, 1, 1, 2, 3, 0, 0, 4], 1), "pt": _padded([1, 3, 30, 4, 0.7, 0, 0, 8], 5),
+              "energy": _padded([2, 6, 30, 4, 0.7, 0, 0, 8], 5)}
+    mlpf = {"cls": _padded([1, 2, 0, 2, 0, 3, 0, 1], 1), "pt": _padded([1.1, 2.7, 9, 5, 9, 2, 9, 8], 5),
+            "energy": _padded([2.4, 5.4, 9, 5, 9, 2, 9, 8], 5)}
+    baseline = {"cls": _padded([1, 1, 1, 3, 3, 0, 0, 1], 1), "pt": _padded([1, 3, 33, 4, 0.7, 0, 0, 8], 5),
+                "energy": _padded([2, 6, 33, 4, 0.7, 0, 0, 8], 5)}
+    table = element_table(real, target, mlpf=mlpf, baseline=baseline)
+    assert len(table["target_cls"]) == 8  # padding dropped
+    names = ["none", "charged_hadron", "neutral_hadron", "photon", "electron", "muon"]
+    got = particle_performance(table, names)
+    ch = got["mlpf"]["charged_hadron"]
+    # 3 true charged hadrons (elements 0, 1, 2): element 0 found as one, element 1 as a neutral hadron, 2 lost
+    assert (ch["targets"], ch["efficiency"], ch["efficiency_any"]) == (3, pytest.approx(1 / 3), pytest.approx(2 / 3))
+    # predicted charged hadrons: elements 0 (right) and 7 (an electron): no fake, one misidentified
+    assert (ch["predicted"], ch["fake_rate"], ch["misid_rate"]) == (2, 0.0, 0.5)
+    # responses of elements 0 and 1: pT 1.1 / 1 and 2.7 / 3 -> median 1.0, q25 0.95, q75 1.05; E 1.2 and 0.9
+    assert ch["pt_response"]["median"] == pytest.approx(1.0)
+    assert ch["pt_response"]["iqr_over_median"] == pytest.approx(0.1)
+    assert ch["energy_response"]["median"] == pytest.approx(1.05)
+    # efficiency in target-pT bins [1, 2), [2, 5), [20, 50): 1 of 1, 0 of 1, 0 of 1
+    binned = ch["efficiency_vs_pt"]
+    assert binned["count"] == [0, 0, 1, 1, 0, 0, 1, 0, 0]
+    assert binned["value"][2:4] == [1.0, 0.0] and binned["value"][6] == 0.0 and math.isnan(binned["value"][0])
+    assert ch["efficiency_any_vs_pt"]["value"][3] == 1.0
+    photon = got["mlpf"]["photon"]  # the true photon (element 4) is lost; the predicted one (element 5) is a fake
+    assert (photon["efficiency"], photon["fake_rate"]) == (0.0, 1.0)
+    assert photon["fake_rate_vs_pt"]["count"][3] == 1 and photon["fake_rate_vs_pt"]["value"][3] == 1.0
+    assert got["mlpf"]["muon"]["targets"] == 0 and math.isnan(got["mlpf"]["muon"]["efficiency"])
+    # the baseline finds all three charged hadrons, calls the neutral hadron a photon
+    base = got["baseline"]
+    assert base["charged_hadron"]["efficiency"] == 1.0 and base["charged_hadron"]["misid_rate"] == pytest.approx(1 / 4)
+    assert (base["neutral_hadron"]["efficiency"], base["neutral_hadron"]["efficiency_any"]) == (0.0, 1.0)
+    assert base["photon"]["misid_rate"] == 0.5 and base["photon"]["fake_rate"] == 0.0
+    assert base["charged_hadron"]["pt_response"]["median"] == pytest.approx(1.0)
+    assert base["charged_hadron"]["pt_response_vs_pt"]["median"][6] == pytest.approx(1.1)
+    flat = particle_summary(got, "test_")
+    assert flat["test_charged_hadron_efficiency"] == pytest.approx(1 / 3)
+    assert flat["test_charged_hadron_efficiency_baseline"] == 1.0
+    assert flat["test_photon_fake_rate"] == 1.0 and flat["test_charged_hadron_pt_resolution"] == pytest.approx(0.1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -176,6 +225,14 @@ def test_evaluate_and_report_of_an_mlpf_run(mlpf_run):
     assert "gradient-boosted" not in page  # no tau baseline for MLPF
     assert page.count("data:image/png;base64") >= 4  # training + overall + 2 processes
     assert f"{evaluation['mlpf']['jet_resolution_baseline']:.4f}" in page
+    assert "MLPF: particle efficiency, fake rate and response per class" in page
+    assert page.count("data:image/png;base64") >= 7  # + particle figures: overall + 2 processes
+    particles = evaluation["mlpf"]["particles"]
+    assert set(particles) == {"mlpf", "baseline"} and "charged_hadron" in particles["baseline"]
+    assert 0.9 < metrics["test_charged_hadron_efficiency_baseline"] <= 1.0  # tracks -> charged hadrons
+    assert f"{particles['baseline']['charged_hadron']['efficiency']:.4f}" in page
+    assert sum(p["particles"]["mlpf"]["photon"]["targets"] for p in processes.values()) == \
+        particles["mlpf"]["photon"]["targets"]
 
 
 def test_report_of_mlpf_run_whose_data_lack_gen_jets_exits_2(mlpf_run, tmp_path):

@@ -11,8 +11,10 @@ Events are awkward arrays of particle records (`pt, eta, phi, energy, cls`), one
 Three particle collections go through the same code: MLPF's predictions (metric names as is), the target particles
 (`target_*`) and the rule-based particle flow of `mlpf_baseline.py` (`*_baseline`); against the stored generator
 jets, again against jets of the target particles (`vs_target_jets`), and per process when the data store
-`gen_process` (`per_process`). `hepml evaluate` on an MLPF run stores all of it as metrics.json's `mlpf`
-(`evaluate_mlpf_run`) and the scalar numbers among its metrics (`summary_metrics`).
+`gen_process` (`per_process`). Per element, MLPF's and the baseline's particles are also compared with the target
+particle class by class (`particles`: efficiency, fake rate, pT / energy response; see `mlpf_particles.py`).
+`hepml evaluate` on an MLPF run stores all of it as metrics.json's `mlpf` (`evaluate_mlpf_run`) and the scalar
+numbers among its metrics (`summary_metrics`).
 """
 
 import json
@@ -33,7 +35,14 @@ from hepml_dist.data.loader import open_stream
 from hepml_dist.data.shards import ShardResolver
 from hepml_dist.errors import UserError
 from hepml_dist.evaluate.loop import run_model
-from hepml_dist.evaluate.mlpf_baseline import rule_based_particles
+from hepml_dist.evaluate.mlpf_baseline import rule_based_columns
+from hepml_dist.evaluate.mlpf_particles import (
+    binned_response,
+    element_table,
+    particle_performance,
+    particle_summary,
+    response_summary,
+)
 from hepml_dist.generate.clic_events import PROCESS_NAMES
 from hepml_dist.models.mlpf.losses import regression_target
 from hepml_dist.models.mlpf.model import ENERGY, PT, task_roles
@@ -54,12 +63,14 @@ def _events(exists: np.ndarray, **columns: np.ndarray) -> ak.Array:
     return ak.zip({name: ak.unflatten(values[exists].astype(np.float64), counts) for name, values in columns.items()})
 
 
-def predicted_particles(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], spec: JobSpec) -> ak.Array:
-    """Decode MLPF outputs: class = argmax(existence), then argmax(particle class); pT and E from the log-ratios."""
+def predicted_columns(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                      spec: JobSpec) -> dict[str, np.ndarray]:
+    """Decoded MLPF outputs per element [N, E]: `cls` = argmax(existence), then argmax(particle class) (0 = none,
+    and 0 on padding); `pt`, `energy` from the log-ratios; `eta`, `phi`."""
     roles = task_roles(spec)
     x = _to_numpy(batch["features"]).transpose(0, 2, 1)
     real = _to_numpy(batch["mask"])[:, 0] > 0
-    exists = _to_numpy(outputs[roles["existence"].name]).argmax(-1) == 1
+    exists = real & (_to_numpy(outputs[roles["existence"].name]).argmax(-1) == 1)
     cls = np.where(exists, _to_numpy(outputs[roles["particle_class"].name]).argmax(-1), 0)
     kin = _to_numpy(outputs[roles["kinematics"].name])
     value = {name: kin[..., i] for i, name in enumerate(roles["kinematics"].targets or [])}
@@ -67,11 +78,18 @@ def predicted_particles(outputs: dict[str, torch.Tensor], batch: dict[str, torch
         pt = np.exp(np.clip(value["log_pt_ratio"], -20, 20)) * x[..., PT]
         energy = np.exp(np.clip(value["log_energy_ratio"], -20, 20)) * x[..., ENERGY]
     phi = np.arctan2(value["sin_phi"], value["cos_phi"])
-    return _events(real & (cls != 0), pt=pt, eta=value["eta"], phi=phi, energy=energy, cls=cls)
+    return {"pt": pt, "eta": value["eta"], "phi": phi, "energy": energy, "cls": cls}
 
 
-def target_particles(batch: dict[str, torch.Tensor], spec: JobSpec) -> ak.Array:
-    """The per-element truth as particles (absolute `target_pt`/`target_energy`, or log-ratios to the element)."""
+def predicted_particles(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], spec: JobSpec) -> ak.Array:
+    """MLPF's predicted particles of each event (`predicted_columns` where `cls` != 0)."""
+    columns = predicted_columns(outputs, batch, spec)
+    return _events(columns["cls"] != 0, **columns)
+
+
+def target_columns(batch: dict[str, torch.Tensor], spec: JobSpec) -> dict[str, np.ndarray]:
+    """The per-element truth [N, E] (`cls` 0 = no particle, and 0 on padding), with the absolute `target_pt` /
+    `target_energy`, or the log-ratios to the element."""
     roles = task_roles(spec)
     x = _to_numpy(batch["features"]).transpose(0, 2, 1)
     real = _to_numpy(batch["mask"])[:, 0] > 0
@@ -85,8 +103,14 @@ def target_particles(batch: dict[str, torch.Tensor], spec: JobSpec) -> ak.Array:
                 absolute[name] = np.exp(_to_numpy(regression_target(batch, ratio))) * x[..., channel]
         pt, energy = absolute["pt"], absolute["energy"]
     phi = np.arctan2(_to_numpy(batch["target_sin_phi"]), _to_numpy(batch["target_cos_phi"]))
-    cls = _to_numpy(batch[roles["particle_class"].label_key])
-    return _events(exists, pt=pt, eta=_to_numpy(batch["target_eta"]), phi=phi, energy=energy, cls=cls)
+    cls = np.where(exists, _to_numpy(batch[roles["particle_class"].label_key]), 0)
+    return {"pt": pt, "eta": _to_numpy(batch["target_eta"]), "phi": phi, "energy": energy, "cls": cls}
+
+
+def target_particles(batch: dict[str, torch.Tensor], spec: JobSpec) -> ak.Array:
+    """The target particles of each event (`target_columns` where `cls` != 0)."""
+    columns = target_columns(batch, spec)
+    return _events(columns["cls"] != 0, **columns)
 
 
 def cluster_jets(particles: ak.Array, radius: float = JET_RADIUS, min_pt: float = JET_MIN_PT) -> ak.Array:
@@ -129,22 +153,6 @@ def match_jets(reference: ak.Array, reco: ak.Array, max_dr: float = MATCH_DR) ->
     n_ref = int(ak.sum(ak.num(reference)))
     ref_pt = ak.to_numpy(ak.flatten(reference.pt[matched]))
     return ref_pt, ak.to_numpy(ak.flatten(reco_pt[matched])), (len(ref_pt) / n_ref if n_ref else math.nan)
-
-
-def response_summary(ratio: np.ndarray) -> dict[str, float]:
-    if len(ratio) == 0:
-        return {"median": math.nan, "iqr": math.nan, "iqr_over_median": math.nan, "count": 0}
-    q25, median, q75 = np.percentile(ratio, [25, 50, 75])
-    iqr = float(q75 - q25)
-    return {"median": float(median), "iqr": iqr, "iqr_over_median": iqr / median if median else math.nan, "count": len(ratio)}
-
-
-def binned_response(reference: np.ndarray, reco: np.ndarray, edges: list[float]) -> dict[str, list]:
-    """Median, IQR and IQR/median of reco/reference in bins of the reference value."""
-    ratio = reco / reference
-    which = np.digitize(reference, edges) - 1
-    rows = [response_summary(ratio[which == i]) for i in range(len(edges) - 1)]
-    return {"edges": list(edges), **{key: [row[key] for row in rows] for key in rows[0]}}
 
 
 def collection_key(collection: str, key: str) -> str:
@@ -196,24 +204,32 @@ def evaluate_mlpf(
     """Run a trained MLPF over event batches (with `genjet_*`, `genjet_n`, optional `gen_met`, `gen_process`) and
     evaluate MLPF, the target particles and the rule-based baseline; with `gen_process` holding several processes,
     the same again per process under `per_process[<name>]`."""
-    parts: dict[str, list] = {k: [] for k in ("predicted", "target", "baseline", "gen_jets", "gen_met", "process")}
+    parts: dict[str, list] = {k: [] for k in ("predicted", "target", "baseline", "gen_jets", "gen_met", "process",
+                                              "elements")}
     model.eval()
     for batch, outputs in run_model(model, batches, device=torch.device("cpu"), limit=limit):
-        parts["predicted"].append(predicted_particles(outputs, batch, spec))
-        parts["target"].append(target_particles(batch, spec))
         real = _to_numpy(batch["mask"])[:, 0] > 0
-        parts["baseline"].append(rule_based_particles(_to_numpy(batch["features"]).transpose(0, 2, 1), real))
+        predicted, target = predicted_columns(outputs, batch, spec), target_columns(batch, spec)
+        baseline = rule_based_columns(_to_numpy(batch["features"]).transpose(0, 2, 1), real)
+        for name, columns in (("predicted", predicted), ("target", target), ("baseline", baseline)):
+            parts[name].append(_events(columns["cls"] != 0, **columns))
+        elements = element_table(real, target, mlpf=predicted, baseline=baseline)
         columns = (batch[f"genjet_{name}"] for name in ("pt", "eta", "phi", "energy", "n"))
         parts["gen_jets"].append(jets_from_columns(*columns))
         if "gen_met" in batch:
             parts["gen_met"].append(_to_numpy(batch["gen_met"]))
         if "gen_process" in batch:  # the loader may hand it over as a float
-            parts["process"].append(np.rint(_to_numpy(batch["gen_process"])).astype(np.int64))
+            process = np.rint(_to_numpy(batch["gen_process"])).astype(np.int64)
+            parts["process"].append(process)
+            elements["process"] = np.broadcast_to(process[:, None], real.shape)[real]
+        parts["elements"].append(elements)
     if not parts["gen_jets"]:
         raise UserError("MLPF evaluation: the split gave no events")
     per_event = ("gen_met", "process")  # numpy columns; the rest are awkward lists of particles or jets
     joined = {k: None if not v else np.concatenate(v) if k in per_event else ak.concatenate(v)
-              for k, v in parts.items()}
+              for k, v in parts.items() if k != "elements"}
+    table = {k: np.concatenate([e[k] for e in parts["elements"]]) for k in parts["elements"][0]}
+    names = particle_class_names(spec)
 
     def evaluate(select=slice(None), plots: Path | None = None) -> dict:
         return evaluate_particles(
@@ -224,6 +240,7 @@ def evaluate_mlpf(
 
     results = evaluate(plots=plots_dir)
     results["events"] = len(joined["gen_jets"])
+    results["particles"] = particle_performance(table, names)
     # the same against jets of the target particles (what a perfect per-element reconstruction would give)
     results["vs_target_jets"] = evaluate_particles(
         joined["predicted"], cluster_jets(joined["target"]), missing_et(joined["target"]),
@@ -235,10 +252,18 @@ def evaluate_mlpf(
             name = PROCESS_NAMES[index] if 0 <= index < len(PROCESS_NAMES) else f"process_{index}"
             selected = evaluate(process == index)
             selected["events"] = int((process == index).sum())
+            selected["particles"] = particle_performance({k: v[table["process"] == index] for k, v in table.items()},
+                                                         names)
             results["per_process"][name] = selected
             if plots_dir is not None:
                 plot_responses(selected, Path(plots_dir), tag=f"{name}_")
     return results
+
+
+def particle_class_names(spec: JobSpec) -> list[str]:
+    """Names of the particle classes (index 0 = none), from the job's particle-class task."""
+    task = task_roles(spec)["particle_class"]
+    return list(task.classes or [str(i) for i in range(task.output_dim)])
 
 
 MLPF_COLUMNS = ("elem_features", "elem_n", "label_existence", "label_particle_class", "target_pt", "target_eta",
@@ -283,6 +308,8 @@ def summary_metrics(results: dict, split: str) -> dict[str, float]:
                 name = collection_key(collection, key)
                 if name in numbers:
                     out[f"{split}_{scope}{name}"] = float(numbers[name])
+    if "particles" in results:  # per-class particle numbers: all events only (per process they stay in `mlpf`)
+        out |= particle_summary(results["particles"], f"{split}_")
     return out
 
 

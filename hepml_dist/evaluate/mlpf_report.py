@@ -1,5 +1,6 @@
 """The MLPF part of `hepml report`: jet and MET response of MLPF next to the rule-based particle flow
-(`mlpf_baseline.py`), overall and per process, from what `hepml evaluate` stored in metrics.json's `mlpf`."""
+(`mlpf_baseline.py`), and per-class particle efficiency, fake rate and response (`mlpf_particles.py`), overall and
+per process, from what `hepml evaluate` stored in metrics.json's `mlpf`."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import mplhep
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from hepml_dist import runs
 from hepml_dist.errors import UserError
 from hepml_dist.evaluate import mlpf
+from hepml_dist.evaluate.mlpf_particles import PARTICLE_PT_BINS
 from hepml_dist.evaluate.report_html import Section
 
 PANELS = (
@@ -25,12 +26,6 @@ PANELS = (
 TABLE_ROWS = (("jet_response_median", "jet response median"), ("jet_resolution", "jet response IQR / median"),
               ("jet_match_fraction", "gen jets matched"), ("met_response_median", "MET response median"),
               ("met_resolution", "MET response IQR / median"))
-
-
-def require_data(run) -> None:
-    """Stop before any work when the evaluated split's data lack what the MLPF evaluation needs."""
-    spec = runs.absolute_paths(run.spec)
-    mlpf.require_columns(getattr(spec.data, run.split), run.split)
 
 
 def _stored_results(run) -> dict:
@@ -82,7 +77,8 @@ def _table(scopes: dict[str, dict]) -> str:
 
 
 def mlpf_sections(run, figures) -> list[Section]:
-    """One section: the response table and a response figure for all events and for each process."""
+    """Two sections: jet / MET response (a table and a figure for all events and for each process), and the
+    per-class particle performance (`particle_sections`)."""
     results = _stored_results(run)
     scopes = {f"all ({results.get('events', '?')} events)": results}
     scopes |= {f"{name} ({r.get('events', '?')} events)": r for name, r in results.get("per_process", {}).items()}
@@ -100,5 +96,104 @@ def mlpf_sections(run, figures) -> list[Section]:
             "matched to its nearest jet at &Delta;R &lt; 0.1; response = p<sub>T</sub> reco / p<sub>T</sub> gen. "
             "MET = |&Sigma; p<sub>T</sub>|, response MET / gen MET for gen MET &ge; 10 GeV. Lower IQR / median "
             "is better.")
-    return [Section("MLPF: jet and MET response vs the rule-based particle flow", "mlpf-response", text, images,
-                    _table(scopes))]
+    response = Section("MLPF: jet and MET response vs the rule-based particle flow", "mlpf-response", text, images,
+                       _table(scopes))
+    return [response, *particle_sections(run, figures)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-class particles (mlpf_particles.py): efficiency, fake rate, pT response, element by element
+
+PARTICLE_LABELS = {"mlpf": "MLPF", "baseline": "rule-based PF"}
+PARTICLE_PANELS = (
+    ("efficiency_vs_pt", "value", "efficiency (same class)", r"target $p_T$ [GeV]"),
+    ("fake_rate_vs_pt", "value", "fake rate (no target)", r"predicted $p_T$ [GeV]"),
+    ("pt_response_vs_pt", "median", r"$p_T$ response median", r"target $p_T$ [GeV]"),
+    ("pt_response_vs_pt", "iqr_over_median", r"$p_T$ response IQR / median", r"target $p_T$ [GeV]"),
+)
+PARTICLE_COLUMNS = (("efficiency",), ("efficiency_any",), ("fake_rate",), ("misid_rate",),
+                    ("pt_response", "median"), ("pt_response", "iqr_over_median"),
+                    ("energy_response", "median"), ("energy_response", "iqr_over_median"))
+PARTICLE_HEADS = ("efficiency", "efficiency, any class", "fake rate", "misid. rate", "pT response median",
+                  "pT IQR / median", "E response median", "E IQR / median")
+
+
+def particle_figure(particles: dict[str, dict[str, dict]], title: str):
+    """Rows: efficiency, fake rate, pT response median and IQR / median vs pT; one column per particle class."""
+    classes = list(next(iter(particles.values())))
+    with plt.style.context(mplhep.style.CMS):
+        figure, axes = plt.subplots(len(PARTICLE_PANELS), len(classes), figsize=(4.6 * len(classes), 15),
+                                    squeeze=False)
+        for row, (key, stat, ylabel, xlabel) in enumerate(PARTICLE_PANELS):
+            for col, name in enumerate(classes):
+                ax = axes[row, col]
+                for collection, label in PARTICLE_LABELS.items():
+                    binned = particles.get(collection, {}).get(name, {}).get(key)
+                    if binned is None:
+                        continue
+                    edges = np.array(binned["edges"], dtype=float)
+                    centers = np.sqrt(edges[1:] * edges[:-1])
+                    values = np.array(binned[stat], dtype=float)
+                    yerr = np.array(binned["error"], dtype=float) if "error" in binned else None
+                    if np.isfinite(values).any():
+                        ax.errorbar(centers, values, xerr=[centers - edges[:-1], edges[1:] - centers], yerr=yerr,
+                                    fmt="o", ms=4, label=label)
+                if stat == "median":
+                    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+                ax.set_xscale("log")
+                ax.set_xlim(PARTICLE_PT_BINS[0], PARTICLE_PT_BINS[-1])  # also for panels with nothing to draw
+                ax.xaxis.set_minor_formatter(NullFormatter())
+                ax.tick_params(labelsize=11)
+                ax.set_xlabel(xlabel, fontsize=12)
+                ax.set_ylabel(ylabel, fontsize=12)
+                if row == 0:
+                    ax.set_title(name.replace("_", " "), fontsize=14)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=10)
+        figure.suptitle(title, fontsize=16)
+    return figure
+
+
+def _particle_table(scopes: dict[str, dict]) -> str:
+    head = "".join(f'<th colspan="2">{h}</th>' for h in PARTICLE_HEADS)
+    sub = "".join(f"<th>{label}</th>" for _ in PARTICLE_HEADS for label in PARTICLE_LABELS.values())
+    rows = []
+    for scope, particles in scopes.items():
+        for name in next(iter(particles.values())):
+            cells = []
+            for path in PARTICLE_COLUMNS:
+                for collection in PARTICLE_LABELS:
+                    value = particles.get(collection, {}).get(name)
+                    for key in path:
+                        value = None if value is None else value[key]
+                    cells.append(f'<td class="num">{_number(value)}</td>')
+            targets = particles["mlpf"][name]["targets"] if "mlpf" in particles else "?"
+            rows.append(f"<tr><th>{html.escape(scope)}: {html.escape(name)} ({targets})</th>{''.join(cells)}</tr>")
+    return (f"<table><tr><th rowspan=\"2\">test split: class (target particles)</th>{head}</tr><tr>{sub}</tr>"
+            f"{''.join(rows)}</table>")
+
+
+def particle_sections(run, figures) -> list[Section]:
+    """Per-class particle efficiency, fake rate and pT / energy response: a table, and a figure for all events and
+    for each process (nothing for metrics.json written before the particle evaluation existed)."""
+    results = _stored_results(run)
+    if "particles" not in results:
+        return []
+    scopes = {f"all ({results.get('events', '?')} events)": results["particles"]}
+    scopes |= {f"{name} ({r.get('events', '?')} events)": r["particles"]
+               for name, r in results.get("per_process", {}).items() if "particles" in r}
+    images = []
+    for (scope, particles), tag in zip(scopes.items(), ["all", *results.get("per_process", {})]):
+        figure = particle_figure(particles, f"$e^+e^-$ 380 GeV, {scope}: particles per class")
+        images.append((figures.png(figure, f"mlpf_particles_{tag}"),
+                       f"{scope}: per class, the efficiency vs target pT, the fake rate vs predicted pT and the "
+                       "median and IQR / median of the pT response vs target pT, MLPF and the rule-based PF."))
+    text = ("Each input element carries at most one target and one reconstructed particle (particleflow's "
+            "element-to-particle correspondence), so target and reconstructed particle are compared element by "
+            "element. Efficiency of class c: share of the elements with a target of class c reconstructed as class "
+            "c (any class: as any particle). Fake rate: share of the particles reconstructed as class c whose "
+            "element has no target particle (misid. rate: whose target is another class). Response: reconstructed "
+            "/ target pT (E) on the elements with a target of class c and any reconstructed particle. The rule-based "
+            "PF makes only charged hadrons, photons and neutral hadrons.")
+    return [Section("MLPF: particle efficiency, fake rate and response per class", "mlpf-particles", text, images,
+                    _particle_table(scopes))]
