@@ -13,7 +13,7 @@ from hepml_dist.data.features import build_batch, get_builder, to_torch
 from hepml_dist.data.plot import read_examples
 from hepml_dist.generate import get_process
 from hepml_dist.generate.runner import generate_dataset
-from hepml_dist.inference.export import example_jets
+from hepml_dist.inference.export import example_elements, example_jets
 from hepml_dist.models import build_model
 from hepml_dist.runs import write_model_checkpoint
 from hepml_dist.spec import load_job
@@ -112,6 +112,32 @@ def test_aot_export_matches_pytorch(tmp_path):
     with torch.no_grad():
         p = torch.sigmoid(model(batch)["signal"])
     np.testing.assert_allclose(got, torch.cat((1 - p, p), -1).numpy(), atol=1e-5)
+
+
+def test_mlpf_export_has_dynamic_elements_and_matches_pytorch(tmp_path):
+    """One graph serves any number of events and of elements: onnxruntime equals PyTorch at two element counts
+    (neither the traced one), for all three per-element outputs."""
+    run, model = trained_run(tmp_path, "mlpf-quickstart", [])
+    out = tmp_path / "mlpf.onnx"
+    result = runner.invoke(app, ["export", "onnx", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["features", "mask"]
+    assert [o.name for o in session.get_outputs()] == ["existence", "particle_class", "kinematics"]
+    for num, length in ((3, 41), (2, 130)):
+        events = example_elements(num, length, seed=length)
+        got = onnx_outputs(out, events)
+        with torch.no_grad():
+            expected = model(events)
+        real = events["mask"][:, 0].bool().numpy()
+        assert got["particle_class"].shape == (num, length, 6) and got["kinematics"].shape == (num, length, 5)
+        np.testing.assert_allclose(got["existence"][real], expected["existence"].softmax(-1).numpy()[real], atol=1e-5)
+        np.testing.assert_allclose(got["particle_class"][real],
+                                   expected["particle_class"].softmax(-1).numpy()[real], atol=1e-5)
+        np.testing.assert_allclose(got["kinematics"][real], expected["kinematics"].numpy()[real], atol=1e-4)
+    description = json.loads(out.with_name("mlpf.onnx.json").read_text())
+    assert description["family"] == "mlpf" and description["max_abs_difference_vs_pytorch"] <= 1e-4
+    assert description["outputs"]["kinematics"] == ["log_pt_ratio", "eta", "sin_phi", "cos_phi", "log_energy_ratio"]
 
 
 def test_export_of_a_missing_run_is_a_clear_error(tmp_path):

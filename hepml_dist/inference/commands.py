@@ -64,7 +64,7 @@ def onnx(
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     check: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch on random jets first.")] = True,
 ) -> None:
-    """Export a ParT-family (ParT, Sophon, Multi/SingleParTau) or AOT model to ONNX with dynamic batch and length.
+    """Export a ParT-family (ParT, Sophon, Multi/SingleParTau), AOT or MLPF model to ONNX, dynamic batch and length.
 
     ParT jobs keep weaver's I/O names (pf_features, pf_vectors, pf_mask -> softmax); FILE.json lists the columns.
     """

@@ -1,4 +1,4 @@
-"""ONNX export of trained ParT-family and AOT models, checked against onnxruntime.
+"""ONNX export of trained ParT-family, AOT and MLPF models, checked against onnxruntime.
 
 `export_onnx(run_dir_or_checkpoint)` rebuilds the model from its checkpoint (`load_trained`), switches it to its
 shape-static export code (`model.export_mode`: dense pair path, no trimming or packing), traces it with the legacy
@@ -13,6 +13,11 @@ I/O contract:
                 gives [N, 2] = (1 - p, p)), values [N, T] for regression; export_embed adds `<task>_embedding`.
   aot   inputs  features [N, C, O], mask [N, 1, O], event_features [N, F] (when the model uses them)
         outputs one per task as above.
+  mlpf  inputs  features [N, 17, E] (the elements, unstandardised, as the loader gives them), mask [N, 1, E]
+        outputs one per task and element, [N, E, ...]: existence probabilities [N, E, 2], particle-class
+                probabilities [N, E, K], kinematics [N, E, 5] (log(pT / pT_elem), eta, sin phi, cos phi,
+                log(E / E_elem) in the task's `targets` order; decode as docs/mlpf.md). Padded elements give
+                meaningless values: read only where mask is 1. N and E are dynamic.
 """
 
 import json
@@ -88,6 +93,18 @@ class AotForOnnx(nn.Module):
         return tuple(probabilities(t, outputs[t.name]) for t in self.tasks)
 
 
+class MlpfForOnnx(nn.Module):
+    """features, mask -> one per-element output per task (probabilities or regression values)."""
+
+    def __init__(self, model: nn.Module, spec: JobSpec):
+        super().__init__()
+        self.model, self.tasks = model, spec.tasks
+
+    def forward(self, features, mask):
+        outputs = self.model({"features": features, "mask": mask})
+        return tuple(probabilities(t, outputs[t.name]) for t in self.tasks)
+
+
 @dataclass
 class OnnxGraph:
     """What to trace: the wrapper, its inputs (name -> example tensor, dynamic axes) and its outputs."""
@@ -145,7 +162,33 @@ def aot_graph(spec: JobSpec, model: nn.Module, num: int, length: int) -> OnnxGra
     return OnnxGraph(AotForOnnx(model, spec).eval(), inputs, axes, outputs)
 
 
-GRAPHS: dict[str, Callable[[JobSpec, nn.Module, int, int], OnnxGraph]] = {"part": part_graph, "aot": aot_graph}
+def example_elements(num: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random CLIC-like events (tracks and clusters with positive pT and E >= |p|, some padding) in the 17-feature
+    `mlpf_elements` layout, for tracing and checking the MLPF export."""
+    g = torch.Generator().manual_seed(seed)
+    n_real = torch.randint(1, length + 1, (num,), generator=g)
+    n_real[0] = length
+    mask = (torch.arange(length)[None] < n_real[:, None]).float()
+    pt = 0.2 + 20 * torch.rand(num, length, generator=g)
+    eta, phi = torch.randn(num, length, generator=g), 3 * (2 * torch.rand(num, length, generator=g) - 1)
+    energy = pt * torch.cosh(eta) * (1 + 0.2 * torch.rand(num, length, generator=g))
+    kind = 1 + torch.randint(0, 2, (num, length), generator=g).float()
+    features = 0.1 * torch.randn(num, 17, length, generator=g)
+    for channel, value in enumerate((kind, pt, eta, torch.sin(phi), torch.cos(phi), energy)):
+        features[:, channel] = value
+    return {"features": features * mask[:, None], "mask": mask[:, None]}
+
+
+def mlpf_graph(spec: JobSpec, model: nn.Module, num: int, length: int) -> OnnxGraph:
+    inputs = example_elements(num, length)
+    axes = {name: {0: "N", 2: "n_elements"} for name in inputs}
+    outputs = {t.name: output_columns(t) for t in spec.tasks}
+    axes.update({name: {0: "N", 1: "n_elements"} for name in outputs})
+    return OnnxGraph(MlpfForOnnx(model, spec).eval(), inputs, axes, outputs)
+
+
+GRAPHS: dict[str, Callable[[JobSpec, nn.Module, int, int], OnnxGraph]] = {
+    "part": part_graph, "aot": aot_graph, "mlpf": mlpf_graph}
 
 
 def build_graph(spec: JobSpec, model: nn.Module, num: int = 3, length: int = 16) -> OnnxGraph:
@@ -158,7 +201,13 @@ def build_graph(spec: JobSpec, model: nn.Module, num: int = 3, length: int = 16)
     return GRAPHS[spec.model.family](spec, model, num, length)
 
 
+def _cosh(g, x):
+    return g.op("Cosh", x)
+
+
 def trace_to_onnx(graph: OnnxGraph, path: Path, opset: int = OPSET) -> None:
+    # ONNX has Cosh (opset 9) but the TorchScript exporter has no mapping for aten::cosh (MLPF's E >= |p| floor)
+    torch.onnx.register_custom_op_symbolic("aten::cosh", _cosh, opset)
     with warnings.catch_warnings():
         # Shape checks in forward become constants in the trace (harmless); the legacy exporter is deprecated.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
