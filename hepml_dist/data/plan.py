@@ -9,7 +9,9 @@ How an epoch is planned (without opening a shard):
    the LOCAL rank, or refuses to run on several nodes).
 3. A worker reads its slot in *windows* of about `data.shuffle_buffer` examples (several chunks, possibly of
    several shards), permutes each window (seeded by seed, epoch, pass, slot, window) and cuts consecutive batches
-   of `data.batch_size` from the permuted stream, carrying a remainder into the next window.
+   of `data.batch_size` from the permuted stream, carrying a remainder into the next window. With
+   `data.bucket_by_length` (training) the permuted window is sorted by length and cut into batches whose order is
+   permuted (seeded the same way); the cut depends only on the plan, so the position below stays exact.
 4. Training: every rank yields exactly `steps_per_epoch` batches, shared out among its workers (worker w gets
    steps // W, plus one if w < steps % W, which matches the DataLoader's round robin). A worker whose slot runs
    out starts another pass over it (new permutations); a worker with more data stops at its quota.

@@ -134,6 +134,11 @@ class WorkerStream(IterableDataset):
                 if window is None:
                     continue
                 order = self._window_order(window, pass_index, slot, j, yields[j])
+                if s.data.bucket_by_length and s.training:
+                    # examples still owed to the batch carried in from the previous window: a function of the
+                    # plan alone (not of where this run started), so a resumed stream buckets identically
+                    owed = -(pass_index * per_pass + sum(yields[:j])) % size
+                    order = self._bucketed(window, order, owed, (pass_index, slot, j))
                 position = offset if (pass_index == first_pass and j == start_window) else 0
                 while position < len(order):
                     need = size - (0 if carry is None else len(next(iter(carry.values()))))
@@ -171,6 +176,23 @@ class WorkerStream(IterableDataset):
         if s.data.shuffle_buffer == 0:
             return np.arange(n)
         return rng.permutation(n)
+
+    def _bucketed(self, window: Window, order: np.ndarray, owed: int, seed_key: tuple[int, ...]) -> np.ndarray:
+        """`order` rearranged so that consecutive batches hold examples of similar length (data.bucket_by_length).
+
+        The window's examples are sorted by length (stable, so ties keep the shuffled order); the `owed` longest
+        complete the batch carried in from the previous window (whose leftover is long too), the rest is cut into
+        whole batches whose order is shuffled, and the longest remainder is carried into the next window."""
+        s = self.s
+        size, count = s.batch_size, s.builder.count
+        lengths = np.minimum(window.columns([count])[count][order], s.data.inputs.max_length)
+        ranked = order[np.argsort(lengths, kind="stable")]
+        owed = min(owed, len(ranked))
+        head, body = ranked[len(ranked) - owed:], ranked[:len(ranked) - owed]
+        whole = len(body) // size * size
+        blocks = body[:whole].reshape(-1, size)
+        rng = np.random.default_rng([s.seed, self.epoch, *seed_key, 0xB0C])
+        return np.concatenate([head, blocks[rng.permutation(len(blocks))].ravel(), body[whole:]])
 
     def _read_window(self, window: list[Piece]) -> tuple[Window | None, list[str]]:
         s = self.s

@@ -94,6 +94,12 @@ class DataSpec(Section):
     """Examples per batch on each worker (the global batch is this times the number of workers)."""
     shuffle_buffer: int = Field(8192, ge=0)
     """Examples held in the shuffle buffer of each loader process (0 = no shuffling beyond shard order)."""
+    bucket_by_length: bool = False
+    """Training batches of similar length (particleflow sorts MLPF events by size): each shuffle window is sorted
+    by the examples' constituent / element count (`elem_n` for MLPF), cut into batches, and the batch order is
+    shuffled, so a batch pads to its own longest example with little waste (benchmarks/mlpf_bucketing.py). Seeded
+    like the shuffle: the same batches on every run with the same seed, and an exact resume. Batch composition
+    is then correlated with length; evaluation splits are read unbucketed. The MLPF jobs turn it on."""
     loader_workers: int = Field(2, ge=0)
     """DataLoader processes per training worker."""
     steps_per_epoch: int | None = Field(None, ge=1)
