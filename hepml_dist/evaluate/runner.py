@@ -48,7 +48,8 @@ def evaluate_run(path: str | Path, split: str = "test", max_batches: int | None 
     report = {
         "checkpoint": str(folder),
         "split": split,
-        "examples": {t: payload["count"][t] for t in payload["count"]},
+        # rows, not payload["count"]: that is the sum of the example weights (e.g. 35.9 for 36 weighted AOT events)
+        "examples": {t: len(next(iter(payload["arrays"].get(t, {}).values()), [])) for t in payload["count"]},
         "metrics": compute_metrics(spec, payload, prefix=split),
         "confusion_matrices": {
             t.name: confusion(payload["arrays"][t.name]["scores"], payload["arrays"][t.name]["label"]).tolist()

@@ -161,9 +161,9 @@ SETTINGS_HTML = ("31 leaves, learning rate 0.1, L2 1.0, at least 100 jets per le
                  "stopping on 10 % of the training jets")
 
 
-def _quantities_table(names: list[str]) -> str:
+def _quantities_table(names: list[str], **meanings: str) -> str:
     meaning = {**bl.JET_QUANTITIES, "jet_sdmass": "soft-drop mass (GeV), as stored",
-               "tau21": "N-subjettiness ratio tau2 / tau1", "tau32": "tau3 / tau2", "tau43": "tau4 / tau3"}
+               "tau21": "N-subjettiness ratio tau2 / tau1", "tau32": "tau3 / tau2", "tau43": "tau4 / tau3", **meanings}
     return "<table>" + "".join(f"<tr><td><code>{k}</code></td><td>{html.escape(meaning[k])}</td></tr>"
                                for k in names) + "</table>"
 
@@ -183,6 +183,8 @@ def tau_baseline_html(meta: dict[str, Any]) -> str:
 
 def class_baseline_html(meta: dict[str, Any]) -> str:
     names = meta.get("quantities", list(bl.JET_QUANTITIES))
+    stored = "candidates and substructure" if len(names) > len(bl.JET_QUANTITIES) else "candidates (no substructure)"
     return (f"<p>scikit-learn <code>HistGradientBoostingClassifier</code> of the jet class, {SETTINGS_HTML}, weighted "
             f"by the example weights where the data carry them. {_fitted(meta)} Its inputs, one row per jet computed "
-            f"from the stored candidates and substructure:</p>{_quantities_table(names)}")
+            f"from the stored {stored}:</p>"
+            f"{_quantities_table(names, n_constituents='number of particle-flow candidates (all stored)')}")
