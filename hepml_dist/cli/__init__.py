@@ -39,6 +39,7 @@ COMMANDS: dict[str, LazyCommand] = {
     "tune": LazyCommand("hepml_dist.tune.commands", "Hyper-parameter search with Ray Tune; the best trial's spec is written as a job YAML."),
     "export": LazyCommand("hepml_dist.inference.commands", "Export trained models for inference (ONNX)."),
     "slurm": LazyCommand("hepml_dist.launch.commands", "Run a job on a SLURM cluster: one Ray node per SLURM node inside the container, `hepml train` on the head."),
+    "chain": LazyCommand("hepml_dist.chain.commands", "Run a chain of jobs and steps (generate, tokenize, train, evaluate, study) from one file, in dependency order."),
 }
 
 app = typer.Typer(

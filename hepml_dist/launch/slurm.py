@@ -246,7 +246,8 @@ class Plan:
     run_dir: str
 
 
-_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+"""A SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
 
 
 def plan(spec: JobSpec, site: SiteProfile, run_dir: str | None = None) -> Plan:
@@ -279,7 +280,7 @@ def plan(spec: JobSpec, site: SiteProfile, run_dir: str | None = None) -> Plan:
             f"on {slurm.nodes} node(s) of {site.cpus_per_node} CPUs ({site.name!r}): lower parallel.cpus_per_worker "
             f"or raise cluster.slurm.nodes"
         )
-    if not _TIME.match(slurm.time):
+    if not SLURM_TIME.match(slurm.time):
         problems.append(f"cluster.slurm.time: {slurm.time!r} is not a SLURM time (HH:MM:SS or D-HH:MM:SS)")
     image = slurm.container_image or site.container.image
     if "{image}" in site.container.exec and not image:
@@ -307,8 +308,8 @@ def plan(spec: JobSpec, site: SiteProfile, run_dir: str | None = None) -> Plan:
     )
 
 
-def _environment():  # type: ignore[no-untyped-def]
-
+def templates():  # type: ignore[no-untyped-def]
+    """The Jinja environment of the sbatch templates in cluster/slurm/ (bash-safe comment markers)."""
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(cluster_dir() / "slurm"),
         undefined=jinja2.StrictUndefined,
@@ -371,7 +372,7 @@ def render_sbatch(
         "train_command": " ".join(shell_words(site.train_command, runtime, "site train_command")),
         "job_yaml": job_yaml,
     }
-    return _environment().get_template(TEMPLATE).render(**context)
+    return templates().get_template(TEMPLATE).render(**context)
 
 
 # ----------------------------------------------------------------------------------------------------- submission

@@ -24,9 +24,11 @@ def tokenize(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Jets per tokenizer forward pass.")] = 2048,
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
+    where: Annotated[str | None, typer.Option(
+        "--where", help="Keep only the jets where this expression of per-jet columns holds, e.g. 'label_is_tau == 1'.")] = None,
 ) -> None:
     """Turn a jet dataset into OmniJet token shards with a trained tokenizer (resumes an interrupted run)."""
-    manifest = tokenize_dataset(run_dir, data, out, max_length, batch_size, device)
+    manifest = tokenize_dataset(run_dir, data, out, max_length, batch_size, device, where)
     counts = ", ".join(f"{split} {info.examples}" for split, info in manifest.splits.items())
     typer.echo(f"wrote {out} ({counts} jets, vocabulary {manifest.meta['vocab_size']})")
 

@@ -5,7 +5,11 @@ shard with the same split, path and chunking, holding per chunk `tokens` int32 [
 stop K + 1, padding 0) and `tokens_n` int32 [N], plus every per-jet column of the source (labels, targets, jet
 kinematics, weights); per-constituent columns are dropped. Shards are written under a temporary name and renamed,
 so an interrupted run leaves only complete shards, and a re-run keeps those (it resumes). The manifest's `meta`
-records the tokenizer checkpoint, which `hepml generate` uses to decode generated tokens.
+records the tokenizer checkpoint, which `hepml sample` uses to decode generated tokens.
+
+`--where EXPR` keeps only the jets where a safe expression of per-jet columns holds (hepml_dist.data.expressions,
+e.g. `label_is_tau == 1` for the tau-only token set); a source shard with no such jet writes no shard. The
+expression is recorded in the manifest's `meta.where`, and a re-run into the same folder must give the same one.
 """
 
 import os
@@ -16,6 +20,7 @@ import torch
 import webdataset as wds
 from rich.progress import Progress
 
+from hepml_dist.data.expressions import evaluate, inputs_of
 from hepml_dist.data.manifest import (
     MANIFEST_NAME,
     ColumnInfo,
@@ -85,10 +90,35 @@ def _count_classes(counts: dict[str, dict[str, int]], chunk: dict[str, np.ndarra
                 merged[str(label)] = merged.get(str(label), 0) + int(n)
 
 
+def check_where(where: str | None, per_jet: list[str], out: Path) -> None:
+    """The selection reads only per-jet columns of the source, and agrees with the one of shards already in `out`."""
+    if where is None:
+        return
+    unknown = sorted(inputs_of(where) - set(per_jet))
+    if unknown:
+        raise UserError(f"--where {where!r}: no per-jet column {', '.join(unknown)} in the dataset; per-jet columns: "
+                        f"{', '.join(per_jet)}")
+    if (out / MANIFEST_NAME).is_file():
+        earlier = read_manifest(out).meta.get("where")
+        if earlier != where:
+            raise UserError(f"--out {out}: holds tokens selected with --where {earlier!r}; choose another --out")
+
+
+def select(columns: dict[str, np.ndarray], where: str | None) -> dict[str, np.ndarray]:
+    """The jets of a chunk where `where` holds (all without one)."""
+    if where is None:
+        return columns
+    n = len(columns["part_n"])
+    keep = np.broadcast_to(np.asarray(evaluate(where, columns)).astype(bool), (n,))
+    return {k: v[keep] for k, v in columns.items()}
+
+
 def tokenize_dataset(
-    run_dir: Path, source: Path, out: Path, length: int | None = None, batch_size: int = 2048, device: str = "cpu"
+    run_dir: Path, source: Path, out: Path, length: int | None = None, batch_size: int = 2048, device: str = "cpu",
+    where: str | None = None,
 ) -> Manifest:
-    """Tokenize the splits of `source` into `out` with the tokenizer of `run_dir`; returns the written manifest."""
+    """Tokenize the splits of `source` into `out` with the tokenizer of `run_dir` (only the jets where `where` holds);
+    returns the written manifest."""
     checkpoint = resolve_checkpoint(run_dir)
     spec, model = load_trained(checkpoint)
     require_stage(spec, "tokenizer", run_dir)
@@ -100,7 +130,9 @@ def tokenize_dataset(
     missing = [c for c in CONSTITUENTS if c not in src.columns]
     if missing:
         raise UserError(f"--data {source}: the dataset lacks the columns {missing}; tokenize needs {list(CONSTITUENTS)}")
-    wanted = [*CONSTITUENTS, *(c for c, info in src.columns.items() if not info.shape and not c.startswith("part_"))]
+    per_jet = [c for c, info in src.columns.items() if not info.shape and not c.startswith("part_")]
+    wanted = [*CONSTITUENTS, *per_jet]
+    check_where(where, per_jet, Path(out))
     shapes = {c: info.shape for c, info in src.columns.items()}
     splits, columns = {}, {}
     with Progress() as progress:
@@ -112,7 +144,11 @@ def tokenize_dataset(
                 target = out / shard.path
                 if not target.exists():  # shards of an interrupted earlier run are complete (atomic rename)
                     jets = iter_shard_chunks(src.root / shard.path, columns=wanted, shapes=shapes, expected_chunks=len(shard.chunks))
-                    _write_shard(target, split, index, [tokenize_chunk(model, c, length, batch_size, device) for _, c in jets])
+                    kept = [c for c in (select(c, where) for _, c in jets) if len(c["part_n"])]
+                    if not kept:  # no selected jet in this shard
+                        progress.advance(bar)
+                        continue
+                    _write_shard(target, split, index, [tokenize_chunk(model, c, length, batch_size, device) for c in kept])
                 chunks = [chunk for _, chunk in iter_shard_chunks(target)]
                 for chunk in chunks:
                     _count_classes(info.class_counts, chunk)
@@ -134,6 +170,7 @@ def tokenize_dataset(
             "vocab_size": spec.model.tokenizer.codebook_size + 2,
             "max_length": length,
             "source_schema": src.schema,
+            "where": where,
         },
         root=out,
     )
