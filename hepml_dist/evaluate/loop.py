@@ -3,7 +3,8 @@ and `hepml predict`.
 
 `run_model` yields each batch (moved to the device) with the model's outputs, without gradients and under the
 job's autocast; `evaluate_batches` feeds them to a Collector (losses and the predictions of valid examples), which
-the caller reduces over all ranks (`Collector.reduce`, validation) or reads locally (`Collector.local`).
+the caller reduces over all ranks (`Collector.reduce`, validation) or reads locally (`Collector.local`). Families
+that declare summed metrics (`ModelFamily.metrics`) get a SummedCollector with the same interface instead.
 """
 
 from collections.abc import Callable, Iterable, Iterator
@@ -13,6 +14,7 @@ import torch
 from rich.progress import Progress
 
 from hepml_dist.evaluate.metrics import Collector
+from hepml_dist.evaluate.summed_metrics import SummedCollector
 from hepml_dist.models import get_family
 from hepml_dist.precision import autocast
 from hepml_dist.spec import JobSpec
@@ -49,10 +51,13 @@ def run_model(forward: Forward, batches: Iterable[Batch], *, device: torch.devic
 
 
 def evaluate_batches(forward: Forward, batches: Iterable[Batch], spec: JobSpec, *, device: torch.device,
-                     precision: str = "fp32", limit: int | None = None, progress: str | None = None) -> Collector:
+                     precision: str = "fp32", limit: int | None = None,
+                     progress: str | None = None) -> Collector | SummedCollector:
     """The losses and predictions of `forward` on `batches`, gathered in a Collector of this process."""
     family = get_family(spec.model.family)
-    collector = Collector(spec)
+    # a family whose outputs the per-task Collector cannot keep declares summed metrics (OmniJet's pretraining)
+    summed = family.metrics(spec) if family.metrics else None
+    collector = SummedCollector(spec, summed) if summed else Collector(spec)
     for batch, outputs in run_model(forward, batches, device=device, precision=precision, limit=limit,
                                     progress=progress):
         collector.update(outputs, batch, family.losses(outputs, batch, spec))

@@ -18,6 +18,7 @@ Batch = dict[str, torch.Tensor]
 Outputs = dict[str, torch.Tensor]
 # (outputs, batch, spec) -> {task name: scalar loss, already multiplied by the task weight}
 LossFn = Callable[[Outputs, Batch, JobSpec], dict[str, torch.Tensor]]
+SummedMetricsFn = Callable[[Outputs, Batch, JobSpec], dict[str, tuple[float, float]]]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class ModelFamily:
     """Switches a built model to shape-static code before torch.compile (ParT); None: nothing to switch."""
     examples: str = "jets"
     """What one example of this family is, for throughput in logs ("jets", "events")."""
+    metrics: Callable[[JobSpec], SummedMetricsFn | None] | None = None
+    """For jobs the per-task Collector cannot score: spec -> a function (outputs, batch, spec) -> {name: (sum,
+    count)} whose sums validation adds up (evaluate/summed_metrics.py); None for the jobs the Collector scores."""
 
 
 FAMILIES: dict[str, ModelFamily] = {}

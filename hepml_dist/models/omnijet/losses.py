@@ -77,3 +77,8 @@ def omnijet_metrics(outputs: Batch, batch: Batch, spec: JobSpec) -> dict[str, tu
         correct = (outputs[task.name].detach().argmax(-1) == batch["tokens"][:, 1:]) & real
         return {f"{task.name}_accuracy": (float(correct.sum()), float(real.sum()))}
     return None
+
+
+def summed_metrics(spec: JobSpec):
+    """`omnijet_metrics` for the stages the per-task Collector cannot score (tokenizer, backbone); None otherwise."""
+    return omnijet_metrics if spec.model.stage in ("tokenizer", "backbone") else None
