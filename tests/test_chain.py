@@ -68,11 +68,9 @@ def tiny_chain(tmp_path: Path, jets: Path, **stages) -> Path:
     """tokenizer -> tokens -> pretrain -> tagging-frozen on `jets` (stages given replace or add to these)."""
     tokens = {f"data.{s}": f"${{stages.tokens.out}}/{s}" for s in ("train", "val", "test")}
     chain = {"name": "tiny", "set": TINY, "stages": {
-        # the tokenizer and backbone stages train without validation: their stage metrics are not yet computed by
-        # the validation loop of `hepml train`
-        "tokenizer": {"job": "omnijet-tokenizer", "set": {"data.train": str(jets / "train"), "data.val": None}},
+        "tokenizer": {"job": "omnijet-tokenizer", "set": {"data.train": str(jets / "train"), "data.val": str(jets / "val")}},
         "tokens": {"step": "tokenize", "tokenizer": "${stages.tokenizer.run_dir}", "data": str(jets)},
-        "pretrain": {"job": "omnijet-pretrain", "set": {**tokens, "data.val": None, "training.steps": None,
+        "pretrain": {"job": "omnijet-pretrain", "set": {**tokens, "training.steps": None,
                                                         "tasks.0.num_classes": 32}},
         "tagging-frozen": {"job": "omnijet-tau-tagging-frozen",
                            "set": {**tokens, "training.init_from": "${stages.pretrain.run_dir}"}},
