@@ -93,7 +93,6 @@ class ParticleTransformer(nn.Module):
         self._trim_calls = 0
         init_weights(self, cfg.init)
 
-    @torch.compiler.disable  # reads the batch's longest length: eager, so the compiled graphs around it see few shapes
     def select_particles(self, features, vectors, mask):
         """Real particles first, cut to the longest jet; in training, the reference's random trimming."""
         n_real = mask.sum(dim=1)
@@ -211,5 +210,9 @@ def build(spec: JobSpec) -> ParticleTransformer:
 
 
 def use_static_shapes(model: ParticleTransformer) -> None:
-    """Switch to the static-shape code before torch.compile (see the module docstring)."""
+    """Switch to the static-shape code before torch.compile (see the module docstring). `select_particles` reads the
+    batch's longest length, so it stays eager and the compiled graphs around it see few shapes; wrapped here rather
+    than decorated, because the decorator imports torch._dynamo (and sympy), ~2 s of every training worker's start."""
     model.static_shapes = True
+    if not hasattr(model.select_particles, "__wrapped__"):
+        model.select_particles = torch.compiler.disable(model.select_particles)
