@@ -23,6 +23,7 @@ import ray
 import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -107,6 +108,14 @@ def scaling_config(parallel: ParallelSpec):
     )
 
 
+EMBEDDED_RAY_ENV = {
+    # One machine that nobody drains: no preemption-watcher actor (a process of its own), no Prometheus metrics
+    # of Ray Train (nothing scrapes an embedded Ray). Set only where unset, so a user can turn either back on.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+
+
 def start_ray(spec: JobSpec, address: str | None) -> bool:
     """Join the cluster at `address`, or start an embedded Ray bound to 127.0.0.1. Returns whether we started it."""
     if ray.is_initialized():
@@ -114,6 +123,8 @@ def start_ray(spec: JobSpec, address: str | None) -> bool:
     if address and address != "local":
         ray.init(address=address, log_to_driver=True)
         return False
+    for name, value in EMBEDDED_RAY_ENV.items():  # read by the Train controller, which inherits our environment
+        os.environ.setdefault(name, value)
     p = spec.parallel
     needed = p.num_workers * p.cpus_per_worker + 1  # + the Train controller
     ray.init(
@@ -227,10 +238,18 @@ def launch(
 
 class _Trainer(TorchTrainer):
     """Ray Train's trainer without its Ctrl-C handler, which aborts the workers before they checkpoint: SIGINT is
-    handled like SIGTERM (`StopOnSignals`)."""
+    handled like SIGTERM (`StopOnSignals`); and without its Ray Data callback, since the shards are read by our own
+    loader: that callback starts a DatasetManager actor and imports Ray Data into the controller and every worker,
+    seconds of start-up on a small machine for nothing."""
 
     def _register_sigint_handler(self, controller) -> None:
         return None
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        if not self.datasets:
+            callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        return callbacks
 
 
 def _fit(spec: JobSpec, run_dir: Path, embedded: bool, progress: bool | None, callbacks: list | None,
