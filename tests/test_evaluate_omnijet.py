@@ -279,3 +279,35 @@ def test_data_that_lack_what_the_evaluation_needs_are_named_before_any_work(chai
     moved = gpt_spec.model_copy(update={"data": gpt_spec.data.model_copy(update={"test": str(tokens / "test")})})
     with pytest.raises(UserError, match="family omnijet .*were made from .*gone, which no longer exists"):
         check_generation_inputs(moved, "test")
+
+
+def test_omnijet_tau_tagger_report_has_the_tau_sections_and_trees_fitted_on_the_jets_behind_the_tokens(chain):
+    """A fine-tuned OmniJet-alpha tau head is judged as MultiParTau is: tau ID ROC and the tau baseline. Its data are
+    tokens, which keep no constituents: the trees read the jets the tokens were made from, the same test jets."""
+    from hepml_dist.evaluate.report_facts import load_predictions
+
+    tmp = chain["tmp"]
+    made = CliRunner().invoke(app, ["data", "generate", "fcc-tau", "--events", "150", "--seed", "4", "--workers", "1",
+                                    "--out", str(tmp / "fcc")])
+    assert made.exit_code == 0, made.output
+    tokenize_dataset(chain["tok_run"], tmp / "fcc", tmp / "fcc-tokens", LENGTH, batch_size=256)
+    run = _train("omnijet-tau-quickstart.yaml", tmp / "fcc-tokens", tmp / "tau",
+                 ["data.batch_size=32", "data.steps_per_epoch=8", "training.epochs=1", "training.eval_interval=8"])
+    runner = CliRunner()
+    for command in (["evaluate", str(run)], ["report", str(run), "--no-track"]):
+        done = runner.invoke(app, command)
+        assert done.exit_code == 0, done.output
+    page = (run / "report.html").read_text()
+    assert re.findall(r'<h2 id="([^"]+)">', page) == ["summary", "facts", "training", "tau_id", "baseline"]
+    ours, _ = load_predictions(run / "predictions-test.npz")
+    trees, meta = load_predictions(run / "baseline" / "predictions-test.npz")
+    assert meta["key"]["kind"] == "tau"
+    np.testing.assert_array_equal(ours["arrays"]["tau_id"]["label"], trees["arrays"]["tau_id"]["label"])
+    assert len(trees["arrays"]["tau_id"]["label"]) == read_manifest(tmp / "fcc-tokens").splits["test"].examples
+    # a tau-only token set (`--where`): the trees read the same selection of the source jets
+    from hepml_dist.evaluate.families.jets import _read_tau_jets
+
+    tokenize_dataset(chain["tok_run"], tmp / "fcc", tmp / "tau-tokens", LENGTH, batch_size=256, where="label_is_tau == 1")
+    jets = _read_tau_jets(str(tmp / "tau-tokens" / "test"), "test")
+    assert len(jets["label_is_tau"]) == read_manifest(tmp / "tau-tokens").splits["test"].examples > 0
+    assert (jets["label_is_tau"] == 1).all()

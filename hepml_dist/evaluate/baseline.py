@@ -143,7 +143,8 @@ def read_columns(patterns: str | Sequence[str], wanted: Sequence[str], needs: st
         missing = [c for c in wanted if c not in resolver.manifests[ref.dataset].columns]
         if missing:
             raise UserError(f"baseline: {ref.source} lacks column(s) {missing}; {needs}")
-    wanted = [*wanted, *(c for c in optional if all(c in resolver.manifests[r.dataset].columns for r in refs))]
+    wanted = [*wanted, *(c for c in optional
+                         if c not in wanted and all(c in resolver.manifests[r.dataset].columns for r in refs))]
     parts: dict[str, list[np.ndarray]] = {c: [] for c in wanted}
     count = 0
     for ref in refs:

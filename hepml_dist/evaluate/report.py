@@ -242,7 +242,7 @@ def _tagging_section(task, present, headline, sample, figures: Figures) -> Secti
             f"them. In brackets: the 68 % interval from the Clopper-Pearson interval of the passing fraction. "
             f"&ge; N: no {classes[0]} example passes, so the split only shows that the rejection exceeds about its "
             f"N {classes[0]} examples.")
-    if len(curves) == 2:
+    if len(curves) == 2 and len({len(labels) for labels, _, _ in curves.values()}) == 1:  # the same examples
         text += " " + _shared_background(curves, classes[0])
     spread = rf.discriminant_figure(curves, signal=classes[1], background=classes[0], sample=sample)
     return Section(f"{task.name}: {classes[1]} vs {classes[0]} ROC", task.name, text,

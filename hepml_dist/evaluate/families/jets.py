@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import html
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hepml_dist import runs
+from hepml_dist.data.expressions import evaluate, inputs_of
 from hepml_dist.errors import UserError
 from hepml_dist.evaluate import baseline as bl
 from hepml_dist.evaluate.families.base import Evaluation, require_columns
 from hepml_dist.evaluate.report_facts import PREDICTIONS, load_predictions, save_predictions
+from hepml_dist.omnijet.generate import token_manifest
 
 BASELINE_DIR = "baseline"
 BASELINE_VERSION = 3  # bump when the baselines' quantities or models change, to refit cached baselines
@@ -57,9 +60,38 @@ def declare(spec) -> list[Evaluation]:
     return []
 
 
+def jet_source(patterns, split: str) -> tuple[Any, str | None]:
+    """(the jets of a split, the selection that made its examples): the split itself, or, for OmniJet-alpha token
+    data (which keep the per-jet columns but not the constituents), the split of the jets the tokens were made from
+    and the `hepml data tokenize --where` selection, so the trees see the same jets as the tokens' model."""
+    manifest = token_manifest(patterns) if patterns is not None else None
+    if manifest is None or "tokenizer" not in manifest.meta or not manifest.source_files:
+        return patterns, None
+    return str(Path(manifest.source_files[0]) / split), manifest.meta.get("where")
+
+
+def _selected(raw: dict[str, np.ndarray], where: str | None) -> dict[str, np.ndarray]:
+    if not where:
+        return raw
+    keep = np.broadcast_to(np.asarray(evaluate(where, raw)).astype(bool), (len(next(iter(raw.values()))),))
+    return {k: v[keep] for k, v in raw.items()}
+
+
+def _read_tau_jets(patterns, split: str, max_jets: int | None = None) -> dict[str, np.ndarray]:
+    source, where = jet_source(patterns, split)
+    if not where:
+        return bl.read_split(source, max_jets)
+    # the selection's columns are per-jet columns of the source (checked by `hepml data tokenize`)
+    wanted = [*bl.STORED_COLUMNS, *bl.TRUTH_COLUMNS]
+    found = bl.read_columns(source, wanted, f"the tau baseline needs them; {TAU_FIX}",
+                            optional=[bl.WEIGHT_COLUMN, *sorted(inputs_of(where) - set(wanted))])
+    return {k: v[:max_jets] for k, v in _selected(found, where).items()}
+
+
 def _check_tau(spec, split: str) -> None:
     for name in ("train", split):
-        require_columns(getattr(spec.data, name), [*bl.STORED_COLUMNS, *bl.TRUTH_COLUMNS], family=spec.model.family,
+        source, _ = jet_source(getattr(spec.data, name), name)
+        require_columns(source, [*bl.STORED_COLUMNS, *bl.TRUTH_COLUMNS], family=spec.model.family,
                         what="the tau baseline", split=name, fix=TAU_FIX)
 
 
@@ -95,9 +127,10 @@ def tau_baseline(run, max_train_jets: int | None = None) -> tuple[dict[str, Any]
            "quantities": list(bl.JET_QUANTITIES)}
     if (found := _cached(run, key)) is not None:
         return found
-    fitted = bl.fit_baseline(bl.read_split(spec.data.train, max_train_jets), seed=spec.training.seed, tasks=tasks)
+    fitted = bl.fit_baseline(_read_tau_jets(spec.data.train, "train", max_train_jets), seed=spec.training.seed,
+                             tasks=tasks)
     classes = {t.name: t.output_dim if t.kind == "multiclass" else 2 for t in spec.tasks if t.name in tasks}
-    payload = bl.predict_baseline(fitted, bl.read_split(getattr(spec.data, run.split)), classes)
+    payload = bl.predict_baseline(fitted, _read_tau_jets(getattr(spec.data, run.split), run.split), classes)
     meta = {"key": key, "train_jets": fitted.train_jets, "fit_seconds": fitted.seconds,
             "iterations": {t: int(m.n_iter_) for t, m in fitted.models.items()}}
     return _keep(run, payload, meta)
