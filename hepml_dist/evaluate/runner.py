@@ -41,9 +41,10 @@ def evaluate_run(path: str | Path, split: str = "test", max_batches: int | None 
     """Evaluate the best (else latest) checkpoint of a run on `split`; writes metrics.json and plots/."""
     folder = runs.resolve_checkpoint(path)
     run_dir = runs.run_dir_of(folder)
-    family = evaluations(runs.read_run_spec(run_dir))
+    trained = runs.read_run_spec(folder)  # the checkpoint's own spec.yaml (a run directory may have none)
+    family = evaluations(trained)
     for evaluation in family:  # the family's evaluation reads more of the data than the model: checked before any work
-        evaluation.check_inputs(runs.absolute_paths(runs.read_run_spec(run_dir)), split)
+        evaluation.check_inputs(runs.absolute_paths(trained), split)
     spec, payload = split_payload(folder, split, max_batches)
     report = {
         "checkpoint": str(folder),
