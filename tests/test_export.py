@@ -62,8 +62,9 @@ def assert_sophon_parity(onnx_file: Path, model: torch.nn.Module, jets: dict[str
     got = onnx_outputs(onnx_file, {"pf_features": jets["features"], "pf_vectors": jets["vectors"],
                                    "pf_mask": jets["mask"]})["softmax"]
     with torch.no_grad():
-        embedding = model.task_embeddings(jets)["jet_class"]
-        probabilities = model.heads["jet_class"](embedding).softmax(-1)
+        outputs, embeddings = model.forward_with_embeddings(jets)
+        embedding = embeddings["jet_class"]
+        probabilities = outputs["jet_class"].softmax(-1)
     assert got.shape == (len(jets["mask"]), 188 + 32)  # 188 probabilities, then the embedding (model width 32 here)
     np.testing.assert_allclose(got[:, :188], probabilities.numpy(), atol=1e-5)
     np.testing.assert_allclose(got[:, 188:], embedding.numpy(), atol=1e-4)

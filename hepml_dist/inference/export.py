@@ -67,10 +67,11 @@ class PartForOnnx(nn.Module):
         self.single = len(spec.tasks) == 1 and len(classification) == 1
 
     def forward(self, pf_features, pf_vectors, pf_mask):
-        embeddings = self.model.task_embeddings({"features": pf_features, "vectors": pf_vectors, "mask": pf_mask})
+        task_outputs, embeddings = self.model.forward_with_embeddings(
+            {"features": pf_features, "vectors": pf_vectors, "mask": pf_mask})
         outputs = []
         for task in self.tasks:
-            outputs.append(probabilities(task, self.model.heads[task.name](embeddings[task.name])))
+            outputs.append(probabilities(task, task_outputs[task.name]))
             if self.embed:
                 outputs.append(embeddings[task.name])
         if self.single:

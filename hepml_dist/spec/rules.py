@@ -11,7 +11,7 @@ from hepml_dist.spec.base import Finding
 from hepml_dist.spec.data import FEATURE_SETS
 from hepml_dist.spec.job import JobSpec
 from hepml_dist.spec.parallel import ACCELERATORS
-from hepml_dist.spec.tasks import LOSSES_FOR_KIND
+from hepml_dist.spec.tasks import LOSSES_FOR_KIND, PARTICLE_WEIGHT_TARGETS, TaskSpec
 
 Rule = Callable[[JobSpec], Iterator[Finding]]
 RULES: list[Rule] = []
@@ -119,6 +119,8 @@ def tasks_consistent(spec: JobSpec) -> Iterator[Finding]:
         seen.add(task.name)
         if task.loss not in LOSSES_FOR_KIND[task.kind]:
             yield f"{where}.loss", f"loss {task.loss!r} does not fit a {task.kind} task; use one of {', '.join(LOSSES_FOR_KIND[task.kind])}"
+        if task.regress_from == "particle_weights":
+            yield from _particle_weights_fit(spec, task, where)
         if task.kind == "regression":
             if not task.targets:
                 yield f"{where}.targets", "a regression task needs the list of its target names"
@@ -144,6 +146,17 @@ def tasks_consistent(spec: JobSpec) -> Iterator[Finding]:
     for i, task in enumerate(spec.tasks):
         if task.only_where and task.only_where == task.label_key:
             yield f"tasks[{i}].only_where", "a task cannot be restricted by its own label"
+
+
+def _particle_weights_fit(spec: JobSpec, task: TaskSpec, where: str) -> Iterator[Finding]:
+    if task.kind != "regression":
+        yield f"{where}.regress_from", f"particle_weights is a way of regressing; this is a {task.kind} task"
+    elif getattr(spec.model, "family", None) != "part":
+        yield f"{where}.regress_from", "particle_weights needs a Particle Transformer (model.family: part)"
+    unknown = [t for t in task.targets or [] if t not in PARTICLE_WEIGHT_TARGETS]
+    if task.kind == "regression" and unknown:
+        yield (f"{where}.targets", f"particle_weights cannot compute {', '.join(unknown)} from a sum of four-vectors; "
+               f"it knows {', '.join(PARTICLE_WEIGHT_TARGETS)} (or use regress_from: class_token)")
 
 
 @rule

@@ -8,6 +8,11 @@ from hepml_dist.spec.base import Section
 
 TaskKind = Literal["binary", "multiclass", "regression"]
 LossName = Literal["ce", "bce", "focal", "huber", "huber_angular", "mse"]
+RegressFrom = Literal["class_token", "particle_weights"]
+
+# Targets that `regress_from: particle_weights` computes from a weighted sum S of the particles' four-vectors and
+# the sum J of all of them (the jet): log(pT_S / pT_J), eta_S - eta_J, sin and cos of phi_S - phi_J, log(m_S / m_J).
+PARTICLE_WEIGHT_TARGETS = ("log_pt_ratio", "delta_eta", "sin_delta_phi", "cos_delta_phi", "log_mass_ratio")
 
 # Which losses make sense for which kind of task; checked in rules.py.
 LOSSES_FOR_KIND: dict[str, tuple[str, ...]] = {
@@ -49,6 +54,14 @@ class TaskSpec(Section):
     """Batch key of a 0/1 label; the loss and metrics use only entries where it is 1 (e.g. tau-only tasks)."""
     head_dropout: float | None = Field(None, ge=0.0, lt=1.0)
     """Overrides the model head's dropout for this task."""
+    regress_from: RegressFrom = "class_token"
+    """How a regression head predicts (Particle Transformer family only). `class_token`: an MLP on the class token.
+    `particle_weights`: an MLP on each particle's representation gives it a weight in [0, 1], and the targets are
+    computed from the weighted sum of the particles' four-vectors relative to the sum of all of them (targets among
+    log_pt_ratio, delta_eta, sin_delta_phi, cos_delta_phi, log_mass_ratio), plus a correction from the class-token
+    MLP that starts at zero. For a tau's visible momentum this is the natural form: the network learns which
+    candidates belong to the tau (split-off neutrals, overlay and fakes get weight 0) rather than a sum of
+    momentum fractions through softmax attention (docs/tau-regression-ablations.md)."""
 
     @property
     def label_key(self) -> str:

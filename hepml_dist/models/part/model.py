@@ -42,6 +42,7 @@ from hepml_dist.models.blocks import (
     masked_value,
 )
 from hepml_dist.models.part.pairs import NUM_PAIR_FEATURES, PairEmbedding
+from hepml_dist.models.part.particle_weights import ParticleWeightRegression
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.data import FEATURE_SETS
 from hepml_dist.spec.model_part import HeadSpec, PartModelSpec
@@ -59,6 +60,8 @@ def task_head(head: HeadSpec, task: TaskSpec, in_dim: int) -> nn.Sequential:
 
 class ParticleTransformer(nn.Module):
     """ParT with one head per task. forward(batch) -> {task: logits [B, K] or regression values [B, T]}.
+    A regression task with `regress_from: particle_weights` has a `ParticleWeightRegression` (under
+    `heads.<task>`), which also reads the particles and their four-vectors.
 
     Batch keys: `features` [B, C, P], `vectors` [B, 4, P] (px, py, pz, E), `mask` [B, 1, P] (1 = real particle).
     """
@@ -87,11 +90,18 @@ class ParticleTransformer(nn.Module):
             {n: ClassAttentionPathway(dim, cfg.num_heads, cfg.ffn_ratio, cfg.num_cls_layers) for n in names}
         )
         self.pathway_of = {t.name: (t.name if cfg.task_pathways == "per_task" else "shared") for t in tasks}
-        self.heads = nn.ModuleDict({t.name: task_head(cfg.head, t, dim) for t in tasks})
+        self.heads = nn.ModuleDict({
+            t.name: ParticleWeightRegression(cfg.head, t, dim) if t.regress_from == "particle_weights"
+            else task_head(cfg.head, t, dim)
+            for t in tasks
+        })
+        self.reads_particles = {t.name for t in tasks if t.regress_from == "particle_weights"}
         self.export_mode = False  # set by hepml_dist.inference.export: dense, shape-static code, no trimming
         self.static_shapes = False  # use_static_shapes(): set by the engine when it compiles the model
         self._trim_calls = 0
         init_weights(self, cfg.init)
+        for name in self.reads_particles:
+            self.heads[name].reset_output_layers()
 
     def select_particles(self, features, vectors, mask):
         """Real particles first, cut to the longest jet; in training, the reference's random trimming."""
@@ -115,8 +125,9 @@ class ParticleTransformer(nn.Module):
         gather = lambda t: t.gather(2, order[:, None, :].expand(-1, t.shape[1], -1))  # noqa: E731
         return gather(features), gather(vectors) if vectors is not None else None, mask.gather(1, order)
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Particle representations [B, P', D] after the particle blocks, and the mask [B, P'] they go with."""
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Particle representations [B, P', D] after the particle blocks, the mask [B, P'] and the four-vectors
+        [B, 4, P'] (None without vectors) of the particles they go with."""
         features, vectors = batch["features"], batch.get("vectors")
         if features.shape[1] != self.input_dim:
             raise ValueError(
@@ -138,19 +149,31 @@ class ParticleTransformer(nn.Module):
             bias = key_padding_bias(mask, dtype)
         for block in self.blocks:
             x = block(x, bias, packing=packing)
-        return (packing.unpack(x) if packing is not None else x), mask
+        return (packing.unpack(x) if packing is not None else x), mask, vectors
 
-    def task_embeddings(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Class-token embedding [B, D] after the final LayerNorm, per task (shared tasks share one tensor)."""
-        x, mask = self.encode(batch)
+    def forward_with_embeddings(self, batch: dict[str, torch.Tensor]
+                                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(outputs per task, class-token embedding [B, D] after the final LayerNorm per task); tasks that share a
+        pathway share one embedding tensor."""
+        x, mask, vectors = self.encode(batch)
         # The class token is one more key, never masked.
         cls_mask = torch.cat((mask.new_ones(mask.shape[0], 1), mask), dim=1)
         cls_bias = key_padding_bias(cls_mask, compute_dtype(x.device))
         embedded = {name: pathway(x, cls_bias) for name, pathway in self.pathways.items()}
-        return {task: embedded[pathway] for task, pathway in self.pathway_of.items()}
+        embeddings = {task: embedded[pathway] for task, pathway in self.pathway_of.items()}
+        outputs = {}
+        for task, cls in embeddings.items():
+            if task in self.reads_particles:
+                if vectors is None:
+                    raise ValueError(f"task {task!r} regresses from particle weights and needs batch['vectors']")
+                jet = (batch["vectors"] * (batch["mask"] > 0.5)).sum(dim=2)  # every particle, before trimming
+                outputs[task] = self.heads[task](cls, x, mask, vectors, jet)
+            else:
+                outputs[task] = self.heads[task](cls)
+        return outputs, embeddings
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {task: self.heads[task](cls) for task, cls in self.task_embeddings(batch).items()}
+        return self.forward_with_embeddings(batch)[0]
 
 
 def init_weights(model: nn.Module, mode: str) -> None:
