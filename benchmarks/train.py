@@ -10,7 +10,12 @@ Measured:
   * ParT tau ID (one task, the quickstart's encoder), one process with every core: `hepml train` with 1 worker
     against `weaver` with weaver-core's ParticleTransformer of the same configuration, the same 17 candidate
     features and 4-vectors (computed by weaver's own `new_variables` from the same jets written as parquet), the
-    same batch, AdamW, one loader worker each.
+    same batch, AdamW, one loader worker each;
+  * where each `hepml train` spends its training time (rank 0, steady state): in steps (forward, backward,
+    all-reduce, optimizer), waiting for the loader, and the rest (`step_share`, `data_wait_share` of the log
+    records, hepml_dist/train/step.py);
+  * the model alone: the same model, losses and AdamW on the same batches (read into memory first), threads and
+    batch size, with no loader, Ray or logging around it. End to end over model-only is what the service costs.
 
 Throughput is steady-state: for `hepml train`, jets between the end of step `--warmup` and the last step over the
 wall time between them (metrics.jsonl times); for weaver, two runs of N1 and N2 steps and the difference of their
@@ -57,10 +62,9 @@ def ensure_data(path: Path | None, events: int, workdir: Path) -> Path:
     return out
 
 
-def train_run(job: Path, data: Path, run_dir: Path, workers: int, threads: int, steps: int, batch: int,
-              extra: list[str] = ()) -> dict:
-    """One `hepml train`: start-up and steady-state jets/s from metrics.jsonl (log every step, no validation)."""
-    sets = [f"data.{s}={data / s}" for s in ("train", "val", "test")] + [
+def job_sets(data: Path, workers: int, threads: int, steps: int, batch: int, extra: list[str] = ()) -> list[str]:
+    """The --set overrides of a benchmark run: log every step, no validation or checkpoint, CPU workers."""
+    return [f"data.{s}={data / s}" for s in ("train", "val", "test")] + [
         "training.epochs=null", f"training.steps={steps}", "training.log_interval=1",
         f"training.eval_interval={10 * steps}", f"checkpoint.interval={10 * steps}", "tracking.mode=disabled",
         f"parallel.num_workers={workers}", f"parallel.cpus_per_worker={max(1, threads // workers)}",
@@ -68,6 +72,13 @@ def train_run(job: Path, data: Path, run_dir: Path, workers: int, threads: int, 
         # CPU cores against weaver on the same cores (the single-task job extends the A100 multipartau.yaml)
         "parallel.accelerator=cpu", "parallel.gpus_per_worker=0", *extra,
     ]
+
+
+def train_run(job: Path, data: Path, run_dir: Path, workers: int, threads: int, steps: int, batch: int,
+              extra: list[str] = ()) -> dict:
+    """One `hepml train`: start-up, steady-state jets/s and where the training time went (rank 0's step, data
+    wait and other shares), from metrics.jsonl (log every step, no validation)."""
+    sets = job_sets(data, workers, threads, steps, batch, extra)
     shutil.rmtree(run_dir, ignore_errors=True)
     command = hepml("train", str(job), "--run-dir", str(run_dir), "--plain", *[a for s in sets for a in ("--set", s)])
     start = time.time()
@@ -89,7 +100,66 @@ def train_run(job: Path, data: Path, run_dir: Path, workers: int, threads: int, 
         "steps": steps, "startup_s": steps_logged[0]["time"] - start,
         "startup_phases_s": {k.split("/")[1][:-2]: v for k, v in startup.items() if k.startswith("startup/")},
         "jets_per_s": (last["step"] - warm["step"]) * global_batch / (last["time"] - warm["time"]),
+        **time_shares([r for r in steps_logged if r["step"] > warm["step"]]),
     }
+
+
+def time_shares(records: list[dict]) -> dict:
+    """Mean shares of rank 0's training time over the steady-state log records (all of equal length: one step)."""
+    if not records or "step_share" not in records[0]:
+        return {}
+    step = statistics.mean(r["step_share"] for r in records)
+    wait = statistics.mean(r["data_wait_share"] for r in records)
+    return {"step_share": step, "data_wait_share": wait, "other_share": max(0.0, 1.0 - step - wait)}
+
+
+def shares(run: dict) -> str:
+    if "step_share" not in run:
+        return "no time shares"
+    return (f"time in steps {run['step_share']:.0%}, waiting for data {run['data_wait_share']:.0%}, "
+            f"other {run['other_share']:.0%}")
+
+
+def model_only(job: Path, data: Path, threads: int, steps: int, batch: int, extra: list[str] = (),
+               warmup: int = 10) -> float:
+    """jets/s of the same model, losses and optimizer on the same batches, threads and batch size, with no service
+    around it: the batches are read into memory first, then `steps` optimizer steps are timed (in a subprocess, so
+    that its thread settings are its own)."""
+    sets = job_sets(data, 1, threads, steps, batch, extra)
+    command = [sys.executable, __file__, "--model-only", str(job), "--threads", str(threads), "--steps", str(steps),
+               "--warmup", str(warmup), *[a for s in sets for a in ("--set", s)]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(f"model-only run failed:\n{done.stderr[-3000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def model_only_worker(job: str, sets: list[str], threads: int, steps: int, warmup: int) -> None:
+    """Prints jets/s of `steps` forward + backward + AdamW steps on in-memory batches of the job's training split."""
+    import itertools
+
+    import torch
+
+    from hepml_dist.data.loader import open_stream
+    from hepml_dist.models import build_model, get_family
+    from hepml_dist.spec import load_job
+
+    torch.set_num_threads(threads)
+    spec = load_job(job, sets)
+    torch.manual_seed(spec.training.seed)
+    stream = open_stream(spec.data, "train", seed=spec.training.seed, training=True)
+    batches = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+               for b in itertools.islice(stream.batches(0), warmup + steps)]
+    model = build_model(spec).train()
+    family = get_family(spec.model.family)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.optim.lr)
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        sum(family.losses(model(batch), batch, spec).values()).backward()
+        optimizer.step()
+    print(sum(len(b["mask"]) for b in batches[warmup:]) / (time.perf_counter() - start))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -235,7 +305,13 @@ def main() -> None:
     parser.add_argument("--weaver-steps", type=int, nargs=2, default=(30, 130), help="the two weaver run lengths")
     parser.add_argument("--no-weaver", action="store_true", help="skip the weaver-core comparison")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--model-only", metavar="JOB", default=None, help=argparse.SUPPRESS)  # model_only()'s child
+    parser.add_argument("--warmup", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model_only:
+        model_only_worker(args.model_only, args.set, args.threads, args.steps, args.warmup)
+        return
 
     workdir = Path(tempfile.mkdtemp(prefix="hepml-bench-train-"))
     try:
@@ -247,7 +323,7 @@ def main() -> None:
                                       args.batch)
             phases = ", ".join(f"{k} {v:.1f}" for k, v in runs[workers]["startup_phases_s"].items())
             print(f"multipartau-quickstart, {workers} worker(s): {runs[workers]['jets_per_s']:.0f} jets/s, "
-                  f"start-up {runs[workers]['startup_s']:.1f} s ({phases} s)", flush=True)
+                  f"start-up {runs[workers]['startup_s']:.1f} s ({phases} s), {shares(runs[workers])}", flush=True)
         results["multipartau"] = list(runs.values())
         model_sets = [f"model.{k}={json.dumps(v)}" for k, v in SMALL_PART.items() if not k.startswith("head")] + [
             f"model.head.hidden=[{SMALL_PART['head_hidden']}]", f"model.head.dropout={SMALL_PART['head_dropout']}",
@@ -255,8 +331,16 @@ def main() -> None:
             "optim.lr=1e-3",
         ]
         ours = train_run(SINGLE_TASK, data, workdir / "run-single", 1, args.threads, args.steps, args.batch, model_sets)
-        print(f"ParT tau ID, hepml train 1 worker: {ours['jets_per_s']:.0f} jets/s", flush=True)
-        results["part_tau_id"] = {"hepml_dist": ours["jets_per_s"]}
+        alone = model_only(SINGLE_TASK, data, args.threads, args.steps, args.batch, model_sets)
+        print(f"ParT tau ID, hepml train 1 worker: {ours['jets_per_s']:.0f} jets/s, {shares(ours)}; the model alone "
+              f"on the same batches: {alone:.0f} jets/s (end to end = {ours['jets_per_s'] / alone:.0%} of it)",
+              flush=True)
+        results["part_tau_id"] = {"hepml_dist": ours["jets_per_s"], "model_only": alone,
+                                  **{k: v for k, v in ours.items() if k.endswith("_share")}}
+        quick_alone = model_only(QUICKSTART, data, args.threads, args.steps, args.batch)
+        print(f"multipartau-quickstart, the model alone with {args.threads} threads: {quick_alone:.0f} jets/s "
+              f"(1 worker end to end = {runs[1]['jets_per_s'] / quick_alone:.0%} of it)", flush=True)
+        results["multipartau_model_only"] = quick_alone
         if not args.no_weaver:
             n1, n2 = args.weaver_steps
             parquet = workdir / "train.parquet"

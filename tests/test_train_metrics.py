@@ -2,6 +2,9 @@
 of one process that saw everything (sums and gathered predictions, never means of means), physics metrics against
 direct computations, and the generated DeepSpeed config."""
 
+import time
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,7 @@ from train_helpers import tiny_job
 from hepml_dist.evaluate.metrics import Collector, compute_metrics, merge_payloads, rejection_at
 from hepml_dist.spec import parse_spec
 from hepml_dist.train.deepspeed_engine import deepspeed_config, zero3_leaf_classes
+from hepml_dist.train.step import LogWindow, StepResult
 
 
 @pytest.fixture
@@ -102,3 +106,21 @@ def test_log_lines_count_jets_or_events_as_the_family_trains_them():
     assert units == {"part": "jets", "omnijet": "jets", "mlpf": "events", "aot": "events"}
     assert format_record(3, 10, 0, record, units["aot"]).endswith("1234 events/s")
     assert format_record(3, 10, 0, {**record, "overflow_steps": 2}, "jets").endswith("1234 jets/s (2 fp16 overflow)")
+
+
+def test_log_window_splits_training_time_into_data_wait_and_steps():
+    """A loader that needs 40 ms per batch and a step of 80 ms: the window says about a third of the time went to
+    waiting for data and two thirds to the steps (sleeps only get longer under load, hence the wide bounds)."""
+    def slow_batches():
+        for i in range(5):
+            time.sleep(0.04)
+            yield i
+
+    window = LogWindow(world_size=1)
+    for _ in window.timed(slow_batches()):
+        time.sleep(0.08)
+        window.add(StepResult(losses=[{"a": 1.0}], examples=[4]))
+    record = window.flush(SimpleNamespace(lr=lambda: 0.1, grad_norm=1.0, task_weights={}))
+    assert 0.15 < record["data_wait_share"] < 0.5
+    assert 0.45 < record["step_share"] < 0.85
+    assert record["data_wait_share"] + record["step_share"] <= 1.0 + 1e-9

@@ -81,7 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 log(ctx, f"epoch {epoch + 1}: phase {phase + 1}, training {spec.training.phases[phase].trainable}")
             batches = rng_neutral(train_data.batches(epoch, start=position))
             position = None
-            for micro_batches in optimizer_steps(batches, spec.training.grad_accum):
+            for micro_batches in window.timed(optimizer_steps(batches, spec.training.grad_accum)):
                 result = train_step(engine, family, spec, micro_batches, step, epoch, ctx, stop)
                 skipped += result.skipped
                 if result.failure or skipped > spec.training.nan_skip_limit:

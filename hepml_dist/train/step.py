@@ -9,9 +9,9 @@ micro-batch (stop, skip the micro-batch, or fail), and the logged losses are ave
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,6 +21,8 @@ from hepml_dist.spec import JobSpec
 from hepml_dist.train.distributed import all_sum
 from hepml_dist.train.engine import Engine
 from hepml_dist.train.session import StopRequest, WorkerContext
+
+T = TypeVar("T")
 
 
 def log(ctx: WorkerContext, message: str) -> None:
@@ -125,14 +127,30 @@ class LogWindow:
         self.skipped = 0
         self.overflows = 0
         self.seconds = 0.0
+        self.data_wait = 0.0  # in the loader's next(): the step waits for its batch
+        self.step_time = 0.0  # in train_step: forward, backward, gradient all-reduce, optimizer
         self.restart_clock()
 
     def restart_clock(self) -> None:
-        self.clock = time.perf_counter()
+        self.clock = self.batch_ready = time.perf_counter()
+
+    def timed(self, batches: Iterator[T]) -> Iterator[T]:
+        """`batches`, with the time spent waiting for each item added to the window's data wait."""
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            self.batch_ready = time.perf_counter()
+            self.data_wait += self.batch_ready - start
+            yield item
 
     def add(self, result: StepResult) -> None:
         now = time.perf_counter()
         self.seconds += now - self.clock
+        self.step_time += now - max(self.batch_ready, self.clock)
         self.clock = now
         for losses, examples in zip(result.losses, result.examples):
             for name, value in losses.items():
@@ -151,6 +169,9 @@ class LogWindow:
             "lr": engine.lr(),
             "grad_norm": engine.grad_norm,
             "jets_per_s": self.examples / elapsed,
+            # where this rank's training time went; the rest (logging, Python between steps) is 1 - both
+            "step_share": min(self.step_time / elapsed, 1.0),
+            "data_wait_share": min(self.data_wait / elapsed, 1.0),
             "skipped_batches": self.skipped,
             "overflow_steps": self.overflows,
             **{f"pcgrad_weight_{k}": v for k, v in engine.task_weights.items()},
