@@ -168,11 +168,14 @@ def test_every_parameter_gets_a_gradient_with_all_task_losses():
     spec = spec_of("multipartau-quickstart")
     model = model_of("multipartau-quickstart").train()
     g = torch.Generator().manual_seed(0)
+    # SGD steps in between: the particle-weight head's zero-initialised output layers pass gradients on from step 2
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(TRIM_WARMUP_CALLS + 1):  # the last step trims
-        model.zero_grad()
+        optimizer.zero_grad()
         batch = {**example_jets(16, 20, model.input_dim, seed=step), **tau_labels(16, g)}
         losses = get_family("part").losses(model(batch), batch, spec)
         sum(losses.values()).backward()
+        optimizer.step()
     assert set(losses) == {"tau_id", "charge", "decay_mode", "kinematics"}
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name

@@ -87,7 +87,7 @@ def test_starts_at_the_raw_jet_and_follows_the_weights():
 
 def test_every_parameter_learns_and_the_jobs_other_tasks_are_unchanged():
     spec, model, _ = model_and_jets()
-    plain = build_model(load_job(JOB))
+    plain = build_model(load_job(JOB, ["tasks.3.regress_from=class_token"]))
     assert type(plain.heads["kinematics"]).__name__ == "Sequential"
     assert type(model.heads["kinematics"]).__name__ == "ParticleWeightRegression"
     model.train()

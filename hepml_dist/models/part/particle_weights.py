@@ -35,7 +35,9 @@ def _pt(v: torch.Tensor) -> torch.Tensor:
 
 
 def _eta(v: torch.Tensor) -> torch.Tensor:
-    return torch.asinh(v[:, 2] / _pt(v))
+    x = v[:, 2] / _pt(v)
+    # asinh(x), written out: ONNX (opset 17) export has no asinh; odd symmetry avoids the cancellation at x << 0
+    return torch.sign(x) * torch.log(x.abs() + torch.sqrt(x.square() + 1))
 
 
 def _mass(v: torch.Tensor) -> torch.Tensor:
