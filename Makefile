@@ -33,7 +33,7 @@ $(DEMO_STAMP): pyproject.toml requirements.lock $(TORCH_PIN)
 	PIP_CONSTRAINT=$(CURDIR)/$(TORCH_PIN) $(BIN)/python -m pip install -q -c requirements.lock -e ".[gen]"
 	touch $@
 
-# The demo, end to end on 2 CPU cores (~11 min): generate FCC-ee tau and quark jets with Pythia 8 (a complete
+# The demo, end to end on 2 CPU cores (~15 min): generate FCC-ee tau and quark jets with Pythia 8 (a complete
 # dataset with the same events and seed is reused), train MultiParTau on 2 DDP workers of an embedded Ray,
 # evaluate on the test split, write the HTML report (with a gradient-boosted baseline) and print its path.
 # Smaller: make demo DEMO_EVENTS=20000 DEMO_DATA=data/fcc-tau-20k DEMO_RUN=runs/demo-20k DEMO_SET="--set ..."
