@@ -65,6 +65,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if resume.folder:
         tracker.log_metrics({"resumed_from": step}, step=step, epoch=epoch)
     startup.mark("engine")
+    if ctx.device.type == "cpu":
+        log(ctx, f"{torch.get_num_threads()} torch threads per worker (parallel.cpus_per_worker "
+                 f"{spec.parallel.cpus_per_worker:g}), {spec.data.loader_workers} loader process(es)")
 
     cadence = Cadence(spec.training, spec.checkpoint, total_steps, validates=val_data is not None)
     window = LogWindow(ctx.world_size)
