@@ -72,12 +72,12 @@ def test_starts_at_the_raw_jet_and_follows_the_weights():
     assert start[:, 1].abs().max() < 1e-4 and start[:, 2].abs().max() < 1e-4
     assert torch.allclose(start[:, 3], torch.ones(8), atol=1e-4)
     head = model.heads["kinematics"]
-    with torch.no_grad():  # weight 1 for the first real particle of each jet, 0 for the rest
+    with torch.no_grad():  # every weight 0
         head.particle_weight[-1].bias.fill_(-30.0)
         head.particle_weight[-1].weight.zero_()
-        first_only = model(jets)["kinematics"]
+        none_in = model(jets)["kinematics"]
     vectors, mask = jets["vectors"], jets["mask"][:, 0] > 0.5
-    assert first_only[:, 0].max() < -10  # every weight 0: pT of the sum ~ 1e-3 GeV
+    assert none_in[:, 0].max() < -10  # pT of the weighted sum ~ 1e-3 GeV (the softening)
     with torch.no_grad():
         head.particle_weight[-1].bias.fill_(30.0)
         all_in = model(jets)["kinematics"]

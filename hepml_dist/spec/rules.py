@@ -151,7 +151,7 @@ def tasks_consistent(spec: JobSpec) -> Iterator[Finding]:
 def _particle_weights_fit(spec: JobSpec, task: TaskSpec, where: str) -> Iterator[Finding]:
     if task.kind != "regression":
         yield f"{where}.regress_from", f"particle_weights is a way of regressing; this is a {task.kind} task"
-    elif getattr(spec.model, "family", None) != "part":
+    elif spec.model.family != "part":
         yield f"{where}.regress_from", "particle_weights needs a Particle Transformer (model.family: part)"
     unknown = [t for t in task.targets or [] if t not in PARTICLE_WEIGHT_TARGETS]
     if task.kind == "regression" and unknown:

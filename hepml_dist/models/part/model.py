@@ -161,15 +161,16 @@ class ParticleTransformer(nn.Module):
         cls_bias = key_padding_bias(cls_mask, compute_dtype(x.device))
         embedded = {name: pathway(x, cls_bias) for name, pathway in self.pathways.items()}
         embeddings = {task: embedded[pathway] for task, pathway in self.pathway_of.items()}
-        outputs = {}
-        for task, cls in embeddings.items():
-            if task in self.reads_particles:
-                if vectors is None:
-                    raise ValueError(f"task {task!r} regresses from particle weights and needs batch['vectors']")
-                jet = (batch["vectors"] * (batch["mask"] > 0.5)).sum(dim=2)  # every particle, before trimming
-                outputs[task] = self.heads[task](cls, x, mask, vectors, jet)
-            else:
-                outputs[task] = self.heads[task](cls)
+        if self.reads_particles and vectors is None:
+            raise ValueError(f"tasks {sorted(self.reads_particles)} regress from particle weights and need "
+                             "batch['vectors']")
+        # the jet: every particle of the batch, before trimming
+        jet = (batch["vectors"] * (batch["mask"] > 0.5)).sum(dim=2) if self.reads_particles else None
+        outputs = {
+            task: self.heads[task](cls, x, mask, vectors, jet) if task in self.reads_particles
+            else self.heads[task](cls)
+            for task, cls in embeddings.items()
+        }
         return outputs, embeddings
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
