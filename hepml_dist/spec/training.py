@@ -31,6 +31,18 @@ class PhaseSpec(Section):
     """New base learning rate for the phase (a fresh optimizer and cosine schedule); None keeps the current one."""
 
 
+class ProfileSpec(Section):
+    """torch.profiler over a few optimizer steps on every rank: where each millisecond of a step goes."""
+
+    steps: int = Field(0, ge=0, le=100)
+    """Optimizer steps to profile; 0 (the default) profiles nothing. Each rank writes RUN_DIR/profile/rank<r>.txt
+    (milliseconds per step in each phase: data wait, forward, losses, step flags, backward, optimizer, and the
+    rest; then the operators by own CPU time), rank<r>.json (the same numbers) and rank<r>.trace.json (a Chrome
+    trace: open it in ui.perfetto.dev). Profiled steps run slower; the log records of those steps say so."""
+    start_step: int = Field(20, ge=1)
+    """First profiled optimizer step (1-based); later than the first steps, which warm up the allocator and caches."""
+
+
 class TrainingSpec(Section):
     """How long and how to train."""
 
@@ -69,6 +81,8 @@ class TrainingSpec(Section):
     nan_skip_limit: int = Field(100, ge=1)
     """nan_policy skip: the run stops (naming the step and task) once more than this many micro-batches were
     skipped, since a model that keeps producing NaN has diverged and skipping only hides it."""
+    profile: ProfileSpec = Field(default_factory=ProfileSpec)
+    """Profiling of a few steps (off unless profile.steps is set), e.g. --set training.profile.steps=10."""
     compile: bool = False
     """Wrap the model with torch.compile (inductor, static shapes; ParT then runs its static-shape code). Slower
     on CPU (0.61x eager for MultiParTau, 0.13x for ParT JetClass): see docs/predict-and-tune.md before switching it on."""

@@ -29,6 +29,7 @@ from hepml_dist.train.distributed import naming_collective_timeouts
 from hepml_dist.train.engine import Engine, make_engine
 from hepml_dist.train.finetune import freeze, load_pretrained, phase_at, restrict_to
 from hepml_dist.train.session import StopRequest, WorkerContext, worker_context
+from hepml_dist.train.profile import StepProfiler
 from hepml_dist.train.startup import StartupClock
 from hepml_dist.train.step import LogWindow, format_record, log, train_step
 
@@ -69,6 +70,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         log(ctx, f"{torch.get_num_threads()} torch threads per worker (parallel.cpus_per_worker "
                  f"{spec.parallel.cpus_per_worker:g}), {spec.data.loader_workers} loader process(es)")
 
+    profiler = StepProfiler(spec.training.profile, run_dir, ctx.rank, ctx.device, step)
     cadence = Cadence(spec.training, spec.checkpoint, total_steps, validates=val_data is not None)
     window = LogWindow(ctx.world_size)
     position = resume.state.get("data_position") if resume.folder and step % steps_per_epoch else None
@@ -94,6 +96,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     break
                 step += 1
                 window.add(result)
+                if profiled := profiler.after_step(step):
+                    log(ctx, profiled)
                 if "first_step" not in startup.marks:
                     startup.mark("first_step")
                     if config.get("startup"):  # `hepml train` measured from its process start
@@ -121,6 +125,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 if due.end or due.stop:
                     break
             epoch += 1
+    if profiled := profiler.close(step):
+        log(ctx, profiled)
     tracker.close()
     if failure:
         # Ray would restart the worker group on an exception and hit the same loss again: record the error for

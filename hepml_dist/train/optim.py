@@ -119,13 +119,24 @@ class Lookahead(Optimizer):
         self.slow = None if slow is None else [s.to(p.device, p.dtype).clone() for s, p in zip(slow, params)]
 
 
+def fused_on_cpu(groups: list[dict]) -> dict[str, bool]:
+    """`fused=True` where every parameter is an fp32 CPU tensor. torch's CPU default is a Python loop of several
+    kernels per parameter (11.7 % of a ParT tau-ID step on 2 cores, 378 copies per step); the fused kernel does
+    each parameter in one pass. GPU parameters keep torch's default (multi-tensor `foreach`)."""
+    params = [p for group in groups for p in group["params"]]
+    cpu = bool(params) and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+    return {"fused": True} if cpu else {}
+
+
 def _adamw(groups: list[dict], o: OptimSpec) -> Optimizer:
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                             **fused_on_cpu(groups))
 
 
 def _adam(groups: list[dict], o: OptimSpec) -> Optimizer:
     # Adam with L2-coupled decay is what `adam` means; use adamw for decoupled decay.
-    return torch.optim.Adam(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    return torch.optim.Adam(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                            **fused_on_cpu(groups))
 
 
 def _sgd(groups: list[dict], o: OptimSpec) -> Optimizer:

@@ -20,6 +20,7 @@ from hepml_dist.models import ModelFamily
 from hepml_dist.spec import JobSpec
 from hepml_dist.train.distributed import all_sum
 from hepml_dist.train.engine import Engine
+from hepml_dist.train.profile import phase
 from hepml_dist.train.session import StopRequest, WorkerContext
 
 T = TypeVar("T")
@@ -72,12 +73,17 @@ def train_step(engine: Engine, family: ModelFamily, spec: JobSpec, micro_batches
     engine.model.train()
     result = StepResult()
     for i, batch in enumerate(micro_batches):
-        batch = to_device(batch, ctx.device)
-        losses = family.losses(engine.forward(batch), batch, spec)
+        with phase("to_device"):
+            batch = to_device(batch, ctx.device)
+        with phase("forward"):
+            outputs = engine.forward(batch)
+        with phase("losses"):
+            losses = family.losses(outputs, batch, spec)
         names = list(losses)
         # only rank 0 reads the stop file (once per step); a signal reaches each rank's own handler
         local_stop = stop.signalled or (ctx.rank == 0 and i == 0 and stop.requested())
-        flags = StepFlags.of(local_stop, [float(v.detach()) for v in losses.values()]).all_reduce(ctx.device)
+        with phase("step_flags"):
+            flags = StepFlags.of(local_stop, [float(v.detach()) for v in losses.values()]).all_reduce(ctx.device)
         result.stop_requested = result.stop_requested or flags.stop > 0
         bad = [name for name, f in zip(names, flags.non_finite) if f > 0]
         last = i == len(micro_batches) - 1
@@ -90,10 +96,12 @@ def train_step(engine: Engine, family: ModelFamily, spec: JobSpec, micro_batches
             engine.skip_micro_batch(last)
             result.skipped += 1
             continue
-        engine.backward(losses, last)
+        with phase("backward"):
+            engine.backward(losses, last)
         result.losses.append({n: v / ctx.world_size for n, v in zip(names, flags.losses)})
         result.examples.append(batch_size(batch))
-    result.overflow = not engine.step(step)
+    with phase("optimizer"):
+        result.overflow = not engine.step(step)
     return result
 
 
@@ -140,7 +148,8 @@ class LogWindow:
         while True:
             start = time.perf_counter()
             try:
-                item = next(iterator)
+                with phase("data_wait"):
+                    item = next(iterator)
             except StopIteration:
                 return
             self.batch_ready = time.perf_counter()
