@@ -28,6 +28,7 @@ epoch times (weaver's own "avg. speed" line), so start-up cancels on both sides.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -37,10 +38,14 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LOG_INTERVAL = 10
+PROFILE_STEPS = 10  # the last PROFILE_STEPS steps of a profiled run (outside its throughput window)
 TIMEOUT_S = 1200  # per training run: a hung run (a worker killed from outside) must not hang the benchmark
 QUICKSTART = ROOT / "jobs/multipartau-quickstart.yaml"
 SINGLE_TASK = ROOT / "jobs/singlepartau-tauid.yaml"
@@ -65,7 +70,9 @@ def ensure_data(path: Path | None, events: int, workdir: Path) -> Path:
 def job_sets(data: Path, workers: int, threads: int, steps: int, batch: int, extra: list[str] = ()) -> list[str]:
     """The --set overrides of a benchmark run: log every step, no validation or checkpoint, CPU workers."""
     return [f"data.{s}={data / s}" for s in ("train", "val", "test")] + [
-        "training.epochs=null", f"training.steps={steps}", "training.log_interval=1",
+        # a record every LOG_INTERVAL steps: logging every step (TensorBoard, the plain line through Ray's log
+        # monitor) costs a few per cent that no real job pays
+        "training.epochs=null", f"training.steps={steps}", f"training.log_interval={LOG_INTERVAL}",
         f"training.eval_interval={10 * steps}", f"checkpoint.interval={10 * steps}", "tracking.mode=disabled",
         f"parallel.num_workers={workers}", f"parallel.cpus_per_worker={max(1, threads // workers)}",
         f"data.batch_size={batch}", "data.steps_per_epoch=null", "data.loader_workers=1",
@@ -75,22 +82,33 @@ def job_sets(data: Path, workers: int, threads: int, steps: int, batch: int, ext
 
 
 def train_run(job: Path, data: Path, run_dir: Path, workers: int, threads: int, steps: int, batch: int,
-              extra: list[str] = ()) -> dict:
+              extra: list[str] = (), profile: bool = False, address: str | None = None) -> dict:
     """One `hepml train`: start-up, steady-state jets/s and where the training time went (rank 0's step, data
-    wait and other shares), from metrics.jsonl (log every step, no validation)."""
+    wait and other shares, from metrics.jsonl; no validation), the peak memory of its processes, and with
+    `profile` rank 0's milliseconds per phase over the last PROFILE_STEPS steps (training.profile)."""
     sets = job_sets(data, workers, threads, steps, batch, extra)
+    if profile:
+        sets += [f"training.profile.steps={PROFILE_STEPS}", f"training.profile.start_step={steps - PROFILE_STEPS + 1}"]
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = hepml("train", str(job), "--run-dir", str(run_dir), "--plain", *[a for s in sets for a in ("--set", s)])
+    command = hepml("train", str(job), "--run-dir", str(run_dir), "--plain", *[a for s in sets for a in ("--set", s)],
+                    *(["--address", address] if address else []))
     start = time.time()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S,
-                              env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-    except subprocess.TimeoutExpired as err:  # subprocess.run has killed it; its Ray exits with it
-        raise RuntimeError(f"hepml train did not finish in {TIMEOUT_S} s:\n{(err.stdout or b'')[-2000:]!r}") from None
-    if done.returncode != 0:
-        raise RuntimeError(f"hepml train failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}) as process:
+        memory = PeakMemory(process.pid)
+        try:
+            stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()  # its embedded Ray exits with it
+            raise RuntimeError(f"hepml train did not finish in {TIMEOUT_S} s") from None
+        finally:
+            memory.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"hepml train failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps_logged = [r for r in records if "jets_per_s" in r]
+    if profile:  # the profiled steps run slower: out of the throughput window
+        steps_logged = [r for r in steps_logged if r["step"] <= steps - PROFILE_STEPS]
     warm = steps_logged[min(len(steps_logged) - 2, max(2, len(steps_logged) // 5))]
     last = steps_logged[-1]
     global_batch = batch * workers
@@ -101,7 +119,45 @@ def train_run(job: Path, data: Path, run_dir: Path, workers: int, threads: int, 
         "startup_phases_s": {k.split("/")[1][:-2]: v for k, v in startup.items() if k.startswith("startup/")},
         "jets_per_s": (last["step"] - warm["step"]) * global_batch / (last["time"] - warm["time"]),
         **time_shares([r for r in steps_logged if r["step"] > warm["step"]]),
+        "peak_rss_mib": memory.peaks(),
+        **({"profile": json.loads((run_dir / "profile/rank0.json").read_text())} if profile else {}),
     }
+
+
+class PeakMemory:
+    """Peak resident memory (VmHWM) of `hepml train`'s driver, its training workers (Ray's `ray::RayTrainWorker`
+    processes) and their loader processes (children of a training worker), sampled every half second. Shared
+    pages (the loader's batch slots, Ray's object store) count in every process that maps them."""
+
+    def __init__(self, driver: int):
+        self.driver, self.seen = driver, {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.done.wait(0.5):
+            for status in Path("/proc").glob("[0-9]*/status"):
+                try:
+                    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+                    command = (status.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                except OSError:
+                    continue
+                pid = int(status.parent.name)
+                if pid == self.driver or command.startswith("ray::RayTrainWorker"):
+                    peak = int(fields.get("VmHWM", "0 kB").split()[0]) / 1024
+                    self.seen[pid] = (max(peak, self.seen.get(pid, (0, 0))[0]), int(fields["PPid"]))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def peaks(self) -> dict[str, float]:
+        workers = {pid for pid, (_, parent) in self.seen.items() if pid != self.driver and parent not in self.seen}
+        loaders = {pid for pid, (_, parent) in self.seen.items() if parent in workers}
+        top = lambda pids: round(max((self.seen[p][0] for p in pids), default=0.0))  # noqa: E731
+        return {"driver": top({self.driver} & set(self.seen)), "worker": top(workers), "loader": top(loaders),
+                "workers": len(workers)}
 
 
 def time_shares(records: list[dict]) -> dict:
@@ -121,7 +177,7 @@ def shares(run: dict) -> str:
 
 
 def model_only(job: Path, data: Path, threads: int, steps: int, batch: int, extra: list[str] = (),
-               warmup: int = 10) -> float:
+               warmup: int = 10) -> dict:
     """jets/s of the same model, losses and optimizer on the same batches, threads and batch size, with no service
     around it: the batches are read into memory first, then `steps` optimizer steps are timed (in a subprocess, so
     that its thread settings are its own)."""
@@ -131,7 +187,7 @@ def model_only(job: Path, data: Path, threads: int, steps: int, batch: int, extr
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
     if done.returncode != 0:
         raise RuntimeError(f"model-only run failed:\n{done.stderr[-3000:]}")
-    return float(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def model_only_worker(job: str, sets: list[str], threads: int, steps: int, warmup: int) -> None:
@@ -143,6 +199,8 @@ def model_only_worker(job: str, sets: list[str], threads: int, steps: int, warmu
     from hepml_dist.data.loader import open_stream
     from hepml_dist.models import build_model, get_family
     from hepml_dist.spec import load_job
+    from hepml_dist.train.optim import build_optimizer
+    from hepml_dist.train.profile import phase, summarize
 
     torch.set_num_threads(threads)
     spec = load_job(job, sets)
@@ -152,14 +210,76 @@ def model_only_worker(job: str, sets: list[str], threads: int, steps: int, warmu
                for b in itertools.islice(stream.batches(0), warmup + steps)]
     model = build_model(spec).train()
     family = get_family(spec.model.family)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.optim.lr)
+    optimizer = build_optimizer(model, spec.optim)  # the job's own (fused AdamW on CPU), as `hepml train` builds it
+
+    def step(batch: dict) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with phase("forward"):
+            outputs = model(batch)
+        with phase("losses"):
+            total = sum(family.losses(outputs, batch, spec).values())
+        with phase("backward"):
+            total.backward()
+        with phase("optimizer"):
+            optimizer.step()
+
     for i, batch in enumerate(batches):
         if i == warmup:
             start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        sum(family.losses(model(batch), batch, spec).values()).backward()
-        optimizer.step()
-    print(sum(len(b["mask"]) for b in batches[warmup:]) / (time.perf_counter() - start))
+        step(batch)
+    jets_per_s = sum(len(b["mask"]) for b in batches[warmup:]) / (time.perf_counter() - start)
+    profiled = batches[-PROFILE_STEPS:]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        for batch in profiled:
+            step(batch)
+        wall = time.perf_counter() - start
+    print(json.dumps({"jets_per_s": jets_per_s, "profile": summarize(profiler.key_averages(), wall, len(profiled), 1)}))
+
+
+def memory(run: dict) -> str:
+    peaks = run["peak_rss_mib"]
+    return f"driver {peaks['driver']} MiB, worker {peaks['worker']} MiB, loader process {peaks['loader']} MiB"
+
+
+def phase_table(service: dict, alone: dict) -> str:
+    """Milliseconds per step in each phase: `hepml train`'s rank 0 (training.profile) next to the model alone."""
+    lines = [f"{'phase':<12} {'hepml train ms':>15} {'model alone ms':>15}"]
+    for name in [*service["phases_ms"], "rest"]:
+        ours = service["rest_ms"] if name == "rest" else service["phases_ms"][name]
+        theirs = alone["rest_ms"] if name == "rest" else alone["phases_ms"].get(name, 0.0)
+        lines.append(f"{name:<12} {ours:>15.2f} {theirs:>15.2f}")
+    lines.append(f"{'step':<12} {service['wall_ms']:>15.2f} {alone['wall_ms']:>15.2f}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def two_node_ray(threads: int) -> Iterator[str]:
+    """A Ray cluster of two nodes on this machine (two raylets, `threads // 2` CPUs each), run by a child process for
+    the duration of the block; yields its GCS address for `hepml train --address`. It listens on this machine's own
+    address, not 127.0.0.1: a driver joining "127.0.0.1:port" is sent to that address by Ray (2.60) anyway, and
+    traffic to one's own address stays on the machine."""
+    script = textwrap.dedent(f"""
+        import sys
+        from ray.cluster_utils import Cluster
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": {max(1, threads // 2)},
+                          "include_dashboard": False}})
+        cluster.add_node(num_cpus={max(1, threads // 2)})
+        cluster.wait_for_nodes()
+        print(cluster.address, flush=True)
+        sys.stdin.read()  # until the benchmark closes our stdin
+        cluster.shutdown()
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    try:
+        address = child.stdout.readline().strip()
+        if not address:
+            raise RuntimeError("the two-node Ray cluster did not start")
+        yield address
+    finally:
+        child.stdin.close()
+        child.wait(timeout=120)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -304,6 +424,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="jets per worker and step")
     parser.add_argument("--weaver-steps", type=int, nargs=2, default=(30, 130), help="the two weaver run lengths")
     parser.add_argument("--no-weaver", action="store_true", help="skip the weaver-core comparison")
+    parser.add_argument("--no-two-nodes", action="store_true", help="skip the run across two local Ray nodes")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--model-only", metavar="JOB", default=None, help=argparse.SUPPRESS)  # model_only()'s child
     parser.add_argument("--warmup", type=int, default=10, help=argparse.SUPPRESS)
@@ -323,21 +444,32 @@ def main() -> None:
                                       args.batch)
             phases = ", ".join(f"{k} {v:.1f}" for k, v in runs[workers]["startup_phases_s"].items())
             print(f"multipartau-quickstart, {workers} worker(s): {runs[workers]['jets_per_s']:.0f} jets/s, "
-                  f"start-up {runs[workers]['startup_s']:.1f} s ({phases} s), {shares(runs[workers])}", flush=True)
-        results["multipartau"] = list(runs.values())
+                  f"start-up {runs[workers]['startup_s']:.1f} s ({phases} s), {shares(runs[workers])}, "
+                  f"peak RSS {memory(runs[workers])}", flush=True)
+        if not args.no_two_nodes:
+            with two_node_ray(args.threads) as address:
+                runs["2 nodes"] = train_run(QUICKSTART, data, workdir / "run-2-nodes", 2, args.threads, args.steps,
+                                            args.batch, address=address)
+            print(f"multipartau-quickstart, 2 workers on 2 Ray nodes of {args.threads // 2} CPU: "
+                  f"{runs['2 nodes']['jets_per_s']:.0f} jets/s, {shares(runs['2 nodes'])}, "
+                  f"peak RSS {memory(runs['2 nodes'])}", flush=True)
+        results["multipartau"] = {str(k): v for k, v in runs.items()}
         model_sets = [f"model.{k}={json.dumps(v)}" for k, v in SMALL_PART.items() if not k.startswith("head")] + [
             f"model.head.hidden=[{SMALL_PART['head_hidden']}]", f"model.head.dropout={SMALL_PART['head_dropout']}",
             "model.dropout=0.0", "model.attn_dropout=0.0", "model.activation_dropout=0.0", "training.precision=fp32",
             "optim.lr=1e-3",
         ]
-        ours = train_run(SINGLE_TASK, data, workdir / "run-single", 1, args.threads, args.steps, args.batch, model_sets)
+        ours = train_run(SINGLE_TASK, data, workdir / "run-single", 1, args.threads, args.steps, args.batch, model_sets,
+                         profile=True)
         alone = model_only(SINGLE_TASK, data, args.threads, args.steps, args.batch, model_sets)
         print(f"ParT tau ID, hepml train 1 worker: {ours['jets_per_s']:.0f} jets/s, {shares(ours)}; the model alone "
-              f"on the same batches: {alone:.0f} jets/s (end to end = {ours['jets_per_s'] / alone:.0%} of it)",
-              flush=True)
-        results["part_tau_id"] = {"hepml_dist": ours["jets_per_s"], "model_only": alone,
+              f"on the same batches: {alone['jets_per_s']:.0f} jets/s (end to end = "
+              f"{ours['jets_per_s'] / alone['jets_per_s']:.0%} of it)", flush=True)
+        print(phase_table(ours["profile"], alone["profile"]), flush=True)
+        results["part_tau_id"] = {"hepml_dist": ours["jets_per_s"], "model_only": alone["jets_per_s"],
+                                  "profile": ours["profile"], "model_only_profile": alone["profile"],
                                   **{k: v for k, v in ours.items() if k.endswith("_share")}}
-        quick_alone = model_only(QUICKSTART, data, args.threads, args.steps, args.batch)
+        quick_alone = model_only(QUICKSTART, data, args.threads, args.steps, args.batch)["jets_per_s"]
         print(f"multipartau-quickstart, the model alone with {args.threads} threads: {quick_alone:.0f} jets/s "
               f"(1 worker end to end = {runs[1]['jets_per_s'] / quick_alone:.0%} of it)", flush=True)
         results["multipartau_model_only"] = quick_alone

@@ -211,3 +211,15 @@ def test_reweighting_by_sampling_and_by_loss_weights(tmp_path):
     labels = np.concatenate([b["label_jet_class"].numpy() for b in batches])
     assert weights.mean() == pytest.approx(1.0, rel=0.1)
     assert weights[labels == 0].sum() / weights.sum() == pytest.approx(0.75, abs=0.05)
+
+
+def test_shared_batch_slots_are_bounded_and_hold_every_batch(dataset):
+    """The slots the loader maps are a fixed number per loader process, each large enough for any built batch."""
+    for workers in (0, 1, 2):
+        stream = ShardStream(spec_for(dataset, loader_workers=workers), "train", rank=0, world_size=1, seed=1)
+        count, size = stream.shared_slots()
+        assert count == (0 if workers == 0 else 2 * workers + 4)
+        if workers:
+            largest = max(sum(v.numel() * v.element_size() for v in batch.values() if hasattr(v, "numel"))
+                          for batch in stream.batches(0))
+            assert largest <= size

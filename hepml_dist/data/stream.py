@@ -29,6 +29,9 @@ from hepml_dist.errors import UserError
 from hepml_dist.spec.data import DataSpec
 
 
+PREFETCH = 2  # batches each loader process builds ahead
+
+
 class Stream:
     """Batches of ready tensors for one split, for one rank of `world_size`.
 
@@ -68,18 +71,15 @@ class Stream:
         if done >= steps:
             return
         num_workers = self.data.loader_workers
-        fork = num_workers > 0 and "fork" in multiprocessing.get_all_start_methods()
-        prefetch = 2
-        # a worker can have up to prefetch x workers requests outstanding (when the others are done), and the
-        # consumer usually holds a batch or two: a slot for each (more only cost address space, not memory)
-        ring = SlotRing(num_workers, prefetch * num_workers + 4, self._batch_bytes()) if fork else None
+        slots, slot_bytes = self.shared_slots()
+        ring = SlotRing(num_workers, slots, slot_bytes) if slots else None
         loader = torch.utils.data.DataLoader(
             self._worker_stream(epoch, done, ring),
             batch_size=None,
             num_workers=num_workers,
-            prefetch_factor=prefetch if num_workers else None,
+            prefetch_factor=PREFETCH if num_workers else None,
             persistent_workers=False,
-            multiprocessing_context="fork" if fork else None,
+            multiprocessing_context="fork" if ring else None,
         )
         count = done
         try:
@@ -103,6 +103,16 @@ class Stream:
             raise type(err)(_last_line(str(err))) from None
         if count != steps:
             raise RuntimeError(f"internal error: {self.split} stream yielded {count} batches, planned {steps}")
+
+    def shared_slots(self) -> tuple[int, int]:
+        """The shared-memory batch slots `batches` maps while it runs: (count, bytes each); (0, 0) without loader
+        processes. A fixed bound: a batch that finds no free slot takes torch's own transport instead."""
+        workers = self.data.loader_workers
+        if workers == 0 or "fork" not in multiprocessing.get_all_start_methods():
+            return 0, 0
+        # a worker can have up to PREFETCH x workers requests outstanding (when the others are done), and the
+        # consumer usually holds a batch or two: a slot for each (more only cost address space, not memory)
+        return PREFETCH * workers + 4, self._batch_bytes()
 
     def _worker_stream(self, epoch: int, done: int, ring: SlotRing | None) -> WorkerStream:
         raise NotImplementedError

@@ -67,8 +67,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         tracker.log_metrics({"resumed_from": step}, step=step, epoch=epoch)
     startup.mark("engine")
     if ctx.device.type == "cpu":
+        slots, slot_bytes = train_data.shared_slots()
         log(ctx, f"{torch.get_num_threads()} torch threads per worker (parallel.cpus_per_worker "
-                 f"{spec.parallel.cpus_per_worker:g}), {spec.data.loader_workers} loader process(es)")
+                 f"{spec.parallel.cpus_per_worker:g}), {spec.data.loader_workers} loader process(es)"
+                 + (f" with {slots} shared batch slots of {slot_bytes / 2**20:.1f} MiB" if slots else ""))
 
     profiler = StepProfiler(spec.training.profile, run_dir, ctx.rank, ctx.device, step)
     cadence = Cadence(spec.training, spec.checkpoint, total_steps, validates=val_data is not None)
