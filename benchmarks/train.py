@@ -14,8 +14,14 @@ Measured:
   * where each `hepml train` spends its training time (rank 0, steady state): in steps (forward, backward,
     all-reduce, optimizer), waiting for the loader, and the rest (`step_share`, `data_wait_share` of the log
     records, hepml_dist/train/step.py);
-  * the model alone: the same model, losses and AdamW on the same batches (read into memory first), threads and
-    batch size, with no loader, Ray or logging around it. End to end over model-only is what the service costs.
+  * the model alone: the same model, losses and the job's own optimizer on the same batches (read into memory
+    first), threads and batch size, with no loader, Ray or logging around it. End to end over model-only is what
+    the service costs;
+  * where each millisecond of a ParT tau-ID step goes: rank 0's `training.profile` of its last 10 steps (outside
+    the throughput window) next to the model alone's profile under the same phase labels;
+  * peak resident memory of the driver, each training worker and its loader process (VmHWM, sampled);
+  * the demo job with its 2 workers on two Ray nodes of one core each (a local two-raylet cluster,
+    `hepml train --address`), against the same workers on one node.
 
 Throughput is steady-state: for `hepml train`, jets between the end of step `--warmup` and the last step over the
 wall time between them (metrics.jsonl times); for weaver, two runs of N1 and N2 steps and the difference of their

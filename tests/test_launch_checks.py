@@ -62,3 +62,18 @@ def test_startup_record_holds_each_phase_between_consecutive_marks_and_the_total
     assert clock.marks == {"start": 100.0, "cli": 101.5, "ray": 104.0}  # the driver's copy is not changed
     started = StartupClock.from_process_start().marks["start"]  # this process's start, from the OS
     assert 0 < time.time() - started < 24 * 3600
+
+
+def test_cpu_workers_get_one_malloc_arena_unless_the_user_chose(monkeypatch):
+    """Ray Train's training thread would otherwise get its own arena, whose heaps are unmapped and mapped again
+    every step (hepml_dist/train/launch.py); GPU workers keep glibc's default; a user's own value wins."""
+    from hepml_dist.spec import load_job
+    from hepml_dist.train.launch import worker_env
+
+    cpu = load_job("multipartau-quickstart.yaml")
+    gpu = load_job("multipartau.yaml")
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert worker_env(cpu, embedded=True)["MALLOC_ARENA_MAX"] == "1"
+    assert "MALLOC_ARENA_MAX" not in worker_env(gpu, embedded=True)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert worker_env(cpu, embedded=True)["MALLOC_ARENA_MAX"] == "4"
