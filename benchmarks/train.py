@@ -74,7 +74,8 @@ def ensure_data(path: Path | None, events: int, workdir: Path) -> Path:
 
 
 def job_sets(data: Path, workers: int, threads: int, steps: int, batch: int, extra: list[str] = ()) -> list[str]:
-    """The --set overrides of a benchmark run: log every step, no validation or checkpoint, CPU workers."""
+    """The --set overrides of a benchmark run: a record every LOG_INTERVAL steps, no validation or checkpoint,
+    CPU workers."""
     return [f"data.{s}={data / s}" for s in ("train", "val", "test")] + [
         # a record every LOG_INTERVAL steps: logging every step (TensorBoard, the plain line through Ray's log
         # monitor) costs a few per cent that no real job pays

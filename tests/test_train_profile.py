@@ -55,6 +55,17 @@ def test_no_profile_unless_asked_and_none_past_the_window(dataset, tmp_path):
     assert not (tmp_path / "profile").exists()
 
 
+
+def test_a_window_from_the_first_step_starts_at_once(dataset, tmp_path):
+    spec = parse_spec(tiny_job(dataset, training={"profile": {"steps": 2, "start_step": 1}}))
+    profiler = StepProfiler(spec.training.profile, tmp_path, 0, torch.device("cpu"), step=0)
+    assert profiler.profiler is not None
+    torch.ones(4).sum()
+    assert profiler.after_step(1) is None
+    assert "steps 1-2" in profiler.after_step(2)
+    assert json.loads((tmp_path / "profile/rank0.json").read_text())["steps"] == 2
+
+
 def test_cpu_adamw_is_fused_and_steps_like_the_reference(tmp_path):
     spec = parse_spec(tiny_job(tmp_path))
     torch.manual_seed(0)

@@ -38,7 +38,7 @@ class ProfileSpec(Section):
     """Optimizer steps to profile; 0 (the default) profiles nothing. Each rank writes RUN_DIR/profile/rank<r>.txt
     (milliseconds per step in each phase: data wait, forward, losses, step flags, backward, optimizer, and the
     rest; then the operators by own CPU time), rank<r>.json (the same numbers) and rank<r>.trace.json (a Chrome
-    trace: open it in ui.perfetto.dev). Profiled steps run slower; the log records of those steps say so."""
+    trace: open it in ui.perfetto.dev). Profiled steps run slower than the others (the profiler's own cost)."""
     start_step: int = Field(20, ge=1)
     """First profiled optimizer step (1-based); later than the first steps, which warm up the allocator and caches."""
 

@@ -28,8 +28,8 @@ from hepml_dist.train.checkpoint import ResumePoint, save_checkpoint
 from hepml_dist.train.distributed import naming_collective_timeouts
 from hepml_dist.train.engine import Engine, make_engine
 from hepml_dist.train.finetune import freeze, load_pretrained, phase_at, restrict_to
-from hepml_dist.train.session import StopRequest, WorkerContext, worker_context
 from hepml_dist.train.profile import StepProfiler
+from hepml_dist.train.session import StopRequest, WorkerContext, worker_context
 from hepml_dist.train.startup import StartupClock
 from hepml_dist.train.step import LogWindow, format_record, log, train_step
 

@@ -38,8 +38,7 @@ class StepProfiler:
         self.folder, self.rank, self.device = Path(run_dir) / "profile", rank, device
         self.profiler: profile | None = None
         self.started_at, self.start_step = 0.0, 0
-        if self.enabled and step == self.first - 1:
-            self._start(step)
+        self.after_step(step)  # a window that starts right here (start_step 1, or a resume just before it)
 
     def after_step(self, step: int) -> str | None:
         """`step` optimizer steps are done; returns a one-line summary when the profile has just been written."""
