@@ -20,6 +20,8 @@ Measured:
   * where each millisecond of a ParT tau-ID step goes: rank 0's `training.profile` of its last 10 steps (outside
     the throughput window) next to the model alone's profile under the same phase labels;
   * peak resident memory of the driver, each training worker and its loader process (VmHWM, sampled);
+  * the floor under the start-up: a fresh process to an empty train function of 2 CPU workers, with Ray Train's
+    stock TorchTrainer and with the trainer `hepml train` uses (ray_train_floor);
   * the demo job with its 2 workers on two Ray nodes of one core each (a local two-raylet cluster,
     `hepml train --address`), against the same workers on one node.
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -244,6 +247,52 @@ def model_only_worker(job: str, sets: list[str], threads: int, steps: int, warmu
     print(json.dumps({"jets_per_s": jets_per_s, "profile": summarize(profiler.key_averages(), wall, len(profiled), 1)}))
 
 
+def ray_train_floor(kind: str) -> float:
+    """Seconds from a fresh Python process's start to rank 0 entering a train function that does nothing: 2 CPU
+    workers of a TorchTrainer on an embedded Ray started as `hepml train` starts it. What Ray Train itself costs
+    before any of the job's code runs: `stock` is Ray Train's TorchTrainer, `hepml` the trainer `hepml train`
+    uses (launch._Trainer on an embedded Ray: no Ray Data callback, placement-group cleaner or autoscaling
+    coordinator), with the imports of hepml_dist.train.launch."""
+    done = subprocess.run([sys.executable, __file__, "--ray-floor", kind], capture_output=True, text=True,
+                          timeout=TIMEOUT_S, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    if done.returncode != 0:
+        raise RuntimeError(f"Ray Train floor ({kind}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["to_train_fn_s"]
+
+
+def note_entry(config: dict) -> None:
+    """The floor's train function: rank 0 notes when it was entered."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        Path(config["path"]).write_text(str(time.time()))
+
+
+def ray_train_floor_worker(kind: str) -> None:
+    import psutil
+
+    started = psutil.Process().create_time()
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer_class = TorchTrainer
+    if kind == "hepml":
+        from hepml_dist.train import launch
+
+        for name, value in launch.EMBEDDED_RAY_ENV.items():
+            os.environ.setdefault(name, value)
+        trainer_class = functools.partial(launch._Trainer, embedded=True)
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+             log_to_driver=False)
+    with tempfile.TemporaryDirectory(prefix="hepml-ray-floor-") as tmp:
+        entered = Path(tmp) / "entered"
+        trainer_class(note_entry, train_loop_config={"path": str(entered)}, scaling_config=ScalingConfig(num_workers=2),
+                      run_config=RunConfig(storage_path=tmp)).fit()
+        print(json.dumps({"to_train_fn_s": float(entered.read_text()) - started}))
+    ray.shutdown()
+
+
 def memory(run: dict) -> str:
     peaks = run["peak_rss_mib"]
     return f"driver {peaks['driver']} MiB, worker {peaks['worker']} MiB, loader process {peaks['loader']} MiB"
@@ -436,7 +485,11 @@ def main() -> None:
     parser.add_argument("--model-only", metavar="JOB", default=None, help=argparse.SUPPRESS)  # model_only()'s child
     parser.add_argument("--warmup", type=int, default=10, help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--ray-floor", choices=("stock", "hepml"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ray_floor:
+        ray_train_floor_worker(args.ray_floor)
+        return
     if args.model_only:
         model_only_worker(args.model_only, args.set, args.threads, args.steps, args.warmup)
         return
@@ -453,6 +506,11 @@ def main() -> None:
             print(f"multipartau-quickstart, {workers} worker(s): {runs[workers]['jets_per_s']:.0f} jets/s, "
                   f"start-up {runs[workers]['startup_s']:.1f} s ({phases} s), {shares(runs[workers])}, "
                   f"peak RSS {memory(runs[workers])}", flush=True)
+        floors = {kind: ray_train_floor(kind) for kind in ("stock", "hepml")}
+        results["ray_train_floor_s"] = floors
+        print(f"Ray Train alone, 2 CPU workers, process start to an empty train function: stock TorchTrainer "
+              f"{floors['stock']:.1f} s, hepml's embedded trainer {floors['hepml']:.1f} s (hepml train to its first "
+              f"step: {runs[2]['startup_s']:.1f} s)", flush=True)
         if not args.no_two_nodes:
             with two_node_ray(args.threads) as address:
                 runs["2 nodes"] = train_run(QUICKSTART, data, workdir / "run-2-nodes", 2, args.threads, args.steps,

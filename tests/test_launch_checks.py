@@ -77,3 +77,47 @@ def test_cpu_workers_get_one_malloc_arena_unless_the_user_chose(monkeypatch):
     assert "MALLOC_ARENA_MAX" not in worker_env(gpu, embedded=True)
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert worker_env(cpu, embedded=True)["MALLOC_ARENA_MAX"] == "4"
+
+
+def test_embedded_ray_starts_no_cluster_only_actors_but_a_cluster_keeps_them(monkeypatch):
+    """On an embedded Ray the trainer leaves out the placement-group cleaner and the autoscaling coordinator (each
+    a process importing Ray Train and Ray Data); joining a cluster keeps both. Ray Data's callback is left out
+    either way (no datasets)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    from hepml_dist.train.launch import FixedSizeOnOneMachine, _Trainer
+
+    def kinds(trainer):
+        return {type(c) for c in trainer._create_default_callbacks()}
+
+    scaling = ScalingConfig(num_workers=2)
+    embedded = _Trainer(lambda: None, scaling_config=scaling, embedded=True)
+    cluster = _Trainer(lambda: None, scaling_config=scaling, embedded=False)
+    assert PlacementGroupCleanerCallback not in kinds(embedded) and DatasetsCallback not in kinds(embedded)
+    assert PlacementGroupCleanerCallback in kinds(cluster) and DatasetsCallback not in kinds(cluster)
+
+    seen = []
+    monkeypatch.setattr(TorchTrainer, "_initialize_and_run_controller", lambda self, **kw: seen.append(kw))
+    for trainer in (embedded, cluster):
+        trainer._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(scaling))
+    assert type(seen[0]["scaling_policy"]) is FixedSizeOnOneMachine
+    assert type(seen[1]["scaling_policy"]) is FixedScalingPolicy
+    policy = seen[0]["scaling_policy"]
+    policy.after_controller_start(None)  # registers nothing: no coordinator actor is created
+    assert policy._coordinator_client is None
+    assert policy.make_decision_for_non_running_worker_group().num_workers == 2
+
+
+def test_embedded_worker_setup_quiets_ray_trains_report_logger_without_importing_ray_train():
+    import subprocess
+    import sys
+
+    code = ("import sys, logging; from hepml_dist.train import ray_setup; ray_setup.quiet_embedded_ray_worker(); "
+            "assert 'ray.train' not in sys.modules; "
+            "from ray.train.v2._internal.execution import context; "
+            "assert context.logger.level == logging.WARNING, context.logger.name")  # set on the very logger
+    subprocess.run([sys.executable, "-c", code], check=True)
