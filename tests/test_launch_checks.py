@@ -112,12 +112,14 @@ def test_embedded_ray_starts_no_cluster_only_actors_but_a_cluster_keeps_them(mon
     assert policy.make_decision_for_non_running_worker_group().num_workers == 2
 
 
-def test_embedded_worker_setup_quiets_ray_trains_report_logger_without_importing_ray_train():
+def test_embedded_worker_setup_quiets_ray_train_loggers_without_importing_ray_train():
     import subprocess
     import sys
 
     code = ("import sys, logging; from hepml_dist.train import ray_setup; ray_setup.quiet_embedded_ray_worker(); "
             "assert 'ray.train' not in sys.modules; "
             "from ray.train.v2._internal.execution import context; "
-            "assert context.logger.level == logging.WARNING, context.logger.name")  # set on the very logger
+            "assert context.logger.level == logging.WARNING, context.logger.name; "  # set on the very logger
+            "from ray.train.v2._internal.execution.controller import placement_group_cleaner as cleaner; "
+            "assert cleaner.logger.level == logging.ERROR, cleaner.logger.name")
     subprocess.run([sys.executable, "-c", code], check=True)

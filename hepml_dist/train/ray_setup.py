@@ -9,11 +9,18 @@ import ray
 
 # Ray Train's worker context module names its logger by its file path.
 TRAIN_CONTEXT_LOGGER = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def quiet_embedded_ray_worker() -> None:
-    """Run in every worker process of the embedded Ray. Each rank logs every `ray.train.report` in full
-    ("Reporting training result N: TrainingReport(...)"), which repeats the validation line rank 0 already prints.
-    (Ray Train's placement-group cleaner, whose failing state-API queries used to warn every few seconds without
-    a dashboard, is not started on an embedded Ray: launch._Trainer.)"""
+    """Run in every worker process of the embedded Ray.
+
+    - Each rank logs every `ray.train.report` in full ("Reporting training result N: TrainingReport(...)"), which
+      repeats the validation line rank 0 already prints.
+    - Ray Train's placement-group cleaner asks the state API whether the controller lives; without a dashboard
+      (not started here: nothing to serve on a laptop) the query fails and it warns every few seconds. `hepml
+      train` starts no cleaner on its embedded Ray (launch._Trainer), but `hepml tune`'s trials do: they join
+      the Ray that `hepml tune` started. The cleaner still cleans up when its controller dies.
+    """
     logging.getLogger(TRAIN_CONTEXT_LOGGER).setLevel(logging.WARNING)
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
