@@ -56,7 +56,8 @@ def _free_block(size: int = 2000) -> int:
     """Start of a range of `size` ports with nothing listening at the ports Ray will use."""
     for _ in range(50):
         start = random.randrange(40000, 60000 - size, 1000)
-        probes = [start + offset for block in range(0, size, 1000) for offset in (0, 1, 2, 3, 4, 5, 6, 7, 100, 101)]
+        offsets = (0, 1, 2, 3, 4, 5, 6, 7, 8, 100, 101)  # the ports Ray binds in each block, and the head's GCS port
+        probes = [start + block + offset for block in range(0, size, 1000) for offset in offsets]
         try:
             for port in probes:
                 with socket.socket() as s:
@@ -219,9 +220,12 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeSlurm]:
     image.write_text("stand-in image\n")
     marker = f"/tmp/hsl{os.getpid()}-"
     site = root / "site.yaml"
+    # The head's GCS port is the block's unused 9th port: an ephemeral port from the OS could fall inside a node's
+    # worker-port range (block + 100 to block + 999), which Ray refuses ("used by other components").
+    block = _free_block()
     site.write_text(
         f"extends: {REPO / 'cluster/sites/local.yaml'}\n"
-        f"ray: {{port: {_free_port()}, port_range_start: {_free_block()}, temp_dir: '{marker}{{job_id}}', "
+        f"ray: {{port: {block + 8}, port_range_start: {block}, temp_dir: '{marker}{{job_id}}', "
         "join_timeout_s: 90}\n"
     )
 
