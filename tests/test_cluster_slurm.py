@@ -140,9 +140,7 @@ MpiDefault=none
 ReturnToService=2
 SlurmdTimeout=30
 InactiveLimit=0
-# Slurm's default: a Ray node stops on SIGTERM well within it (at 5 s, a slow machine's Ray was killed before
-# its node script removed its temp dir)
-KillWait=30
+KillWait=5
 {nodes}
 PartitionName=debug Nodes=node[1-{len(node_ports)}] Default=YES MaxTime=INFINITE State=UP
 """
