@@ -55,7 +55,6 @@ def test_no_profile_unless_asked_and_none_past_the_window(dataset, tmp_path):
     assert not (tmp_path / "profile").exists()
 
 
-
 def test_a_window_from_the_first_step_starts_at_once(dataset, tmp_path):
     spec = parse_spec(tiny_job(dataset, training={"profile": {"steps": 2, "start_step": 1}}))
     profiler = StepProfiler(spec.training.profile, tmp_path, 0, torch.device("cpu"), step=0)
