@@ -1,5 +1,6 @@
 """The streaming loader: equal batch counts per rank, coverage, resume, corrupt shards, evaluation, reweighting."""
 
+import multiprocessing
 import warnings
 
 import numpy as np
@@ -223,3 +224,48 @@ def test_shared_batch_slots_are_bounded_and_hold_every_batch(dataset):
             largest = max(sum(v.numel() * v.element_size() for v in batch.values() if hasattr(v, "numel"))
                           for batch in stream.batches(0))
             assert largest <= size
+
+
+def loader_pids():
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def test_kept_loader_processes_serve_every_epoch_as_fresh_ones_would(dataset):
+    """Inside kept_loader_processes the same loader processes stream epoch after epoch (and resumed epochs), with
+    exactly the batches that processes forked per call give; they stop when the block ends."""
+    spec = spec_for(dataset)
+    fresh = ShardStream(spec, "train", rank=1, world_size=2, seed=7)
+    expected = {e: indices(list(fresh.batches(e))) for e in (0, 1, 2)}
+    before = loader_pids()
+    stream = ShardStream(spec, "train", rank=1, world_size=2, seed=7)
+    with stream.kept_loader_processes():
+        np.testing.assert_array_equal(indices(list(stream.batches(0))), expected[0])
+        kept = loader_pids() - before
+        assert len(kept) == 2  # two loader processes, alive between epochs
+        np.testing.assert_array_equal(indices(list(stream.batches(1))), expected[1])
+        iterator = stream.batches(2)
+        head = [next(iterator) for _ in range(3)]
+        assert loader_pids() - before == kept  # still the same processes
+        saved = stream.position
+        iterator.close()  # left mid-epoch: those processes stop, the next call forks new ones
+        assert not loader_pids() & kept
+        tail = list(stream.batches(2, start=saved))
+        np.testing.assert_array_equal(indices(head + tail), expected[2])
+        again = loader_pids() - before
+        assert len(again) == 2 and not again & kept
+        np.testing.assert_array_equal(indices(list(stream.batches(0))), expected[0])
+    assert not loader_pids() & again  # stopped with the block
+
+
+def test_a_second_call_while_the_kept_loader_streams_gets_its_own(dataset):
+    """Two epochs read at once (a validation inside an epoch, say) never share one loader's processes."""
+    spec = spec_for(dataset, val=str(dataset / "val"))
+    stream = ShardStream(spec, "val", rank=0, world_size=1, seed=0, training=False)
+    expected = indices(list(stream.batches(0)))
+    with stream.kept_loader_processes():
+        first = stream.batches(0)
+        head = [next(first)]
+        second = indices(list(stream.batches(0)))
+        np.testing.assert_array_equal(second, expected)
+        np.testing.assert_array_equal(indices(head + list(first)), expected)
+        np.testing.assert_array_equal(indices(list(stream.batches(0))), expected)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from hepml_dist.data.handover import SlotRing
+from hepml_dist.data.handover import EpochCursor, SlotRing
 from hepml_dist.data.plan import Piece
 from hepml_dist.data.stream import ShardStream, Stream
 from hepml_dist.data.worker import WorkerStream
@@ -87,8 +87,8 @@ class GroupedStream(Stream):
     def slots(self, epoch: int) -> list[list[Piece]]:
         return [[] for _ in range(self.world_size * self.workers)]  # each group plans its own slots
 
-    def _worker_stream(self, epoch: int, done: int, ring: SlotRing | None) -> WorkerStream:
-        return GroupedWorkerStream(self, epoch, done, ring)
+    def _worker_stream(self, cursor: EpochCursor, ring: SlotRing | None) -> WorkerStream:
+        return GroupedWorkerStream(self, cursor, ring)
 
 
 class GroupedWorkerStream(WorkerStream):
@@ -98,8 +98,8 @@ class GroupedWorkerStream(WorkerStream):
                      loop: bool) -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
         s = self.s
         worker = slot - s.rank * s.workers
-        streams = [WorkerStream(m, self.epoch, self.done)._raw_batches(m.slots(self.epoch)[slot], slot,
-                                                                        skip_batches, True)
+        at = EpochCursor(self.epoch, self.done)
+        streams = [WorkerStream(m, at)._raw_batches(m.slots(self.epoch)[slot], slot, skip_batches, True)
                    for m in s.members]
         for j in range(skip_batches, 1 << 62):
             counts = s.group_counts(self.epoch, j * s.workers + worker)  # this worker's j-th batch, in rank order

@@ -37,6 +37,27 @@ def tune_malloc() -> None:
         pass
 
 
+class EpochCursor:
+    """The epoch, and how many of its batches are already done, for loader processes that outlive one epoch.
+
+    The main process sets it before each epoch; each loader process reads it when it starts streaming that
+    epoch. It lives in shared memory, so processes forked once see every later value. Pickled (a `spawn` start,
+    which never keeps processes between epochs) it travels as the values it holds.
+    """
+
+    def __init__(self, epoch: int = 0, done: int = 0):
+        self._values = np.frombuffer(mmap.mmap(-1, 16), dtype=np.int64)
+        self.set(epoch, done)
+
+    def set(self, epoch: int, done: int) -> None:
+        self._values[:] = (epoch, done)
+
+    def read(self) -> tuple[int, int]:
+        return int(self._values[0]), int(self._values[1])
+
+    def __reduce__(self):
+        return EpochCursor, self.read()
+
 
 class SlotRing:
     """Shared memory through which DataLoader workers hand batches to the main process, reused batch after batch.

@@ -8,6 +8,7 @@ sets with fixed shares. `hepml_dist.data.loader.open_stream` picks the one a job
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import warnings
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from hepml_dist.data import features as feats
-from hepml_dist.data.handover import SlotRing, tune_malloc
+from hepml_dist.data.handover import EpochCursor, SlotRing, tune_malloc
 from hepml_dist.data.manifest import CorruptShardError
 from hepml_dist.data.plan import DataPosition, Piece, plan_slots, slot_bounds, worker_quota
 from hepml_dist.data.reweight import load_weight_table
@@ -53,6 +54,10 @@ class Stream:
         self.skipped_shards: set[str] = set()
         self.steps_per_epoch = 0
         self.shards: list = []
+        self._cursor = EpochCursor()  # the epoch the loader processes stream next
+        self._keep = False  # kept_loader_processes
+        self._kept: tuple[torch.utils.data.DataLoader, SlotRing | None] | None = None
+        self._kept_busy = False  # a call of `batches` is streaming from the kept loader
 
     @property
     def position(self) -> DataPosition:
@@ -70,18 +75,9 @@ class Stream:
         self._position = self._at(epoch, done)
         if done >= steps:
             return
-        num_workers = self.data.loader_workers
-        slots, slot_bytes = self.shared_slots()
-        ring = SlotRing(num_workers, slots, slot_bytes) if slots else None
-        loader = torch.utils.data.DataLoader(
-            self._worker_stream(epoch, done, ring),
-            batch_size=None,
-            num_workers=num_workers,
-            prefetch_factor=PREFETCH if num_workers else None,
-            persistent_workers=False,
-            multiprocessing_context="fork" if ring else None,
-        )
-        count = done
+        loader, ring, kept = self._loader(epoch, done)
+        self._kept_busy |= kept
+        count, finished = done, False
         try:
             for batch in loader:
                 if META + "slot" in batch:
@@ -97,12 +93,62 @@ class Stream:
                 count += 1
                 self._position = self._at(epoch, count)
                 yield batch
+            finished = True
         except CorruptShardError as err:  # from a loader worker the message carries a traceback: keep the point
             raise CorruptShardError(err.shard, err.reason) from None
         except UserError as err:  # re-raised from a loader worker: keep only the message, not the traceback
             raise type(err)(_last_line(str(err))) from None
+        finally:
+            if kept:
+                self._kept_busy = False
+                if not finished:  # left mid-epoch (or failed): the kept processes may still be streaming it
+                    self._stop_kept_loader()
         if count != steps:
             raise RuntimeError(f"internal error: {self.split} stream yielded {count} batches, planned {steps}")
+
+    @contextlib.contextmanager
+    def kept_loader_processes(self) -> Iterator[None]:
+        """Within this block, `batches` keeps its loader processes from one call to the next (they wait between
+        epochs); they stop when the block ends. Outside it, each call forks its own and stops them at its end.
+
+        Forking a process the size of a training worker, and its first batch, cost a few hundred milliseconds
+        per epoch and per validation; the pages the trainer writes after each fork are copied once more. Kept
+        only where the loader forks (Linux); a call left mid-epoch stops them, and the next call forks afresh.
+        """
+        self._keep = "fork" in multiprocessing.get_all_start_methods()
+        try:
+            yield
+        finally:
+            self._keep = False
+            self._stop_kept_loader()
+
+    def _loader(self, epoch: int, done: int) -> tuple[torch.utils.data.DataLoader, SlotRing | None, bool]:
+        """The DataLoader for one call of `batches`, its shared slots, and whether it is the kept one."""
+        if self._kept is not None and not self._kept_busy:
+            self._cursor.set(epoch, done)
+            return *self._kept, True
+        num_workers = self.data.loader_workers
+        keep = bool(self._keep and self._kept is None and num_workers)
+        cursor = self._cursor if keep else EpochCursor()  # a second, concurrent call gets a loader of its own
+        cursor.set(epoch, done)
+        slots, slot_bytes = self.shared_slots()
+        ring = SlotRing(num_workers, slots, slot_bytes) if slots else None
+        loader = torch.utils.data.DataLoader(
+            self._worker_stream(cursor, ring),
+            batch_size=None,
+            num_workers=num_workers,
+            prefetch_factor=PREFETCH if num_workers else None,
+            persistent_workers=keep,
+            multiprocessing_context="fork" if ring or keep else None,
+        )
+        if keep:
+            self._kept = loader, ring
+        return loader, ring, keep
+
+    def _stop_kept_loader(self) -> None:
+        kept, self._kept = self._kept, None
+        if kept is not None and getattr(kept[0], "_iterator", None) is not None:
+            kept[0]._iterator._shutdown_workers()  # now, not whenever the garbage collector gets to it
 
     def shared_slots(self) -> tuple[int, int]:
         """The shared-memory batch slots `batches` maps while it runs: (count, bytes each); (0, 0) without loader
@@ -114,7 +160,7 @@ class Stream:
         # consumer usually holds a batch or two: a slot for each (more only cost address space, not memory)
         return PREFETCH * workers + 4, self._batch_bytes()
 
-    def _worker_stream(self, epoch: int, done: int, ring: SlotRing | None) -> WorkerStream:
+    def _worker_stream(self, cursor: EpochCursor, ring: SlotRing | None) -> WorkerStream:
         raise NotImplementedError
 
     def quotas(self) -> list[int]:
@@ -186,8 +232,8 @@ class ShardStream(Stream):
         self.steps_per_epoch = self._steps()
         self._position = self._at(0, 0)
 
-    def _worker_stream(self, epoch: int, done: int, ring: SlotRing | None) -> WorkerStream:
-        return WorkerStream(self, epoch, done, ring)
+    def _worker_stream(self, cursor: EpochCursor, ring: SlotRing | None) -> WorkerStream:
+        return WorkerStream(self, cursor, ring)
 
     # -- planning -----------------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from hepml_dist.data import features as feats
-from hepml_dist.data.handover import SlotRing, tune_malloc
+from hepml_dist.data.handover import EpochCursor, SlotRing, tune_malloc
 from hepml_dist.data.manifest import CorruptShardError
 from hepml_dist.data.plan import Piece, batches_done_by_worker, plan_windows
 from hepml_dist.data.reader import iter_shard_chunks
@@ -64,19 +64,21 @@ def _concatenate(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarra
 
 
 class WorkerStream(IterableDataset):
-    """The IterableDataset of one epoch: each DataLoader worker streams its own slot of `stream` (a
-    hepml_dist.data.stream.Stream: its plan, columns, builder and reweighting)."""
+    """The IterableDataset of a stream's epochs: each DataLoader worker streams its own slot of `stream` (a
+    hepml_dist.data.stream.Stream: its plan, columns, builder and reweighting) in the epoch that `cursor` names
+    when the worker starts it, so the same worker process can serve epoch after epoch."""
 
-    def __init__(self, stream: Any, epoch: int, done: int, ring: SlotRing | None = None):
+    def __init__(self, stream: Any, cursor: EpochCursor, ring: SlotRing | None = None):
         self.s = stream
-        self.epoch = epoch
-        self.done = done
+        self.cursor = cursor
         self.ring = ring
+        self.epoch, self.done = cursor.read()
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         tune_malloc()
         s = self.s
+        self.epoch, self.done = self.cursor.read()
         # the DataLoader's round robin always starts at its worker 0, so after k batches that worker plays the
         # part of worker k % W: the resumed batches then come in exactly the original order
         worker = (0 if info is None else info.id + self.done) % s.workers

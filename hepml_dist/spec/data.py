@@ -101,7 +101,8 @@ class DataSpec(Section):
     like the shuffle: the same batches on every run with the same seed, and an exact resume. Batch composition
     is then correlated with length; evaluation splits are read unbucketed. The MLPF jobs turn it on."""
     loader_workers: int = Field(2, ge=0)
-    """DataLoader processes per training worker."""
+    """DataLoader processes per training worker (0: batches are built in the training process). During training,
+    the training and the validation split each have their own, forked once and kept until the training ends."""
     steps_per_epoch: int | None = Field(None, ge=1)
     """Batches per epoch on every rank; None: one pass over the training split, examples // (batch_size x ranks),
     counted from the manifests when `hepml train` starts (and written into the run's spec.yaml)."""

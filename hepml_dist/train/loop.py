@@ -9,6 +9,7 @@ that times out (another rank stopped answering) fails with a `CollectiveTimeoutE
 
 import warnings
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     stopped, failure = False, None  # failure: a non-finite loss under nan_policy raise, seen by every rank at once
     skipped = 0  # micro-batches skipped under nan_policy skip in this process's life
     timeouts_named = naming_collective_timeouts(ctx.rank, spec.parallel.collective_timeout_s, lambda: step)
-    with StopRequest(run_dir) as stop, timeouts_named:
+    # the loader processes of both splits live as long as the loop, not one epoch or one validation each
+    val_loaders = val_data.kept_loader_processes() if val_data else nullcontext()
+    with StopRequest(run_dir) as stop, timeouts_named, train_data.kept_loader_processes(), val_loaders:
         while step < total_steps and not stopped and not failure:
             if phase_at(spec, epoch) != phase:
                 phase = phase_at(spec, epoch)
