@@ -62,8 +62,9 @@ demo: $(DEMO_STAMP)
 	echo "demo: finished in $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s; open $(abspath $(DEMO_RUN))/report.html"
 
 # PATH as in an activated venv: tools the tests start (hepml, ray, Ray job entrypoints) resolve to this install.
+# --durations: the 30 slowest tests close the log, to keep the whole CI run within its 30 minutes
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q --durations=30
 
 # Re-pin every non-torch dependency from the current environment.
 lock: $(STAMP)
