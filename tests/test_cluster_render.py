@@ -1,7 +1,10 @@
 """Site profiles and the rendered sbatch script: what each site's script asks SLURM for and does, and clear errors."""
 
+import os
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +81,39 @@ def test_rocr_to_hip_move_in_the_node_script_behaves() -> None:
         env={"PATH": "/usr/bin:/bin", "ROCR_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, capture_output=True, text=True,
     )  # fmt: skip
     assert done.stdout.strip() == "HIP=0,1,2,3,4,5,6,7 ROCR=unset ip=10.0.0.2", done.stderr
+
+
+def test_a_ray_node_that_ignores_sigterm_is_killed_and_its_temp_dir_removed(tmp_path: Path) -> None:
+    """The node script gives Ray RAY_STOP_GRACE_S after SIGTERM, then kills it and its children, and still removes
+    the node's temp dir (a step SLURM kills first leaves it behind). `ray` here is a stand-in that ignores SIGTERM."""
+    script = render("part-quickstart.yaml", "local", ["cluster.slurm.container_image=/images/hepml.sif",
+                                                     "cluster.slurm.nodes=2"])
+    node = script.split("<<'HEPML_RAY_NODE_END'\n", 1)[1].split("\nHEPML_RAY_NODE_END", 1)[0]
+    bin_dir, temp_dir = tmp_path / "bin", tmp_path / "ray-temp"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text("#!/bin/bash\ntrap '' TERM\nsleep 300 &\necho $! > \"$CHILD_PID_FILE\"\nwait\n")
+    (bin_dir / "ray").chmod(0o755)
+    environment = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RAY_CPUS": "1", "RAY_GPUS": "0", "RAY_PORT": "6379",
+                   "RAY_DASHBOARD": "false", "RAY_STOP_GRACE_S": "1", "CHILD_PID_FILE": str(tmp_path / "child")}
+    node_step = subprocess.Popen(["bash", "-c", node, "ray-node", "0", "", "127.0.0.1", "50000", str(temp_dir), "env"],
+                                 env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "child").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert temp_dir.is_dir()
+    node_step.send_signal(signal.SIGTERM)
+    try:
+        output, _ = node_step.communicate(timeout=15)
+    finally:
+        node_step.kill()
+    assert "Ray did not stop within 1 s of SIGTERM: killing it" in output
+    assert "Ray stopped (exit 0)" in output
+    assert not temp_dir.exists()
+    child = int((tmp_path / "child").read_text())
+    with pytest.raises(ProcessLookupError):  # the stand-in's child went with it (once reaped by init, it is gone)
+        for _ in range(50):
+            os.kill(child, 0)
+            time.sleep(0.1)
 
 
 def test_a100_script_runs_everything_in_the_cuda_container() -> None:
