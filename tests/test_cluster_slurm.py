@@ -373,8 +373,10 @@ STEPS = 150
 
 
 def test_preemption_checkpoints_requeues_and_the_requeued_run_finishes(slurm: FakeSlurm, jets: Path) -> None:
-    # Many steps after the first checkpoint: on a loaded machine the signal must still land mid-run.
-    job_id, done = _submit(slurm, *_quickstart(jets, steps_per_epoch=STEPS, epochs=1, eval_interval=10))
+    # Many steps after the first checkpoint: on a loaded machine the signal must still land mid-run. One node (and
+    # quicker): the pre-emption path stops every node the way the two-node test above tears its cluster down.
+    job_id, done = _submit(slurm, *_quickstart(jets, steps_per_epoch=STEPS, epochs=1, eval_interval=10),
+                           "--set", "cluster.slurm.nodes=1", "--set", "parallel.num_workers=1")
     assert done.returncode == 0, done.stderr
     run_dir = slurm.root / "runs" / f"part-quickstart-{job_id}"
     slurm.wait_job(job_id, lambda f: bool(_checkpoints(run_dir)), "the first checkpoint", 180)

@@ -30,11 +30,11 @@ def setup(tmp_path_factory):
     spec = parse_spec(job)
     stream = ShardStream(spec.data, "train", rank=0, world_size=1, seed=0, training=True)
     batches = list(stream.batches(0))[:3]
-    # and batches of shorter jets: their longest jets set new sequence lengths (new shapes for the compiled graphs)
+    # and a batch of the short jets among them, of another batch size: a new shape, so the compiled graphs are
+    # compiled again (one more shape would cost another minute of inductor on 2 cores and test nothing new)
     every = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-    for longest in (6, 9):
-        keep = every["mask"].sum((1, 2)) <= longest
-        batches.append({k: v[keep] for k, v in every.items()})
+    keep = every["mask"].sum((1, 2)) <= 6
+    batches.append({k: v[keep] for k, v in every.items()})
     return spec, batches
 
 
@@ -67,8 +67,8 @@ def test_ddp_engine_compiles_and_matches_eager(setup):
     assert not any("_orig_mod" in k for k in model.state_dict())  # checkpoints keep the bare model's names
 
     lengths = [int(b["mask"].sum((1, 2)).max()) for b in batches]
-    assert len({lengths[0], lengths[3], lengths[4]}) == 3
-    for batch in (batches[0], batches[3], batches[4], batches[1]):  # training mode, forward and backward
+    assert lengths[3] < lengths[0] and len(batches[3]["mask"]) != len(batches[0]["mask"])
+    for batch in (batches[0], batches[3], batches[1]):  # training mode, forward and backward
         out_eager, out_compiled = eager(batch), engine.forward(batch)
         assert_close(out_eager, out_compiled, "train output")
         loss_eager = sum(family.losses(out_eager, batch, spec).values())

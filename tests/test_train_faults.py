@@ -83,9 +83,11 @@ def test_killed_worker_is_restarted_and_run_finishes(ray_session, dataset, tmp_p
     assert_resumed_once_and_complete(run_dir, result, 120, 10)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-1 (fp32) and ZeRO-3 (bf16, partitioned parameters); every stage's exact resume from its shards is in
+# tests/test_train_engines.py, and the restart through Ray does not depend on the stage
+@pytest.mark.parametrize("stage", [1, 3])
 def test_deepspeed_on_ray_train_survives_a_killed_worker(ray_session, dataset, tmp_path, stage):  # noqa: F811
-    """DeepSpeed ZeRO-1/2/3 through the launcher `hepml train` uses (Ray Train, 2 CPU workers over gloo): a worker
+    """DeepSpeed ZeRO through the launcher `hepml train` uses (Ray Train, 2 CPU workers over gloo): a worker
     killed mid-run, the group restarted from the per-rank DeepSpeed shards, the run finished; ZeRO-3's weights,
     consolidated into model.pt, are what `hepml predict` runs."""
     run_dir = tmp_path / f"zero{stage}"
