@@ -76,7 +76,6 @@ class Stream:
         if done >= steps:
             return
         loader, ring, kept = self._loader(epoch, done)
-        self._kept_busy |= kept
         count, finished = done, False
         try:
             for batch in loader:
@@ -115,7 +114,7 @@ class Stream:
         per epoch and per validation; the pages the trainer writes after each fork are copied once more. Kept
         only where the loader forks (Linux); a call left mid-epoch stops them, and the next call forks afresh.
         """
-        self._keep = "fork" in multiprocessing.get_all_start_methods()
+        self._keep = True
         try:
             yield
         finally:
@@ -123,27 +122,32 @@ class Stream:
             self._stop_kept_loader()
 
     def _loader(self, epoch: int, done: int) -> tuple[torch.utils.data.DataLoader, SlotRing | None, bool]:
-        """The DataLoader for one call of `batches`, its shared slots, and whether it is the kept one."""
+        """The DataLoader for one call of `batches`, its shared slots, and whether it is the kept one (then marked
+        busy until that call ends)."""
         if self._kept is not None and not self._kept_busy:
+            loader, ring = self._kept
             self._cursor.set(epoch, done)
-            return *self._kept, True
-        num_workers = self.data.loader_workers
-        keep = bool(self._keep and self._kept is None and num_workers)
-        cursor = self._cursor if keep else EpochCursor()  # a second, concurrent call gets a loader of its own
-        cursor.set(epoch, done)
-        slots, slot_bytes = self.shared_slots()
-        ring = SlotRing(num_workers, slots, slot_bytes) if slots else None
-        loader = torch.utils.data.DataLoader(
-            self._worker_stream(cursor, ring),
-            batch_size=None,
-            num_workers=num_workers,
-            prefetch_factor=PREFETCH if num_workers else None,
-            persistent_workers=keep,
-            multiprocessing_context="fork" if ring or keep else None,
-        )
-        if keep:
+        else:
+            num_workers = self.data.loader_workers
+            slots, slot_bytes = self.shared_slots()
+            ring = SlotRing(num_workers, slots, slot_bytes) if slots else None
+            # kept only where the loader forks its processes (which is when it has shared slots)
+            keep = self._keep and self._kept is None and ring is not None
+            cursor = self._cursor if keep else EpochCursor()  # a second, concurrent call gets a loader of its own
+            cursor.set(epoch, done)
+            loader = torch.utils.data.DataLoader(
+                self._worker_stream(cursor, ring),
+                batch_size=None,
+                num_workers=num_workers,
+                prefetch_factor=PREFETCH if num_workers else None,
+                persistent_workers=keep,
+                multiprocessing_context="fork" if ring else None,
+            )
+            if not keep:
+                return loader, ring, False
             self._kept = loader, ring
-        return loader, ring, keep
+        self._kept_busy = True
+        return loader, ring, True
 
     def _stop_kept_loader(self) -> None:
         kept, self._kept = self._kept, None
