@@ -172,5 +172,7 @@ def test_max_length_truncates_to_the_leading_constituents():
     raw = raw_batch("part_kin", width=10)
     short = build_batch(raw, get_builder("part_kin"), max_length=4)
     full = build_batch(raw, get_builder("part_kin"), max_length=10)
-    np.testing.assert_array_equal(short["features"], full["features"][:, :, :4])
+    # equal up to 1 ulp: torch's vectorised atan2 (features._delta_phi) takes a different code path for the
+    # elements of a row's vector tail, so the same angle can round differently at another batch width
+    np.testing.assert_allclose(short["features"], full["features"][:, :, :4], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(short["mask"][:, 0].sum(1), np.minimum(raw["part_n"], 4))
