@@ -170,6 +170,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+        # the worker set-up hook `hepml train` installs on its own Ray: without it, Ray's log monitor prints the
+        # workers' per-report lines and the cleaner's warnings between later tests
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+                 runtime_env={"worker_process_setup_hook": "hepml_dist.train.ray_setup.quiet_embedded_ray_worker"})
     yield ray
     ray.shutdown()
