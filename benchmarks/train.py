@@ -69,9 +69,11 @@ def hepml(*args: str) -> list[str]:
 
 
 def ensure_data(path: Path | None, events: int, workdir: Path) -> Path:
-    if path is not None:
+    """The dataset at `path`; generated (`--events`) there if it has no manifest yet, or in `workdir` if no path."""
+    if path is not None and (path / "manifest.json").exists():
         return path.resolve()
-    out = workdir / "fcc-tau"
+    out = path.resolve() if path is not None else workdir / "fcc-tau"
+    print(f"generating {events} fcc-tau events into {out}", flush=True)
     subprocess.run(hepml("data", "generate", "fcc-tau", "--events", str(events), "--out", str(out), "--seed", "1"),
                    check=True, stdout=subprocess.DEVNULL)
     return out
@@ -474,8 +476,9 @@ def weaver_run(parquet: Path, workdir: Path, steps: int, batch: int, threads: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=None, help="fcc-tau dataset (default: generate --events)")
-    parser.add_argument("--events", type=int, default=20000, help="events to generate when --data is not given")
+    parser.add_argument("--data", type=Path, default=None, help="fcc-tau dataset; generated there (--events) if it "
+                        "has none yet (default: generated in the work directory)")
+    parser.add_argument("--events", type=int, default=20000, help="events to generate when --data has no dataset")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="cores to use in total")
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per hepml run")
     parser.add_argument("--batch", type=int, default=256, help="jets per worker and step")

@@ -18,6 +18,34 @@ def test_job_asking_for_gpus_this_machine_lacks_fails_before_starting(tmp_path, 
     assert not run_dir.exists()  # nothing written for a job that never started
 
 
+def test_local_data_that_does_not_resolve_fails_before_ray_starts_naming_the_field(tmp_path, monkeypatch):
+    from data_helpers import write_jets
+
+    import hepml_dist.train.launch as launch
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a job whose data cannot be read")
+
+    monkeypatch.setattr(launch, "start_ray", no_ray)
+    data = tmp_path / "jets"
+    write_jets(data, 120)
+    cpu = ["--set", "parallel.accelerator=cpu", "--set", "parallel.gpus_per_worker=0"]
+    cases = [
+        (["--set", f"data.train={tmp_path / 'missing' / 'train'}"], "data.train:", "does not exist"),
+        (["--set", f"data.train={data / 'train'}", "--set", f"data.val={data / 'val' / 'nothing-*.tar'}"],
+         "data.val:", "matches no shard"),
+        (["--set", f"data.train={data}"], "data.train:", "is a dataset root"),
+    ]
+    for overrides, field, problem in cases:
+        run_dir = tmp_path / "run"
+        result = CliRunner().invoke(app, ["train", "jobs/multipartau-quickstart.yaml", "--run-dir", str(run_dir),
+                                          *cpu, *overrides])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2, result.output
+        assert field in text and problem in text, text
+        assert not run_dir.exists()
+
+
 def test_progress_bar_follows_metrics_jsonl_with_step_loss_rate_and_eta(tmp_path):
     import io
     import json

@@ -31,6 +31,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hepml_dist import runs
 from hepml_dist.data.loader import open_stream
+from hepml_dist.data.reader import is_local
+from hepml_dist.data.shards import ShardResolver
 from hepml_dist.errors import UserError
 from hepml_dist.models import get_family
 from hepml_dist.precision import CPU_FP16_NOTE, require_precision
@@ -157,6 +159,24 @@ def check_local_gpus(spec: JobSpec) -> None:
         )
 
 
+def check_local_data(spec: JobSpec) -> None:
+    """An embedded Ray's workers read the shards from this machine: a local shard path that does not resolve here
+    (no such folder, no manifest, a glob matching nothing) fails now, naming the field, instead of in every
+    worker after the start-up. URLs are left to the workers (no network traffic from this check)."""
+    fields = [(f"data.{split}", getattr(spec.data, split)) for split in ("train", "val", "test")]
+    fields += [(f"data.groups[{i}].train", group.train) for i, group in enumerate(spec.data.groups or [])]
+    resolver = ShardResolver()
+    for field, patterns in fields:
+        items = [] if patterns is None else [patterns] if isinstance(patterns, str) else list(patterns)
+        local = [str(item) for item in items if is_local(str(item))]
+        if not local:
+            continue
+        try:
+            resolver.resolve(local)
+        except UserError as err:
+            raise UserError(f"{field}: {str(err).removeprefix('data: ')}") from None
+
+
 def resolve_steps_per_epoch(spec: JobSpec) -> JobSpec:
     """`data.steps_per_epoch` as the loader will derive it (one pass over the training split on the job's ranks),
     filled in so that the run's spec.yaml, the progress bar and a later resume all see the number. Where this
@@ -214,7 +234,10 @@ def launch(
     if not address or address == "local":
         check_local_gpus(spec)
         check_local_precision(spec)
-    spec = resolve_steps_per_epoch(runs.absolute_paths(spec))
+    spec = runs.absolute_paths(spec)
+    if not address or address == "local":
+        check_local_data(spec)
+    spec = resolve_steps_per_epoch(spec)
     run_dir = (run_dir or runs.default_run_dir(spec)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_step = check_resumable(spec, run_dir)
