@@ -36,6 +36,12 @@ def test_local_data_that_does_not_resolve_fails_before_ray_starts_naming_the_fie
          "data.val:", "matches no shard"),
         (["--set", f"data.train={data}"], "data.train:", "is a dataset root"),
     ]
+    # data.test is not read by training (it may not exist yet): a run with only that missing gets past the check
+    cases_past = ["--set", f"data.train={data / 'train'}", "--set", f"data.val={data / 'val'}",
+                  "--set", f"data.test={tmp_path / 'later' / 'test'}"]
+    result = CliRunner().invoke(app, ["train", "jobs/multipartau-quickstart.yaml", "--run-dir", str(tmp_path / "r"),
+                                      *cpu, *cases_past])
+    assert isinstance(result.exception, AssertionError) and "Ray was started" in str(result.exception), result.output
     for overrides, field, problem in cases:
         run_dir = tmp_path / "run"
         result = CliRunner().invoke(app, ["train", "jobs/multipartau-quickstart.yaml", "--run-dir", str(run_dir),

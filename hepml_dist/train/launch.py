@@ -160,10 +160,11 @@ def check_local_gpus(spec: JobSpec) -> None:
 
 
 def check_local_data(spec: JobSpec) -> None:
-    """An embedded Ray's workers read the shards from this machine: a local shard path that does not resolve here
-    (no such folder, no manifest, a glob matching nothing) fails now, naming the field, instead of in every
-    worker after the start-up. URLs are left to the workers (no network traffic from this check)."""
-    fields = [(f"data.{split}", getattr(spec.data, split)) for split in ("train", "val", "test")]
+    """An embedded Ray's workers read the shards from this machine: a local shard path that training reads and
+    that does not resolve here (no such folder, no manifest, a glob matching nothing) fails now, naming the field,
+    instead of in every worker after the start-up. `data.test` is left alone (training never reads it: the test
+    split may not exist yet), and so are URLs (no network traffic from this check)."""
+    fields = [(f"data.{split}", getattr(spec.data, split)) for split in ("train", "val")]
     fields += [(f"data.groups[{i}].train", group.train) for i, group in enumerate(spec.data.groups or [])]
     resolver = ShardResolver()
     for field, patterns in fields:
