@@ -235,13 +235,12 @@ def launch(
     if not address or address == "local":
         check_local_gpus(spec)
         check_local_precision(spec)
-    spec = runs.absolute_paths(spec)
+    spec = resolve_steps_per_epoch(runs.absolute_paths(spec))
+    run_dir = (run_dir or runs.default_run_dir(spec)).resolve()
+    resume_step = check_resumable(spec, run_dir)
     if not address or address == "local":
         check_local_data(spec)
-    spec = resolve_steps_per_epoch(spec)
-    run_dir = (run_dir or runs.default_run_dir(spec)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    resume_step = check_resumable(spec, run_dir)
     runs.remove_stale_temp_folders(run_dir)
     clear_stop(run_dir)
     runs.clear_failure(run_dir)
