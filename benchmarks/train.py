@@ -16,8 +16,8 @@ Measured:
     records, hepml_dist/train/step.py);
   * the model alone: the same model, losses and the job's own optimizer on the same batches (read into memory
     first), threads and batch size, with no loader, Ray or logging around it. End to end over model-only is what
-    the service costs; the pair is run `--rounds` times, interleaved, since this kind of machine drifts by up to
-    1.5x within minutes;
+    the service costs; the pair, and weaver-core next to it, is run `--rounds` times, interleaved, since this kind
+    of machine drifts by up to 1.5x within minutes;
   * where each millisecond of a ParT tau-ID step goes: rank 0's `training.profile` of its last 10 steps (outside
     the throughput window) next to the model alone's profile under the same phase labels;
   * peak resident memory of the driver, each training worker and its loader process (VmHWM, sampled);
@@ -474,6 +474,17 @@ def weaver_run(parquet: Path, workdir: Path, steps: int, batch: int, threads: in
     return int(found.group(1)) / float(found.group(2))
 
 
+def weaver_rate(parquet: Path, workdir: Path, steps: tuple[int, int], batch: int, threads: int) -> float:
+    """weaver-core's jets/s in its training loop: two runs of different lengths, so that start-up cancels."""
+    seconds = []
+    for n in steps:
+        run_dir = workdir / f"weaver-{n}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir()
+        seconds.append(weaver_run(parquet, run_dir, n, batch, threads))
+    return (steps[1] - steps[0]) * batch / (seconds[1] - seconds[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="fcc-tau dataset; generated there (--events) if it "
@@ -486,7 +497,8 @@ def main() -> None:
     parser.add_argument("--no-weaver", action="store_true", help="skip the weaver-core comparison")
     parser.add_argument("--no-two-nodes", action="store_true", help="skip the run across two local Ray nodes")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved pairs of ParT tau-ID end to end and the model alone (the first profiled)")
+                        help="interleaved rounds of ParT tau ID: end to end, the model alone and weaver-core (the first "
+                        "profiled)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--model-only", metavar="JOB", default=None, help=argparse.SUPPRESS)  # model_only()'s child
     parser.add_argument("--warmup", type=int, default=10, help=argparse.SUPPRESS)
@@ -540,31 +552,32 @@ def main() -> None:
         results["part_tau_id"] = {"hepml_dist": ours["jets_per_s"], "model_only": alone["jets_per_s"],
                                   "profile": ours["profile"], "model_only_profile": alone["profile"],
                                   **{k: v for k, v in ours.items() if k.endswith("_share")}}
-        rounds = [(ours["jets_per_s"], alone["jets_per_s"])]
-        for _ in range(args.rounds - 1):  # this machine drifts by up to 1.5x in minutes: repeat the pair
+        weaver = None
+        if not args.no_weaver:  # in every round, next to its pair: this machine drifts too much to compare across
+            parquet = workdir / "train.parquet"
+            write_parquet(data, parquet, (args.weaver_steps[1] + 10) * args.batch)
+            weaver = lambda: weaver_rate(parquet, workdir, args.weaver_steps, args.batch, args.threads)  # noqa: E731
+        rounds = [(ours["jets_per_s"], alone["jets_per_s"], weaver() if weaver else None)]
+        for _ in range(args.rounds - 1):  # this machine drifts by up to 1.5x in minutes: repeat the triple
             again = train_run(SINGLE_TASK, data, workdir / "run-single", 1, args.threads, args.steps, args.batch,
                               model_sets)
             rounds.append((again["jets_per_s"], model_only(SINGLE_TASK, data, args.threads, args.steps, args.batch,
-                                                           model_sets)["jets_per_s"]))
-        ratios = [e2e / model for e2e, model in rounds]
-        results["part_tau_id"]["rounds"] = [{"hepml_dist": e2e, "model_only": model} for e2e, model in rounds]
+                                                           model_sets)["jets_per_s"], weaver() if weaver else None))
+        ratios = [e2e / model for e2e, model, _ in rounds]
+        results["part_tau_id"]["rounds"] = [{"hepml_dist": e2e, "model_only": model, "weaver-core": theirs}
+                                            for e2e, model, theirs in rounds]
         print(f"ParT tau ID, end to end / model alone over {len(rounds)} interleaved round(s): "
               f"{', '.join(f'{r:.0%}' for r in ratios)}; median {statistics.median(ratios):.0%}", flush=True)
+        if weaver:
+            versus = [e2e / theirs for e2e, _, theirs in rounds]
+            results["part_tau_id"]["weaver-core"] = statistics.median(theirs for *_, theirs in rounds)
+            print(f"ParT tau ID, hepml train / weaver-core in the same rounds: {', '.join(f'{r:.2f}x' for r in versus)}; "
+                  f"median {statistics.median(versus):.2f}x (weaver-core "
+                  f"{', '.join(f'{theirs:.0f}' for *_, theirs in rounds)} jets/s)", flush=True)
         quick_alone = model_only(QUICKSTART, data, args.threads, args.steps, args.batch)["jets_per_s"]
         print(f"multipartau-quickstart, the model alone with {args.threads} threads: {quick_alone:.0f} jets/s "
               f"(1 worker end to end = {runs[1]['jets_per_s'] / quick_alone:.0%} of it)", flush=True)
         results["multipartau_model_only"] = quick_alone
-        if not args.no_weaver:
-            n1, n2 = args.weaver_steps
-            parquet = workdir / "train.parquet"
-            write_parquet(data, parquet, (n2 + 10) * args.batch)
-            seconds = []
-            for n in (n1, n2):
-                (workdir / f"weaver-{n}").mkdir()
-                seconds.append(weaver_run(parquet, workdir / f"weaver-{n}", n, args.batch, args.threads))
-            theirs = (n2 - n1) * args.batch / (seconds[1] - seconds[0])
-            results["part_tau_id"]["weaver-core"] = theirs
-            print(f"ParT tau ID, weaver-core: {theirs:.0f} jets/s", flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
     finally:
