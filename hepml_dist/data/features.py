@@ -79,8 +79,8 @@ def _eta(pt: np.ndarray, pz: np.ndarray) -> np.ndarray:
 def _delta_phi(px: np.ndarray, py: np.ndarray, phi_axis: np.ndarray) -> np.ndarray:
     """phi - phi_axis in (-pi, pi]: atan2 in the frame rotated to the axis (no angle wrapping needed).
 
-XX
-    here and the most expensive line of the JetClass features.
+    torch's atan2 is vectorised (SLEEF, within 1 ulp); numpy's float32 arctan2 is a scalar loop, 5-10x slower on
+    one core, and was the most expensive line of the JetClass features.
     """
     cos_axis = np.cos(phi_axis).astype(np.float32)[:, None]
     sin_axis = np.sin(phi_axis).astype(np.float32)[:, None]
