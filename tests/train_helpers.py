@@ -169,10 +169,12 @@ def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    from hepml_dist.train.ray_setup import WORKER_SETUP_HOOK
+
     if not ray.is_initialized():
         # the worker set-up hook `hepml train` installs on its own Ray: without it, Ray's log monitor prints the
         # workers' per-report lines and the cleaner's warnings between later tests
         ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
-                 runtime_env={"worker_process_setup_hook": "hepml_dist.train.ray_setup.quiet_embedded_ray_worker"})
+                 runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
     yield ray
     ray.shutdown()

@@ -41,6 +41,7 @@ from hepml_dist.spec.parallel import ACCELERATORS, ParallelSpec
 from hepml_dist.track.tracker import run_info
 from hepml_dist.train.distributed import CollectiveTimeoutError, is_collective_timeout
 from hepml_dist.train.loop import train_loop_per_worker
+from hepml_dist.train.ray_setup import WORKER_SETUP_HOOK
 from hepml_dist.train.session import clear_stop
 from hepml_dist.train.signals import StopOnSignals
 from hepml_dist.train.startup import StartupClock
@@ -138,7 +139,7 @@ def start_ray(spec: JobSpec, address: str | None) -> bool:
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
-        runtime_env={"worker_process_setup_hook": "hepml_dist.train.ray_setup.quiet_embedded_ray_worker"},
+        runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK},
     )
     return True
 

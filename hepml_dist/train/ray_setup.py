@@ -10,6 +10,8 @@ import ray
 # Ray Train's worker context module names its logger by its file path.
 TRAIN_CONTEXT_LOGGER = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# what `ray.init(runtime_env=...)` names to run `quiet_embedded_ray_worker` in every worker process
+WORKER_SETUP_HOOK = f"{__name__}.quiet_embedded_ray_worker"
 
 
 def quiet_embedded_ray_worker() -> None:
