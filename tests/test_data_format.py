@@ -10,7 +10,7 @@ from data_helpers import random_jets, write_jets
 
 from hepml_dist.data.check import verify_dataset
 from hepml_dist.data.manifest import CorruptShardError, read_manifest
-from hepml_dist.data.reader import iter_shard_chunks
+from hepml_dist.data.reader import iter_shard_chunks, read_rows_into
 from hepml_dist.data.writer import DatasetWriter
 from hepml_dist.errors import UserError
 
@@ -88,6 +88,49 @@ def test_wider_constituent_blocks_are_padded_and_recorded(tmp_path):
     index = data["jet_index"].astype(int)
     merged = np.concatenate([np.pad(narrow["part_px"], ((0, 0), (0, 4))), wide["part_px"]])
     np.testing.assert_array_equal(data["part_px"], merged[index])
+
+
+def test_rows_read_in_place_equal_the_chunk_reader(tmp_path):
+    """The loader's read (rows of chunks straight into window arrays) gives what the chunk reader gives: for
+    partial chunks, chunks narrower than the manifest (zero-padded) and a destination of another dtype (cast)."""
+    rng = np.random.default_rng(2)
+    with DatasetWriter(tmp_path / "ds", schema="t", splits=(1, 0, 0), chunk_size=100, chunks_per_shard=3,
+                       shuffle_buffer=0) as writer:
+        writer.add(random_jets(300, 5, rng))  # the first shard is written 5 wide, the second 9
+        writer.add(random_jets(300, 9, rng, start=300))
+    manifest = writer.manifest
+    shapes = {k: c.shape for k, c in manifest.columns.items()}
+    rows = {0: (10, 60), 2: (0, 100)}
+    for shard in manifest.splits["train"].shards:
+        path = tmp_path / "ds" / shard.path
+        expected = dict(iter_shard_chunks(path, shapes=shapes, chunks=set(rows)))
+        into = {k: np.full((150, *shapes[k]), -1.0, dtype=np.float64 if k == "part_px" else c.dtype)
+                for k, c in manifest.columns.items()}
+        read_rows_into(path, rows, into, {0: 0, 2: 50}, chunk_sizes=shard.chunks, expected_bytes=shard.bytes,
+                       shard_key=shard.key)
+        for k, array in into.items():
+            want = np.concatenate([expected[0][k][10:60], expected[2][k]])
+            assert array.dtype == (np.float64 if k == "part_px" else want.dtype)
+            np.testing.assert_array_equal(array, want.astype(array.dtype), err_msg=k)
+    wide = into["part_energy"]
+    assert wide.shape == (150, 9) and np.count_nonzero(wide[:, 5:]) > 0  # the second shard filled all 9
+
+
+def test_rows_read_in_place_name_the_shard_and_chunk_when_damaged(tmp_path):
+    write_jets(tmp_path / "ds", 600, seed=1)
+    manifest, shard, path = _first_shard(tmp_path / "ds")
+    shapes = {k: c.shape for k, c in manifest.columns.items()}
+    into = {k: np.empty((shard.chunks[0], *shapes[k]), dtype=c.dtype) for k, c in manifest.columns.items()}
+    with pytest.raises(CorruptShardError, match="chunk 0 has .* examples, the manifest says 7"):
+        read_rows_into(path, {0: (0, 7)}, into, {0: 0}, chunk_sizes=[7, *shard.chunks[1:]])
+    with pytest.raises(CorruptShardError, match="belongs to another shard"):
+        read_rows_into(path, {0: (0, 5)}, into, {0: 0}, chunk_sizes=shard.chunks, shard_key="val_000009")
+    path.write_bytes(path.read_bytes()[: shard.bytes // 2])
+    last = len(shard.chunks) - 1
+    with pytest.raises(CorruptShardError, match=r"shard-000000\.tar: .*(truncated|unexpected end)"):
+        read_rows_into(path, {last: (0, 5)}, into, {last: 0}, chunk_sizes=shard.chunks)
+    with pytest.raises(CorruptShardError, match=rf"shard-000000\.tar: .* bytes, the manifest says {shard.bytes}"):
+        read_rows_into(path, {0: (0, 5)}, into, {0: 0}, chunk_sizes=shard.chunks, expected_bytes=shard.bytes)
 
 
 @pytest.mark.parametrize(

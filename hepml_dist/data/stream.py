@@ -213,7 +213,7 @@ class ShardStream(Stream):
         self.shards = resolver.resolve(patterns)
         self.manifests = resolver.manifests
         self.builder = feats.get_builder(data.inputs.features)
-        self.shapes, available = self._merged_columns()
+        self.shapes, self.dtypes, available = self._merged_columns()  # the loader reads columns into these
 
         extra: list[str] = []
         if data.reweight is not None:
@@ -241,7 +241,7 @@ class ShardStream(Stream):
 
     # -- planning -----------------------------------------------------------------------------------------------------
 
-    def _merged_columns(self) -> tuple[dict[str, list[int]], list[str]]:
+    def _merged_columns(self) -> tuple[dict[str, list[int]], dict[str, np.dtype], list[str]]:
         shapes: dict[str, list[int]] = {}
         dtypes: dict[str, str] = {}
         used = sorted({ref.dataset for ref in self.shards})
@@ -254,7 +254,7 @@ class ShardStream(Stream):
                 old = shapes.get(name)
                 shapes[name] = list(column.shape) if old is None else [max(a, b) for a, b in zip(old, column.shape)]
         available = [n for n in dtypes if all(n in self.manifests[i].columns for i in used)]
-        return shapes, available
+        return shapes, {name: np.dtype(dtype) for name, dtype in dtypes.items()}, available
 
     def _acceptance(self) -> float:
         return self.weights.mean_weight if self.sampling else 1.0

@@ -16,7 +16,7 @@ from hepml_dist.data import features as feats
 from hepml_dist.data.handover import EpochCursor, SlotRing, tune_malloc
 from hepml_dist.data.manifest import CorruptShardError
 from hepml_dist.data.plan import Piece, batches_done_by_worker, plan_windows
-from hepml_dist.data.reader import iter_shard_chunks
+from hepml_dist.data.reader import is_local, iter_shard_chunks, read_rows_into
 from hepml_dist.errors import UserError
 
 log = logging.getLogger("hepml_dist.data")
@@ -24,30 +24,19 @@ META = "_meta_"  # prefix of per-batch bookkeeping keys that the main process st
 
 
 class Window:
-    """The examples of one window: the chunk pieces as read (views of memory-mapped shards), not concatenated."""
+    """The examples of one window: one array per stored column, filled in place from the shards."""
 
-    def __init__(self, parts: list[dict[str, np.ndarray]]):
-        self.parts = parts
-        sizes = [len(next(iter(p.values()))) for p in parts]
-        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.size = int(self.starts[-1])
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.size = len(next(iter(arrays.values())))
 
     def columns(self, names: Sequence[str]) -> dict[str, np.ndarray]:
-        return {k: np.concatenate([p[k] for p in self.parts]) for k in names}
+        return {k: self.arrays[k] for k in names}
 
     def gather(self, index: np.ndarray) -> dict[str, np.ndarray]:
         """The examples at `index` (window positions), copied once; rows come out in window order."""
         index = np.sort(index)
-        bounds = np.searchsorted(index, self.starts)
-        first = self.parts[0]
-        out = {k: np.empty((len(index), *v.shape[1:]), dtype=v.dtype) for k, v in first.items()}
-        for p, part in enumerate(self.parts):
-            a, b = bounds[p], bounds[p + 1]
-            if a < b:
-                local = index[a:b] - self.starts[p]
-                for k, v in part.items():
-                    np.take(v, local, axis=0, out=out[k][a:b])
-        return out
+        return {k: np.take(v, index, axis=0) for k, v in self.arrays.items()}
 
 
 def _concatenate(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -197,8 +186,8 @@ class WorkerStream(IterableDataset):
         return np.concatenate([head, blocks[rng.permutation(len(blocks))].ravel(), body[whole:]])
 
     def _read_window(self, window: list[Piece]) -> tuple[Window | None, list[str]]:
+        """The window's rows, read into one array per column (shard by shard; corrupt shards skipped or raised)."""
         s = self.s
-        parts: list[dict[str, np.ndarray]] = []
         newly_skipped: list[str] = []
         groups: list[list[Piece]] = []
         for piece in window:
@@ -206,24 +195,24 @@ class WorkerStream(IterableDataset):
                 groups[-1].append(piece)
             else:
                 groups.append([piece])
+        total = sum(p.size for p in window)
+        into = {c: np.empty((total, *s.shapes.get(c, ())), dtype=s.dtypes[c]) for c in s.columns}
+        kept: list[tuple[int, int]] = []  # row ranges of the shards read
+        offset = 0
         for group in groups:
             ref = s.shards[group[0].shard]
             rows = {p.chunk: (p.start, p.stop) for p in group}
+            at, end = {}, offset
+            for chunk in sorted(rows):  # a shard's rows in stored chunk order
+                at[chunk] = end
+                end += rows[chunk][1] - rows[chunk][0]
             try:
-                got = {}
-                for chunk, arrays in iter_shard_chunks(ref.source, columns=s.columns, chunks=set(rows),
-                                                       shapes=s.shapes, expected_chunks=len(ref.info.chunks),
-                                                       expected_bytes=ref.info.bytes, shard_key=ref.info.key):
-                    start, stop = rows[chunk]
-                    if len(next(iter(arrays.values()))) != ref.info.chunks[chunk]:
-                        raise CorruptShardError(ref.source, f"chunk {chunk} has "
-                                                f"{len(next(iter(arrays.values())))} examples, the manifest says "
-                                                f"{ref.info.chunks[chunk]}")
-                    got[chunk] = {k: v[start:stop] for k, v in arrays.items()}
-                missing = set(rows) - set(got)
-                if missing:
-                    raise CorruptShardError(ref.source, f"chunk(s) {sorted(missing)} missing (truncated)")
-                parts += [got[c] for c in sorted(got)]
+                if is_local(ref.source):
+                    read_rows_into(ref.source, rows, into, at, chunk_sizes=ref.info.chunks,
+                                   expected_bytes=ref.info.bytes, shard_key=ref.info.key)
+                else:
+                    self._read_streamed(ref, rows, into, at)
+                kept.append((offset, end))
             except CorruptShardError as err:
                 if s.data.on_corrupt == "raise":
                     raise
@@ -231,7 +220,31 @@ class WorkerStream(IterableDataset):
                     log.warning("skipping corrupt shard %s (%s)", ref.source, err.reason)
                     s.skipped_shards.add(ref.source)
                     newly_skipped.append(ref.source)
-        return (Window(parts) if parts else None), newly_skipped
+            offset = end
+        if not kept:
+            return None, newly_skipped
+        if len(kept) < len(groups):  # drop the rows of skipped shards
+            into = {k: np.concatenate([v[a:b] for a, b in kept]) for k, v in into.items()}
+        return Window(into), newly_skipped
+
+    def _read_streamed(self, ref: Any, rows: Mapping[int, tuple[int, int]], into: dict[str, np.ndarray],
+                       at: Mapping[int, int]) -> None:
+        """`read_rows_into` for a shard that webdataset streams (a URL): chunk by chunk, copied."""
+        s = self.s
+        got = set()
+        for chunk, arrays in iter_shard_chunks(ref.source, columns=s.columns, chunks=set(rows), shapes=s.shapes,
+                                               expected_chunks=len(ref.info.chunks), expected_bytes=ref.info.bytes,
+                                               shard_key=ref.info.key):
+            count = len(next(iter(arrays.values())))
+            if count != ref.info.chunks[chunk]:
+                raise CorruptShardError(ref.source, f"chunk {chunk} has {count} examples, the manifest says "
+                                        f"{ref.info.chunks[chunk]}")
+            start, stop = rows[chunk]
+            for k, v in arrays.items():
+                into[k][at[chunk]:at[chunk] + stop - start] = v[start:stop]
+            got.add(chunk)
+        if missing := set(rows) - got:
+            raise CorruptShardError(ref.source, f"chunk(s) {sorted(missing)} missing (truncated)")
 
     def _build(self, raw: dict[str, np.ndarray], alloc) -> dict[str, np.ndarray]:
         s = self.s
