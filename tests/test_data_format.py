@@ -10,7 +10,7 @@ from data_helpers import random_jets, write_jets
 
 from hepml_dist.data.check import verify_dataset
 from hepml_dist.data.manifest import CorruptShardError, read_manifest
-from hepml_dist.data.reader import iter_shard_chunks, read_rows_into
+from hepml_dist.data.reader import _tar_members, iter_shard_chunks, read_rows_into
 from hepml_dist.data.writer import DatasetWriter
 from hepml_dist.errors import UserError
 
@@ -131,6 +131,29 @@ def test_rows_read_in_place_name_the_shard_and_chunk_when_damaged(tmp_path):
         read_rows_into(path, {last: (0, 5)}, into, {last: 0}, chunk_sizes=shard.chunks)
     with pytest.raises(CorruptShardError, match=rf"shard-000000\.tar: .* bytes, the manifest says {shard.bytes}"):
         read_rows_into(path, {0: (0, 5)}, into, {0: 0}, chunk_sizes=shard.chunks, expected_bytes=shard.bytes)
+
+
+def test_the_fast_tar_header_walk_agrees_with_tarfile_and_hands_over_to_it(tmp_path):
+    """Plain ustar headers are parsed by the loader itself; from the first pax (long name) header on, tarfile
+    reads the rest; a damaged header fails its checksum."""
+    path = tmp_path / "mixed.tar"
+    names = ["a.x.npy", "b" * 40 + "/c.y.npy", "long_" + "z" * 120 + ".npy", "d.w.npy"]
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 700 * i + 3
+            tar.addfile(info, io.BytesIO(bytes(info.size)))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+    with open(path, "rb") as f:
+        walked = [(m.name, m.offset_data, m.size) for m in _tar_members(f)]
+    assert walked == expected and [w[0] for w in walked] == names
+    damaged = bytearray(path.read_bytes())
+    damaged[expected[1][1] - 512 + 2] ^= 1  # a byte of the second header's name
+    damaged_path = tmp_path / "damaged.tar"
+    damaged_path.write_bytes(bytes(damaged))
+    with open(damaged_path, "rb") as f, pytest.raises(tarfile.ReadError, match="bad checksum"):
+        list(_tar_members(f))
 
 
 @pytest.mark.parametrize(
