@@ -65,6 +65,37 @@ def test_builders_produce_the_batch_contract(name):
         assert batch["genjet_pt"].shape == (n, 4)
 
 
+@pytest.mark.parametrize("name", sorted(FEATURE_SETS))
+def test_batches_built_again_in_the_same_memory_equal_fresh_ones(name):
+    """The loader builds batch after batch into the same shared memory and zeroes only the padding the last batch
+    wrote: longer, shorter and re-laid-out batches must come out as if built in fresh memory."""
+    memory = {np.float32: np.full(1 << 16, np.nan, dtype=np.float32), np.int64: np.full(1 << 16, -7)}
+
+    def reusing(n, dtype):  # hands out the same memory every batch, as a shared-memory slot does
+        taken = reusing.used[np.dtype(dtype)]
+        reusing.used[np.dtype(dtype)] += n
+        return memory[np.dtype(dtype).type][taken:taken + n]
+
+    reused = {}
+    full = raw_batch(name, n=6, width=10)
+    count = next(k for k in full if k.endswith("_n"))
+    # the longest example of each batch: 10, 3, 7, 3, 10, then a batch 8 wide (pad_to_multiple: a new layout)
+    for longest, multiple in ((10, None), (3, None), (7, None), (3, None), (10, None), (7, 4), (2, None)):
+        raw = {k: v.copy() for k, v in full.items()}
+        raw[count] = np.minimum(raw[count], longest)
+        for k, v in raw.items():
+            if v.ndim >= 2 and k != count and v.shape[1] == 10:
+                v[:, longest:] = 0  # stored padding is zero
+        kwargs = dict(max_length=10, pad_to_multiple=multiple, event_features=["ht", "met"])
+        reusing.used = {np.dtype(np.float32): 0, np.dtype(np.int64): 0}
+        again = build_batch(raw, get_builder(name), alloc=reusing, reused=reused, **kwargs)
+        fresh = build_batch(raw, get_builder(name), **kwargs)
+        assert again.keys() == fresh.keys()
+        for k in fresh:
+            np.testing.assert_array_equal(again[k], fresh[k], err_msg=f"{k}, longest {longest}")
+        assert reused["busy"] == min(longest, int(full[count].max()))
+
+
 def _eta_phi(px, py, pz):
     pt = math.hypot(px, py)
     return math.asinh(pz / pt), math.atan2(py, px), pt

@@ -409,12 +409,18 @@ def build_batch(
     pad_to_multiple: int | None = None,
     event_features: Sequence[str] = (),
     alloc: Allocator | None = None,
+    reused: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Model inputs plus pass-through columns for one batch of stored columns (numpy in, numpy out).
 
     All float32 outputs live in two allocations (model inputs; the rest) and all int64 ones in one, made by
     `alloc(n, dtype)` (default numpy): the loader passes an allocator in shared memory, so a batch crosses from
     a DataLoader worker as three buffers and is written only once.
+
+    `reused` is for an allocator that hands out the same memory every time (one dict per such memory, empty at
+    first): it records the layout and the written width of the batch built there, so that the next batch of the
+    same layout zeroes only the padding that the last one wrote. Zeroing all of the padding (half of a
+    128-slot JetClass batch) was a tenth of the loader's time.
     """
     alloc = alloc or (lambda n, dtype: np.empty(n, dtype))
     counts = np.minimum(raw[builder.count], max_length)
@@ -439,8 +445,12 @@ def build_batch(
     shapes["mask"] = (size, 1, length)
     shapes.update({name: (size, length) for name in builder.derived})
     out = _carve(alloc, shapes, np.float32)
+    layout = tuple(shapes.items())
+    written = reused.get("busy", length) if reused and reused.get("layout") == layout else length
+    if reused is not None:
+        reused.clear()  # until this batch is built, the memory holds no known layout
     for array in out.values():
-        array[..., busy:] = 0.0
+        array[..., busy:written] = 0.0
     views = {name: array[..., :busy] for name, array in out.items()}
     views["mask"][:, 0] = mask
     small = {k: fit_length(v, length) if v.ndim >= 2 else v for k, v in (builder.build(work, mask, views) or {}).items()}
@@ -453,6 +463,8 @@ def build_batch(
     floats = {k: v for k, v in small.items() if k not in integers}
     out.update(_pack(alloc, floats, np.float32))
     out.update(_pack(alloc, integers, np.int64))
+    if reused is not None:
+        reused.update(layout=layout, busy=busy)
     return out
 
 

@@ -69,7 +69,8 @@ class SlotRing:
     DataLoader. The main process wraps the slot's memory as the batch's tensors without copying; the slot is
     free again once the last of those tensors is garbage-collected. A worker that finds no free slot (the
     consumer keeps many batches alive) falls back to torch's transport for that batch, so nothing is ever
-    overwritten while in use.
+    overwritten while in use. The consumer must treat the tensors as read-only: a worker re-zeroes only the
+    padding that its last batch in a slot wrote (build_batch's `reused`).
     """
 
     ALIGN = 64

@@ -79,6 +79,7 @@ class WorkerStream(IterableDataset):
         pieces = s.slots(self.epoch)[slot]
         loop = s.training or quota > s.natural_batches(s.rank)[worker]
         ring = self.ring if info is not None else None
+        reused: dict[int, dict] = {}  # per shared-memory slot: what build_batch last left there
         produced = 0
         for raw, skipped in self._raw_batches(pieces, slot, skip, loop):
             meta = {META + "skipped": skipped} if skipped else {}
@@ -86,7 +87,7 @@ class WorkerStream(IterableDataset):
             if handle is None:  # in-process, or every slot still held by the consumer: torch's own transport
                 yield feats.to_torch(self._build(raw, None)) | meta
             else:
-                batch = self._build(raw, ring.allocator(handle))
+                batch = self._build(raw, ring.allocator(handle), reused.setdefault(handle, {}))
                 layout = ring.layout(handle, batch)
                 ring.publish(handle)
                 yield {META + "slot": handle, META + "layout": layout} | meta
@@ -246,12 +247,12 @@ class WorkerStream(IterableDataset):
         if missing := set(rows) - got:
             raise CorruptShardError(ref.source, f"chunk(s) {sorted(missing)} missing (truncated)")
 
-    def _build(self, raw: dict[str, np.ndarray], alloc) -> dict[str, np.ndarray]:
+    def _build(self, raw: dict[str, np.ndarray], alloc, reused: dict | None = None) -> dict[str, np.ndarray]:
         s = self.s
         if s.weights is not None and not s.sampling:  # loss weights (mean 1), times any stored event weight
             weight = (s.weights.weights(raw) / s.weights.mean_weight).astype(np.float32)
             raw = {**raw, "weight": weight * raw["weight"] if "weight" in raw else weight}
         return feats.build_batch(raw, s.builder, max_length=s.data.inputs.max_length,
                                  pad_to_multiple=s.data.inputs.pad_to_multiple,
-                                 event_features=s.data.inputs.event_features, alloc=alloc)
+                                 event_features=s.data.inputs.event_features, alloc=alloc, reused=reused)
 
