@@ -154,6 +154,14 @@ def test_the_fast_tar_header_walk_agrees_with_tarfile_and_hands_over_to_it(tmp_p
     damaged_path.write_bytes(bytes(damaged))
     with open(damaged_path, "rb") as f, pytest.raises(tarfile.ReadError, match="bad checksum"):
         list(_tar_members(f))
+    gnu = tmp_path / "gnu.tar"
+    with tarfile.open(gnu, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = 5, 1_700_000_000
+            tar.addfile(info, io.BytesIO(bytes(5)))
+    with tarfile.open(gnu) as tar, open(gnu, "rb") as f:
+        assert [(m.name, m.offset_data) for m in _tar_members(f)] == [(m.name, m.offset_data) for m in tar]
 
 
 @pytest.mark.parametrize(

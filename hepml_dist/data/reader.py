@@ -233,8 +233,8 @@ def _tar_members(f) -> Iterator[_Member | tarfile.TarInfo]:
     """The members of the tar open as `f`, from plain ustar headers (the loader's shards), checksums checked.
 
     `tarfile` spends about 70 us in Python on each header, which was a third of the loader's reading time; a
-    ustar header of a regular file is parsed here in a few microseconds. At the first header of any other kind
-    (pax or GNU extensions, links, base-256 sizes) `tarfile` takes over from that header on.
+    POSIX ustar header of a regular file is parsed here in a few microseconds. At the first header of any other
+    kind (pax or GNU, links, base-256 sizes) `tarfile` takes over from that header on.
     """
     offset = 0
     while True:
@@ -247,7 +247,8 @@ def _tar_members(f) -> Iterator[_Member | tarfile.TarInfo]:
         if block == _ZERO_BLOCK:
             return
         stored = block[148:156].split(b"\0", 1)[0].strip()
-        plain = block[156] in _REGULAR and block[257:262] == b"ustar" and not block[124] & 0x80
+        # POSIX ustar only: GNU headers ("ustar  ") use the prefix field for other things
+        plain = block[156] in _REGULAR and block[257:263] == b"ustar\0" and not block[124] & 0x80
         if not plain or not stored.isdigit():
             break
         if int(stored, 8) != sum(block) - sum(block[148:156]) + 256:  # the checksum field counts as 8 spaces
