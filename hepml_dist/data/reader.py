@@ -312,16 +312,20 @@ def read_rows_into(
     shard_key: str | None = None,
     name: str | None = None,
 ) -> None:
-    """Rows start:stop (`rows[chunk]`) of chunks of one local shard into `into[column][at[chunk]:...]`.
+    """Rows start:stop (`rows[chunk]`) of chunks of one shard into `into[column][at[chunk]:...]`.
 
-    The loader's read. Only the wanted rows' bytes are read, straight into the window's arrays: no buffer per
-    member and no copy out of one, and the python work per batch is one `take` per column instead of one per
-    column and chunk. A chunk whose rows are stored differently from the destination (narrower padding, another
-    dtype) is decoded and copied. The checks are those of `iter_shard_chunks` with the manifest's
-    `chunk_sizes`, `expected_bytes` and `shard_key`; any problem raises CorruptShardError naming the shard.
+    The loader's read. From a local shard only the wanted rows' bytes are read, straight into the window's arrays:
+    no buffer per member and no copy out of one, and the python work per batch is one `take` per column instead of
+    one per column and chunk. A chunk whose rows are stored differently from the destination (narrower padding,
+    another dtype) is decoded and copied. A URL is streamed by `iter_shard_chunks` and copied chunk by chunk. The
+    checks are those of `iter_shard_chunks` with the manifest's `chunk_sizes`, `expected_bytes` and `shard_key`;
+    any problem raises CorruptShardError naming the shard.
     """
     source = str(source)
     label = name or source
+    if not is_local(source):
+        _streamed_rows_into(source, rows, into, at, chunk_sizes, expected_bytes, shard_key, label)
+        return
     path = _local_path(source)
     if not os.path.exists(path):
         raise CorruptShardError(label, "file not found")
@@ -360,3 +364,24 @@ def read_rows_into(
     for chunk, columns in found.items():
         if missing := set(into) - columns:
             raise CorruptShardError(label, f"chunk {keys[chunk]} lacks column(s) {sorted(missing)}")
+
+
+def _streamed_rows_into(source: str, rows: Mapping[int, tuple[int, int]], into: Mapping[str, np.ndarray],
+                        at: Mapping[int, int], chunk_sizes: Sequence[int], expected_bytes: int | None,
+                        shard_key: str | None, label: str) -> None:
+    """`read_rows_into` for a shard that webdataset streams (a URL): chunk by chunk, copied."""
+    got = set()
+    for chunk, arrays in iter_shard_chunks(source, columns=list(into), chunks=set(rows),
+                                           shapes={k: v.shape[1:] for k, v in into.items()},
+                                           expected_chunks=len(chunk_sizes), expected_bytes=expected_bytes,
+                                           shard_key=shard_key, name=label):
+        count = len(next(iter(arrays.values())))
+        if count != chunk_sizes[chunk]:
+            raise CorruptShardError(label, f"chunk {chunk} has {count} examples, the manifest says "
+                                    f"{chunk_sizes[chunk]}")
+        start, stop = rows[chunk]
+        for k, v in arrays.items():
+            into[k][at[chunk]:at[chunk] + stop - start] = v[start:stop]
+        got.add(chunk)
+    if missing := set(rows) - got:
+        raise CorruptShardError(label, f"chunk(s) {sorted(missing)} missing (truncated)")

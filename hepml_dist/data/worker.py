@@ -16,7 +16,7 @@ from hepml_dist.data import features as feats
 from hepml_dist.data.handover import EpochCursor, SlotRing, tune_malloc
 from hepml_dist.data.manifest import CorruptShardError
 from hepml_dist.data.plan import Piece, batches_done_by_worker, plan_windows
-from hepml_dist.data.reader import is_local, iter_shard_chunks, read_rows_into
+from hepml_dist.data.reader import read_rows_into
 from hepml_dist.errors import UserError
 
 log = logging.getLogger("hepml_dist.data")
@@ -208,11 +208,8 @@ class WorkerStream(IterableDataset):
                 at[chunk] = end
                 end += rows[chunk][1] - rows[chunk][0]
             try:
-                if is_local(ref.source):
-                    read_rows_into(ref.source, rows, into, at, chunk_sizes=ref.info.chunks,
-                                   expected_bytes=ref.info.bytes, shard_key=ref.info.key)
-                else:
-                    self._read_streamed(ref, rows, into, at)
+                read_rows_into(ref.source, rows, into, at, chunk_sizes=ref.info.chunks, expected_bytes=ref.info.bytes,
+                               shard_key=ref.info.key)
                 kept.append((offset, end))
             except CorruptShardError as err:
                 if s.data.on_corrupt == "raise":
@@ -227,25 +224,6 @@ class WorkerStream(IterableDataset):
         if len(kept) < len(groups):  # drop the rows of skipped shards
             into = {k: np.concatenate([v[a:b] for a, b in kept]) for k, v in into.items()}
         return Window(into), newly_skipped
-
-    def _read_streamed(self, ref: Any, rows: Mapping[int, tuple[int, int]], into: dict[str, np.ndarray],
-                       at: Mapping[int, int]) -> None:
-        """`read_rows_into` for a shard that webdataset streams (a URL): chunk by chunk, copied."""
-        s = self.s
-        got = set()
-        for chunk, arrays in iter_shard_chunks(ref.source, columns=s.columns, chunks=set(rows), shapes=s.shapes,
-                                               expected_chunks=len(ref.info.chunks), expected_bytes=ref.info.bytes,
-                                               shard_key=ref.info.key):
-            count = len(next(iter(arrays.values())))
-            if count != ref.info.chunks[chunk]:
-                raise CorruptShardError(ref.source, f"chunk {chunk} has {count} examples, the manifest says "
-                                        f"{ref.info.chunks[chunk]}")
-            start, stop = rows[chunk]
-            for k, v in arrays.items():
-                into[k][at[chunk]:at[chunk] + stop - start] = v[start:stop]
-            got.add(chunk)
-        if missing := set(rows) - got:
-            raise CorruptShardError(ref.source, f"chunk(s) {sorted(missing)} missing (truncated)")
 
     def _build(self, raw: dict[str, np.ndarray], alloc, reused: dict | None = None) -> dict[str, np.ndarray]:
         s = self.s
