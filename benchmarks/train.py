@@ -254,7 +254,7 @@ def ray_train_floor(kind: str) -> float:
     """Seconds from a fresh Python process's start to rank 0 entering a train function that does nothing: 2 CPU
     workers of a TorchTrainer on an embedded Ray started as `hepml train` starts it. What Ray Train itself costs
     before any of the job's code runs: `stock` is Ray Train's TorchTrainer, `hepml` the trainer `hepml train`
-    uses (launch._Trainer on an embedded Ray: no Ray Data callback, placement-group cleaner or autoscaling
+    uses (ray_workers._Trainer on an embedded Ray: no Ray Data callback, placement-group cleaner or autoscaling
     coordinator), with the imports of hepml_dist.train.launch."""
     done = subprocess.run([sys.executable, __file__, "--ray-floor", kind], capture_output=True, text=True,
                           timeout=TIMEOUT_S, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
@@ -281,11 +281,11 @@ def ray_train_floor_worker(kind: str) -> None:
 
     trainer_class = TorchTrainer
     if kind == "hepml":
-        from hepml_dist.train import launch
+        from hepml_dist.train import ray_workers
 
-        for name, value in launch.EMBEDDED_RAY_ENV.items():
+        for name, value in ray_workers.EMBEDDED_RAY_ENV.items():
             os.environ.setdefault(name, value)
-        trainer_class = functools.partial(launch._Trainer, embedded=True)
+        trainer_class = functools.partial(ray_workers._Trainer, embedded=True)
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
              log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="hepml-ray-floor-") as tmp:

@@ -25,6 +25,8 @@ ALLOWED_LAZY = {
     ("spec/commands.py", "hepml_dist.models.commands"),
     # scikit-learn (and the pandas it loads) only when metrics are computed: not in every training worker's start-up
     ("evaluate/metrics.py", "sklearn.metrics"),
+    # Ray Train (seconds to import) only for runs on Ray: `cluster.launcher: processes` starts without it
+    ("train/launch.py", "hepml_dist.train.ray_workers"),
 }
 # Besides the training package itself, only the launchers and the tuner may import hepml_dist.train.
 MAY_IMPORT_TRAIN = ("hepml_dist.train", "hepml_dist.tune", "hepml_dist.launch", "hepml_dist.cli")

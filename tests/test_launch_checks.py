@@ -21,12 +21,12 @@ def test_job_asking_for_gpus_this_machine_lacks_fails_before_starting(tmp_path, 
 def test_local_data_that_does_not_resolve_fails_before_ray_starts_naming_the_field(tmp_path, monkeypatch):
     from data_helpers import write_jets
 
-    import hepml_dist.train.launch as launch
+    import hepml_dist.train.ray_workers as ray_workers
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a job whose data cannot be read")
 
-    monkeypatch.setattr(launch, "start_ray", no_ray)
+    monkeypatch.setattr(ray_workers, "start_ray", no_ray)
     data = tmp_path / "jets"
     write_jets(data, 120)
     cpu = ["--set", "parallel.accelerator=cpu", "--set", "parallel.gpus_per_worker=0"]
@@ -60,7 +60,7 @@ def test_progress_bar_follows_metrics_jsonl_with_step_loss_rate_and_eta(tmp_path
     from rich.console import Console
 
     from hepml_dist.spec import load_job
-    from hepml_dist.train.launch import ProgressBar
+    from hepml_dist.train.driver import ProgressBar
 
     spec = load_job("jobs/aot-quickstart.yaml", ["training.epochs=2", "data.steps_per_epoch=50"])
     screen = io.StringIO()
@@ -85,24 +85,27 @@ def test_startup_record_holds_each_phase_between_consecutive_marks_and_the_total
 
     from hepml_dist.train.startup import PHASES, StartupClock
 
-    clock = StartupClock({"start": 100.0, "cli": 101.5, "ray": 104.0})
+    clock = StartupClock({"start": 100.0, "cli": 101.5, "plan": 102.0, "ray": 104.0})
     worker_side = StartupClock(clock.marks)  # as the train loop config carries it to rank 0
-    for phase, at in zip(list(PHASES)[2:], (110.0, 110.25, 110.5, 111.0, 112.0)):
+    for phase, at in zip(list(PHASES)[3:], (110.0, 110.25, 110.5, 111.0, 112.0)):
         worker_side.marks[phase] = at
     record = worker_side.record()
-    assert record == {"startup/cli_s": 1.5, "startup/ray_s": 2.5, "startup/workers_s": 6.0, "startup/model_s": 0.25,
-                      "startup/data_s": 0.25, "startup/engine_s": 0.5, "startup/first_step_s": 1.0,
-                      "startup/total_s": 12.0}
-    assert clock.marks == {"start": 100.0, "cli": 101.5, "ray": 104.0}  # the driver's copy is not changed
+    assert record == {"startup/cli_s": 1.5, "startup/plan_s": 0.5, "startup/ray_s": 2.0, "startup/workers_s": 6.0,
+                      "startup/model_s": 0.25, "startup/data_s": 0.25, "startup/engine_s": 0.5,
+                      "startup/first_step_s": 1.0, "startup/total_s": 12.0}
+    assert clock.marks == {"start": 100.0, "cli": 101.5, "plan": 102.0, "ray": 104.0}  # the driver's copy is unchanged
+    # a run without Ray (cluster.launcher processes) has no `ray` mark: its workers phase starts at `plan`
+    without_ray = StartupClock({"start": 100.0, "cli": 101.5, "plan": 102.0, "workers": 105.0})
+    assert without_ray.record()["startup/workers_s"] == 3.0
     started = StartupClock.from_process_start().marks["start"]  # this process's start, from the OS
     assert 0 < time.time() - started < 24 * 3600
 
 
 def test_cpu_workers_get_one_malloc_arena_unless_the_user_chose(monkeypatch):
     """Ray Train's training thread would otherwise get its own arena, whose heaps are unmapped and mapped again
-    every step (hepml_dist/train/launch.py); GPU workers keep glibc's default; a user's own value wins."""
+    every step (hepml_dist/train/driver.py); GPU workers keep glibc's default; a user's own value wins."""
     from hepml_dist.spec import load_job
-    from hepml_dist.train.launch import worker_env
+    from hepml_dist.train.driver import worker_env
 
     cpu = load_job("multipartau-quickstart.yaml")
     gpu = load_job("multipartau.yaml")
@@ -123,7 +126,7 @@ def test_embedded_ray_starts_no_cluster_only_actors_but_a_cluster_keeps_them(mon
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 
-    from hepml_dist.train.launch import FixedSizeOnOneMachine, _Trainer
+    from hepml_dist.train.ray_workers import FixedSizeOnOneMachine, _Trainer
 
     def kinds(trainer):
         return {type(c) for c in trainer._create_default_callbacks()}

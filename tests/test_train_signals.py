@@ -24,7 +24,7 @@ from hepml_dist.errors import UserError
 from hepml_dist.runs import latest_checkpoint, load_trained, read_state
 from hepml_dist.spec import parse_spec
 from hepml_dist.track.tracker import read_metrics
-from hepml_dist.train import commands, launch
+from hepml_dist.train import commands, driver, launch, ray_workers
 from hepml_dist.train.distributed import CollectiveTimeoutError, naming_collective_timeouts
 from hepml_dist.train.loop import train_loop_per_worker
 from hepml_dist.train.signals import StopOnSignals, StoppedAtOnce
@@ -71,10 +71,10 @@ def test_second_ctrl_c_while_ray_waits_stops_at_once(tmp_path, monkeypatch):
             except KeyboardInterrupt:
                 raise KeyboardInterrupt from None  # what ray.get raises when a signal handler raised inside it
 
-    monkeypatch.setattr(launch, "_Trainer", WaitingInRay)
+    monkeypatch.setattr(ray_workers, "_Trainer", WaitingInRay)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(StoppedAtOnce) as stopped:
-        launch._fit(parse_spec(tiny_job(tmp_path)), tmp_path, False, False, None)
+        ray_workers.fit(parse_spec(tiny_job(tmp_path)), tmp_path, False, False, None)
     assert stopped.value.signal_name == "SIGINT" and stopped.value.exit_status == 130
     assert (tmp_path / STOP_FILE).exists() and signal.getsignal(signal.SIGINT) is before
 
@@ -221,11 +221,11 @@ def test_timeout_explanation_names_waiting_and_silent_ranks():
         2: pickle.loads(pickle.dumps(CollectiveTimeoutError(2, 41, 30))),  # as it comes back from a worker
         0: RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 30000ms for recv operation"),
     }
-    message = str(launch._explain(error, spec.parallel))
+    message = str(driver.explain_failure(error, spec.parallel))
     assert message.startswith("collective timed out after step 41: rank(s) 0, 2 waited 30 s")
     assert "rank(s) 1, 3 never joined: likely hung" in message
     error.worker_failures.update({1: error.worker_failures[0], 3: error.worker_failures[0]})
-    assert "every rank did" in str(launch._explain(error, spec.parallel))
+    assert "every rank did" in str(driver.explain_failure(error, spec.parallel))
 
 
 def test_a_timed_out_collective_names_this_rank_and_the_step():

@@ -59,11 +59,16 @@ class SlurmSpec(Section):
 class ClusterSpec(Section):
     """Where the job runs."""
 
+    launcher: Literal["ray", "processes"] = "ray"
+    """How the workers start. `ray`: Ray Train workers, on an embedded Ray or the cluster at `address`.
+    `processes`: plain processes on this machine joined by torch.distributed over 127.0.0.1, without Ray: the first
+    step comes 10 s or more sooner on a small machine (benchmarks/results.md); one machine only, no `hepml tune`."""
     address: str = "local"
     """`local` starts an embedded Ray on 127.0.0.1; otherwise a Ray address (`ray://host:10001`, `host:6379`)."""
     storage_path: str | None = None
     """Directory (shared by all nodes) for run directories; None uses ./runs."""
     max_failures: int = Field(1, ge=-1)
-    """Worker-group restarts Ray may do from the last checkpoint (-1 = unlimited)."""
+    """Worker-group restarts from the last checkpoint after a worker fails (-1 = unlimited); done by Ray, or by the
+    `processes` launcher (which does not restart after a UserError: bad data or settings fail the same way again)."""
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     """SLURM resources."""

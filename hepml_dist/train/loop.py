@@ -30,7 +30,7 @@ from hepml_dist.train.distributed import naming_collective_timeouts
 from hepml_dist.train.engine import Engine, make_engine
 from hepml_dist.train.finetune import freeze, load_pretrained, phase_at, restrict_to
 from hepml_dist.train.profile import StepProfiler
-from hepml_dist.train.session import StopRequest, WorkerContext, worker_context
+from hepml_dist.train.session import StopRequest, WorkerContext, process_group_context
 from hepml_dist.train.startup import StartupClock
 from hepml_dist.train.step import LogWindow, format_record, log, train_step
 
@@ -39,12 +39,13 @@ class NonFiniteLossError(UserError):
     """A task loss became NaN or infinite (training.nan_policy: raise)."""
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+def train_loop_per_worker(config: dict[str, Any], ctx: WorkerContext | None = None) -> dict[str, Any]:
+    """One worker's whole run. `ctx`: where it runs (Ray Train passes its own); None: a plain process group."""
     startup = StartupClock(config.get("startup"))  # the driver's marks; logged once the first step is done
     startup.mark("workers")
     spec = parse_spec(config["spec"], source="train_loop_config")
     run_dir = Path(config["run_dir"])
-    ctx = worker_context(config.get("ray", False))
+    ctx = ctx or process_group_context()
     torch.manual_seed(spec.training.seed)  # identical initial weights on every rank
     family = get_family(spec.model.family)
     model = initial_model(spec, ctx)

@@ -21,7 +21,7 @@ def quiet_embedded_ray_worker() -> None:
       repeats the validation line rank 0 already prints.
     - Ray Train's placement-group cleaner asks the state API whether the controller lives; without a dashboard
       (not started here: nothing to serve on a laptop) the query fails and it warns every few seconds. `hepml
-      train` starts no cleaner on its embedded Ray (launch._Trainer), but `hepml tune`'s trials do: they join
+      train` starts no cleaner on its embedded Ray (ray_workers._Trainer), but `hepml tune`'s trials do: they join
       the Ray that `hepml tune` started. The cleaner still cleans up when its controller dies.
     """
     logging.getLogger(TRAIN_CONTEXT_LOGGER).setLevel(logging.WARNING)

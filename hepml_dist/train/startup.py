@@ -1,6 +1,6 @@
 """Where the start-up of `hepml train` goes, from the process start to the end of the first optimizer step.
 
-Wall-clock marks are taken on the driver (process start, CLI and job file, embedded Ray) and
+Wall-clock marks are taken on the driver (process start, CLI and job file, checks and data planning, embedded Ray) and
 on rank 0 (worker group and process group up, model built, data streams open, engine ready, first step done); rank 0
 writes the differences once, as a `startup` record of metrics.jsonl (`startup/<phase>_s`, `startup/total_s`), so
 every run says what its start-up cost and `benchmarks/train.py` tabulates it. Driver and rank 0 share a clock on one
@@ -15,8 +15,9 @@ import psutil
 
 PHASES: dict[str, str] = {
     "cli": "Python, imports of the CLI and the engine, the job file",
-    "ray": "run directory, embedded Ray started (or joined)",
-    "workers": "Ray Train worker group and torch process group",
+    "plan": "job checked against this machine, data planned, run directory written",
+    "ray": "embedded Ray started, or the cluster joined (cluster.launcher ray only)",
+    "workers": "worker group (Ray Train's, or forked from the fork server) and torch process group",
     "model": "model built (pretrained weights, frozen modules)",
     "data": "data streams planned and opened",
     "engine": "engine: DDP/DeepSpeed wrap, optimizer, schedule, resume point, tracker",

@@ -49,7 +49,8 @@ from hepml_dist.evaluate.plots import search_figure
 from hepml_dist.spec import SpecError, dump_spec, load_job, parse_spec
 from hepml_dist.spec.loader import apply_overrides
 from hepml_dist.track.tracker import read_metrics
-from hepml_dist.train.launch import launch, resolve_steps_per_epoch, start_ray
+from hepml_dist.train.launch import launch, resolve_steps_per_epoch
+from hepml_dist.train.ray_workers import start_ray
 from hepml_dist.train.session import clear_stop, request_stop
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")

@@ -1,0 +1,284 @@
+"""Training workers as plain processes on this machine, without Ray (`cluster.launcher: processes`).
+
+Ray Train needs 15-19 s on a 2-core machine before the first line of a job runs: its controller and worker actors
+start one after the other, and each imports Ray Train (benchmarks/results.md). Here a fork server, started as soon
+as the job is known, imports torch and the training loop once, while the driver checks the job and plans the data.
+Each worker is forked from it, joins a torch process group through a file store in a private folder (gloo over
+127.0.0.1 on CPU; NCCL/RCCL with one GPU per worker), and runs the same `train_loop_per_worker` as under Ray.
+
+Each worker writes its output to RUN_DIR/logs/worker-<rank>.log; the driver echoes new lines with the rank in
+front, above the progress bar when one is shown. When a worker fails, the driver stops the others and starts the
+group again from the latest checkpoint, up to `cluster.max_failures` times, as Ray would; not after a UserError
+(bad data or settings fail the same way again). Ctrl-C reaches the driver, which asks the workers to checkpoint
+through the run's stop file (the workers ignore SIGINT); SIGTERM or SIGUSR1 sent to a worker itself (SLURM signals
+every process of a step) does the same. A worker dies with the driver (PR_SET_PDEATHSIG).
+"""
+
+import ctypes
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.multiprocessing import get_context
+
+from hepml_dist.errors import UserError
+from hepml_dist.spec import JobSpec
+from hepml_dist.track.tracker import run_info
+from hepml_dist.train.driver import ProgressBar, explain_failure, worker_env
+from hepml_dist.train.loop import train_loop_per_worker
+from hepml_dist.train.session import WorkerContext, process_group_context
+from hepml_dist.train.signals import StopOnSignals
+from hepml_dist.train.startup import StartupClock
+
+PRELOAD = ["hepml_dist.train.loop", "torch._dynamo"]
+"""What the fork server imports once for every worker: the loop (torch, the models, the loader), and torch._dynamo,
+which the first optimizer of every worker would otherwise import (`torch.optim.Optimizer.__init__` is wrapped in
+`torch._disable_dynamo`), about 1.3 s each."""
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+"""The workers talk over 127.0.0.1 only; set where unset."""
+STOP_GRACE_S = 10.0
+"""How long the other workers of a failed group get to exit before they are killed."""
+
+
+def check_launch(spec: JobSpec, address: str | None, callbacks: list | None) -> None:
+    """What the processes launcher cannot do, said before anything starts."""
+    if address and address != "local":
+        raise UserError(f"cluster.launcher processes runs the workers on this machine, without Ray, so it joins no "
+                        f"cluster (address {address}); drop --address / cluster.address, or set cluster.launcher=ray")
+    if callbacks:
+        raise UserError("hepml tune runs its trials on Ray Train: set cluster.launcher=ray in the job")
+    gpus = spec.parallel.gpus_per_worker
+    if gpus not in (0, 1):
+        raise UserError(f"parallel.gpus_per_worker {gpus:g}: the processes launcher gives each worker one whole GPU "
+                        "or none; use 1 or 0, or cluster.launcher=ray to share GPUs between workers")
+
+
+def start_fork_server(spec: JobSpec) -> None:
+    """Start the fork server now (it imports PRELOAD in the background), in the workers' environment: glibc and
+    OpenMP read theirs when a process starts. One server serves every run of this driver process."""
+    env = {**worker_env(spec, embedded=True), **{k: os.environ.get(k, v) for k, v in LOOPBACK_ENV.items()}}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        multiprocessing.set_forkserver_preload(PRELOAD)
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def fit(spec: JobSpec, run_dir: Path, progress: bool | None, startup: StartupClock | None = None) -> str | None:
+    """Run the worker group to its end, restarting it after a failure; returns the signal that stopped it, if one did."""
+    interactive = sys.stdout.isatty() if progress is None else progress
+    config = {
+        "spec": spec.model_dump(mode="json"),
+        "run_dir": str(run_dir),
+        "plain_logs": not interactive,
+        "info": run_info(spec),
+        "startup": startup.marks if startup is not None else None,  # rank 0 adds its marks, logs the phases
+    }
+    env = {**worker_env(spec, embedded=True), **{k: os.environ.get(k, v) for k, v in LOOPBACK_ENV.items()}}
+    limit = spec.cluster.max_failures
+    with StopOnSignals(run_dir) as signals, ProgressBar(spec, run_dir, interactive), \
+            EchoedLogs(run_dir / "logs", spec.parallel.num_workers) as logs:
+        for attempt in range(sys.maxsize):
+            try:
+                failures = run_group(spec, config, env, logs.paths)
+            except KeyboardInterrupt as err:  # a second signal (StoppedAtOnce): the workers were killed
+                raise (signals.at_once or err) from None
+            if not failures:
+                break
+            error = WorkerGroupFailed(failures)
+            retry = not any(isinstance(f, UserError) for f in failures.values()) and (limit < 0 or attempt < limit)
+            if not retry or signals.first:
+                raise explain_failure(error, spec.parallel) from None
+            print(f"[hepml] {error}; starting the workers again from the latest checkpoint "
+                  f"(restart {attempt + 1} of {'unlimited' if limit < 0 else limit}, cluster.max_failures)", flush=True)
+    return signals.first
+
+
+class WorkerGroupFailed(RuntimeError):
+    """One or more workers failed; `worker_failures` maps each failed rank to its exception."""
+
+    def __init__(self, failures: dict[int, BaseException]):
+        self.worker_failures = failures
+        lines = [f"rank {rank}: {type(f).__name__}: {str(f).strip().splitlines()[-1] if str(f).strip() else ''}"
+                 for rank, f in sorted(failures.items())]
+        super().__init__("worker group failed (" + "; ".join(lines) + ")")
+
+
+def run_group(spec: JobSpec, config: dict[str, Any], env: dict[str, str], logs: list[Path]) -> dict[int, BaseException]:
+    """Start one worker per rank from the fork server and wait for all; returns {rank: exception} of those that failed.
+    When one fails, the others get STOP_GRACE_S to notice (a collective with a dead rank errors) and are then killed."""
+    world = spec.parallel.num_workers
+    context = get_context("forkserver")
+    rendezvous = Path(tempfile.mkdtemp(prefix="hepml-rendezvous-"))  # private (0700): the file store lives here
+    processes, receivers = [], []
+    try:
+        for rank in range(world):
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=worker_main, name=f"hepml-worker-{rank}", daemon=False,
+                                      args=(rank, world, str(rendezvous / "store"), config, env, str(logs[rank]), send))
+            process.start()
+            send.close()
+            processes.append(process)
+            receivers.append(receive)
+        return wait_for_workers(processes, receivers)
+    finally:  # normal end, or a second Ctrl-C in the driver: no worker outlives the group
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+        shutil.rmtree(rendezvous, ignore_errors=True)
+
+
+def wait_for_workers(processes: list, receivers: list) -> dict[int, BaseException]:
+    failures: dict[int, BaseException] = {}
+    first_failure = None
+    running = dict(enumerate(processes))
+    while running:
+        multiprocessing.connection.wait([p.sentinel for p in running.values()], timeout=0.5)
+        for rank, process in list(running.items()):
+            if process.exitcode is None:
+                continue
+            del running[rank]
+            outcome = _outcome(receivers[rank])
+            if process.exitcode != 0 or outcome is None or outcome[0] != "ok":
+                failures[rank] = _failure(outcome, process.exitcode)
+                first_failure = first_failure or time.monotonic()
+        if first_failure and running and time.monotonic() - first_failure > STOP_GRACE_S:
+            for process in running.values():
+                process.kill()
+    return failures
+
+
+def _outcome(receiver) -> tuple | None:
+    """What the worker sent before it exited; None if it died first (killed, or crashed in C)."""
+    try:
+        return receiver.recv() if receiver.poll() else None
+    except (EOFError, OSError):
+        return None
+
+
+def _failure(outcome: tuple | None, exitcode: int | None) -> BaseException:
+    if outcome is not None and outcome[0] == "error":
+        return outcome[1]
+    if exitcode is not None and exitcode < 0:
+        return RuntimeError(f"killed by {signal.Signals(-exitcode).name}")
+    return RuntimeError(f"exited with status {exitcode} without a result")
+
+
+def worker_main(rank: int, world: int, store: str, config: dict[str, Any], env: dict[str, str], log: str,
+                results) -> None:
+    """A worker process: output to its log file, the process group, the training loop; the outcome to the driver."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver turns Ctrl-C into the stop file
+    _die_with_parent()
+    _write_output_to(log)
+    spec = config["spec"]["parallel"]
+    use_gpu = spec["gpus_per_worker"] > 0
+    os.environ.update(env)
+    # what torchrun sets, and DeepSpeed reads
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    try:
+        if use_gpu:
+            torch.cuda.set_device(rank)
+        else:
+            torch.set_num_threads(max(1, int(spec["cpus_per_worker"])))
+        timeout = timedelta(seconds=spec["collective_timeout_s"])
+        dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=world, timeout=timeout)
+        ctx: WorkerContext = process_group_context(use_gpu)
+        try:
+            summary = train_loop_per_worker(config, ctx)
+        finally:
+            dist.destroy_process_group()
+        results.send(("ok", summary))
+    except BaseException as err:  # noqa: BLE001 - every failure goes to the driver, then the process exits non-zero
+        traceback.print_exc()
+        results.send(("error", _portable(err)))
+        sys.stdout.flush()
+        os._exit(1)
+
+
+def _portable(err: BaseException) -> BaseException:
+    """The exception itself when it survives pickling (UserError, CollectiveTimeoutError, ...), else its text."""
+    try:
+        return pickle.loads(pickle.dumps(err))
+    except Exception:  # noqa: BLE001
+        return RuntimeError("".join(traceback.format_exception(err)).strip())
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the driver dies (no worker left holding a GPU)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux / no glibc: the driver's cleanup still stops the workers
+        pass
+
+
+def _write_output_to(log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+
+
+class EchoedLogs:
+    """RUN_DIR/logs/worker-<rank>.log for each rank, echoed to the driver's output as lines are completed."""
+
+    def __init__(self, folder: Path, world: int, poll_s: float = 0.2):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.paths = [folder / f"worker-{rank}.log" for rank in range(world)]
+        self.offsets = [path.stat().st_size if path.exists() else 0 for path in self.paths]
+        self.poll_s = poll_s
+        self.done = threading.Event()
+
+    def __enter__(self) -> "EchoedLogs":
+        self.thread = threading.Thread(target=self._follow, name="hepml-worker-logs", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+        self._echo()  # what the workers wrote last
+
+    def _follow(self) -> None:
+        while not self.done.wait(self.poll_s):
+            self._echo()
+
+    def _echo(self) -> None:
+        for rank, path in enumerate(self.paths):
+            for line in self._new_lines(rank, path):
+                print(f"(rank {rank}) {line}", flush=True)
+
+    def _new_lines(self, rank: int, path: Path) -> Iterator[str]:
+        if not path.exists():
+            return
+        with path.open("rb") as f:
+            f.seek(self.offsets[rank])
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # whole lines only; the rest comes at the next poll
+        self.offsets[rank] += end
+        yield from data[:end].decode(errors="replace").splitlines()

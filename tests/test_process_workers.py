@@ -1,0 +1,141 @@
+"""`cluster.launcher: processes`: workers forked from a fork server, without Ray. The same loop as under Ray (the
+weights equal a plain process group's, bit for bit), a killed worker restarts the group from the latest checkpoint,
+a UserError is not retried, Ctrl-C checkpoints and leaves no process behind, and what it cannot do is refused."""
+
+import multiprocessing.forkserver
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+from train_helpers import final_weights, max_difference, run_without_ray, tiny_job, write_jet_dataset, write_job
+
+from hepml_dist.errors import UserError
+from hepml_dist.runs import latest_checkpoint, read_state
+from hepml_dist.spec import parse_spec
+from hepml_dist.track.tracker import read_metrics
+from hepml_dist.train import process_workers
+from hepml_dist.train.launch import launch
+
+pytestmark = pytest.mark.integration
+HEPML = [sys.executable, "-m", "hepml_dist"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_jet_dataset(tmp_path_factory.mktemp("jets") / "data")
+
+
+def processes_job(dataset, **overrides):
+    return tiny_job(dataset, **{"cluster": {"launcher": "processes"}, "parallel": {"num_workers": 2},
+                                "tracking": {"mode": "disabled"}, **overrides})
+
+
+def test_processes_launcher_runs_the_same_loop_as_a_plain_process_group_without_ray(dataset, tmp_path):
+    job = processes_job(dataset, training={"epochs": 2, "eval_interval": 8, "log_interval": 4, "seed": 7})
+    result = launch(parse_spec(job), run_dir=tmp_path / "processes", progress=False)
+    assert result.finished and result.step == 16
+    run_without_ray([(dict(job, cluster={"launcher": "ray"}), tmp_path / "plain")], world=2)
+    assert max_difference(final_weights(tmp_path / "processes"), final_weights(tmp_path / "plain")) == 0.0
+    logs = tmp_path / "processes" / "logs"
+    assert "step 16/16" in (logs / "worker-0.log").read_text()
+    assert (logs / "worker-1.log").exists()
+    assert not (tmp_path / "processes" / "ray").exists()  # no Ray Train bookkeeping: Ray never ran
+
+
+def forked_workers() -> list[psutil.Process]:
+    """The fork server's children: the training workers of the group that runs now."""
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    return psutil.Process(server).children() if server else []
+
+
+def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(dataset, tmp_path):
+    run_dir = tmp_path / "killed"
+    spec = parse_spec(processes_job(
+        dataset, training={"epochs": 3, "eval_interval": 40, "log_interval": 1, "seed": 7},
+        data={"steps_per_epoch": 40}, checkpoint={"interval": 10, "keep_last": 3}, cluster={"launcher": "processes",
+                                                                                           "max_failures": 1}))
+    killed = []
+
+    def kill_after_step_15():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            steps = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
+            if steps and steps[-1] >= 15 and forked_workers():
+                victim = forked_workers()[-1]
+                killed.append(victim.pid)
+                victim.kill()
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_after_step_15, daemon=True)
+    watcher.start()
+    result = launch(spec, run_dir=run_dir, progress=False)
+    watcher.join()
+    assert killed, "no worker was killed"
+    assert result.finished and result.step == 120
+    resumed = [r["resumed_from"] for r in read_metrics(run_dir) if "resumed_from" in r]
+    assert len(resumed) == 1 and resumed[0] >= 10 and resumed[0] % 10 == 0
+    assert [r["step"] for r in read_metrics(run_dir) if "train_loss" in r] == list(range(1, 121))
+
+
+def test_a_user_error_in_a_worker_is_not_retried_and_names_the_rank(dataset, tmp_path):
+    job = processes_job(dataset, optim={"name": "sgd", "lr": 1e6}, cluster={"launcher": "processes", "max_failures": 3})
+    with pytest.raises(UserError, match=r"non-finite loss at step \d+") as raised:
+        launch(parse_spec(job), run_dir=tmp_path / "nan", progress=False)
+    assert str(raised.value).startswith("worker 0: ")
+    log = (tmp_path / "nan" / "logs" / "worker-0.log").read_text()
+    assert log.count("NonFiniteLossError") >= 1 and "starting the workers again" not in log
+
+
+def test_ctrl_c_checkpoints_and_leaves_no_worker_behind(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    job = write_job(tmp_path / "job.yaml", processes_job(
+        dataset, data={"steps_per_epoch": 25}, training={"epochs": 2, "eval_interval": 25, "log_interval": 1,
+                                                        "seed": 7}))
+    log = (tmp_path / "train.log").open("w+")
+    # a session of its own, signalled as a terminal signals its foreground group on Ctrl-C: every process of it
+    train = subprocess.Popen([*HEPML, "train", str(job), "--run-dir", str(run_dir), "--plain"], stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(r.get("step", 0) >= 4 for r in read_metrics(run_dir) if "train_loss" in r):
+            assert time.monotonic() < deadline and train.poll() is None, "training did not reach step 4"
+            time.sleep(0.05)
+        started = {p.pid: " ".join(p.cmdline()) for p in psutil.Process(train.pid).children(recursive=True)}
+        os.killpg(train.pid, signal.SIGINT)
+        rc = train.wait(timeout=60)
+    finally:
+        if train.poll() is None:
+            os.killpg(train.pid, signal.SIGKILL)
+    log.seek(0)
+    output = log.read()
+    assert rc == 130, output
+    stopped = re.search(r"stopped by SIGINT at step (\d+) \(checkpoint written\); to resume: (.+)", output)
+    assert stopped, output
+    state = read_state(latest_checkpoint(run_dir))
+    assert state["step"] == int(stopped.group(1)) and state["stopped"] and not state["finished"]
+    assert "(rank 0) [hepml] step 4/50" in output  # the workers' lines, echoed by the driver
+    assert len(started) >= 3  # the fork server and two workers
+    time.sleep(2)
+    left = [started[pid] for pid in started
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"processes of the stopped run still running: {left}"
+
+
+def test_what_the_processes_launcher_cannot_do_is_refused_before_anything_starts(tmp_path):
+    spec = parse_spec(tiny_job(tmp_path, cluster={"launcher": "processes"}))
+    with pytest.raises(UserError, match="joins no cluster"):
+        process_workers.check_launch(spec, "head:6379", None)
+    with pytest.raises(UserError, match="hepml tune runs its trials on Ray Train"):
+        process_workers.check_launch(spec, None, [object()])
+    shared = parse_spec(tiny_job(tmp_path, cluster={"launcher": "processes"},
+                                 parallel={"num_workers": 2, "gpus_per_worker": 0.5, "accelerator": "A100"}))
+    with pytest.raises(UserError, match="gpus_per_worker 0.5"):
+        process_workers.check_launch(shared, None, None)
+    process_workers.check_launch(spec, "local", None)  # an embedded run is what it is for
