@@ -124,3 +124,35 @@ def test_log_window_splits_training_time_into_data_wait_and_steps():
     assert 0.15 < record["data_wait_share"] < 0.5
     assert 0.45 < record["step_share"] < 0.85
     assert record["data_wait_share"] + record["step_share"] <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_the_gradient_norm_is_measured_on_logged_steps_and_whenever_gradients_are_clipped(tmp_path, clip):
+    import math
+
+    import torch
+
+    from hepml_dist.models import build_model, get_family
+    from hepml_dist.train.cadence import Cadence
+    from hepml_dist.train.engine import make_engine
+
+    spec = parse_spec(tiny_job(tmp_path, optim={"name": "sgd", "lr": 0.1, "clip_grad_norm": clip},
+                               training={"log_interval": 4, "epochs": None, "steps": 10}))
+    family = get_family(spec.model.family)
+    torch.manual_seed(0)
+    batch = {"features": torch.randn(8, 17, 12), "vectors": torch.randn(8, 4, 12), "mask": torch.ones(8, 1, 12),
+             "label_is_signal": torch.randint(0, 2, (8,)), "target_log_n": torch.randn(8)}
+    engine = make_engine(build_model(spec), spec, torch.device("cpu"), total_steps=10)
+    norms = []
+    for measured in (True, False):
+        engine.backward(family.losses(engine.forward(batch), batch, spec), last_micro_batch=True)
+        engine.step(0, measure_grad_norm=measured)
+        norms.append(engine.grad_norm)
+    assert math.isfinite(norms[0]) and norms[0] > 0
+    if clip:  # clipping needs the norm: measured either way
+        assert math.isfinite(norms[1]) and norms[1] > clip
+    else:
+        assert math.isnan(norms[1])
+    cadence = Cadence(spec.training, spec.checkpoint, total_steps=10, validates=False)
+    assert [s for s in range(1, 11) if cadence.logs_at(s)] == [4, 8, 10]
+    assert all(cadence.logs_at(s) == cadence.at(s, False).log for s in range(1, 11))

@@ -38,10 +38,13 @@ class Cadence:
         self.total_steps = total_steps
         self.validates = validates
 
+    def logs_at(self, step: int) -> bool:
+        return step % self.log_interval == 0 or step >= self.total_steps
+
     def at(self, step: int, stop_requested: bool) -> Due:
         end = step >= self.total_steps
         return Due(
-            log=step % self.log_interval == 0 or end,
+            log=self.logs_at(step),
             evaluate=self.validates and (step % self.eval_interval == 0 or end),
             checkpoint=step % self.checkpoint_interval == 0 or end or stop_requested,
             stop=stop_requested and not end,

@@ -113,7 +113,7 @@ class DeepSpeedEngine:
         if not last_micro_batch:
             self.engine.step()
 
-    def step(self, step: int) -> bool:
+    def step(self, step: int, measure_grad_norm: bool = True) -> bool:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         self.grad_norm = float(norm) if norm is not None else float("nan")

@@ -39,8 +39,9 @@ class Engine(Protocol):
 
     def skip_micro_batch(self, last_micro_batch: bool) -> None: ...
 
-    def step(self, step: int) -> bool:
-        """The optimizer step; False when fp16 loss scaling found overflowing gradients and skipped it."""
+    def step(self, step: int, measure_grad_norm: bool = True) -> bool:
+        """The optimizer step; False when fp16 loss scaling found overflowing gradients and skipped it.
+        `measure_grad_norm`: set `grad_norm` (always done when gradients are clipped, which needs it)."""
 
     def lr(self) -> float: ...
 

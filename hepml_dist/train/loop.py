@@ -93,7 +93,8 @@ def train_loop_per_worker(config: dict[str, Any], ctx: WorkerContext | None = No
             batches = rng_neutral(train_data.batches(epoch, start=position))
             position = None
             for micro_batches in window.timed(optimizer_steps(batches, spec.training.grad_accum)):
-                result = train_step(engine, family, spec, micro_batches, step, epoch, ctx, stop)
+                result = train_step(engine, family, spec, micro_batches, step, epoch, ctx, stop,
+                                    logged=cadence.logs_at(step + 1))
                 skipped += result.skipped
                 if result.failure or skipped > spec.training.nan_skip_limit:
                     failure = result.failure or (

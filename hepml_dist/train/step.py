@@ -68,8 +68,9 @@ class StepResult:
 
 
 def train_step(engine: Engine, family: ModelFamily, spec: JobSpec, micro_batches: list[dict], step: int, epoch: int,
-               ctx: WorkerContext, stop: StopRequest) -> StepResult:
-    """Forward and backward of each micro-batch, then the optimizer step (see the module docstring)."""
+               ctx: WorkerContext, stop: StopRequest, logged: bool = True) -> StepResult:
+    """Forward and backward of each micro-batch, then the optimizer step (see the module docstring). `logged`: this
+    step ends a log window, whose record holds its gradient norm."""
     engine.model.train()
     result = StepResult()
     for i, batch in enumerate(micro_batches):
@@ -101,7 +102,7 @@ def train_step(engine: Engine, family: ModelFamily, spec: JobSpec, micro_batches
         result.losses.append({n: v / ctx.world_size for n, v in zip(names, flags.losses)})
         result.examples.append(batch_size(batch))
     with phase("optimizer"):
-        result.overflow = not engine.step(step)
+        result.overflow = not engine.step(step, measure_grad_norm=logged)
     return result
 
 
