@@ -4,7 +4,8 @@ jets, and weaver-core's own trainer (`weaver`) on the same jets, in one run on o
 Measured:
   * start-up: from invoking `hepml train` to the end of the first optimizer step (Python imports, embedded Ray,
     the worker group and its process group, model, first batch), read from the run's metrics.jsonl, with the
-    phases `hepml train` records itself (`startup/<phase>_s`, hepml_dist/train/startup.py);
+    phases `hepml train` records itself (`startup/<phase>_s`, hepml_dist/train/startup.py), for each launcher
+    in `--launchers` (`cluster.launcher`: Ray Train, or worker processes without Ray);
   * the demo job (jobs/multipartau-quickstart.yaml, 4 tasks) in jets/s with 1 worker using every core and with
     2 DDP workers of one core each, at the same per-worker batch;
   * ParT tau ID (one task, the quickstart's encoder), one process with every core: `hepml train` with 1 worker
@@ -14,6 +15,7 @@ Measured:
   * where each `hepml train` spends its training time (rank 0, steady state): in steps (forward, backward,
     all-reduce, optimizer), waiting for the loader, and the rest (`step_share`, `data_wait_share` of the log
     records, hepml_dist/train/step.py);
+  * ParT tau ID end to end with each launcher in the same rounds;
   * the model alone: the same model, losses and the job's own optimizer on the same batches (read into memory
     first), threads and batch size, with no loader, Ray or logging around it. End to end over model-only is what
     the service costs; the pair, and weaver-core next to it, is run `--rounds` times, interleaved, since this kind
@@ -139,11 +141,12 @@ def train_run(job: Path, data: Path, run_dir: Path, workers: int, threads: int, 
 
 class PeakMemory:
     """Peak resident memory (VmHWM) of `hepml train`'s driver, its training workers (Ray's `ray::RayTrainWorker`
-    processes) and their loader processes (children of a training worker), sampled every half second. Shared
-    pages (the loader's batch slots, Ray's object store) count in every process that maps them."""
+    processes, or the children of the driver's fork server under `cluster.launcher: processes`) and their loader
+    processes (children of a training worker), sampled every half second. Shared pages (the loader's batch slots,
+    Ray's object store) count in every process that maps them."""
 
     def __init__(self, driver: int):
-        self.driver, self.seen = driver, {}
+        self.driver, self.seen, self.servers = driver, {}, set()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
@@ -153,20 +156,25 @@ class PeakMemory:
             for status in Path("/proc").glob("[0-9]*/status"):
                 try:
                     fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-                    command = (status.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                    command = (status.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 except OSError:
                     continue
                 pid = int(status.parent.name)
-                if pid == self.driver or command.startswith("ray::RayTrainWorker"):
+                forked = "multiprocessing.forkserver" in command  # the fork server, its workers and their loaders
+                if pid == self.driver or command.startswith("ray::RayTrainWorker") or forked:
                     peak = int(fields.get("VmHWM", "0 kB").split()[0]) / 1024
-                    self.seen[pid] = (max(peak, self.seen.get(pid, (0, 0))[0]), int(fields["PPid"]))
+                    parent = int(fields["PPid"])
+                    self.seen[pid] = (max(peak, self.seen.get(pid, (0, 0))[0]), parent)
+                    if forked and parent == self.driver:
+                        self.servers.add(pid)
 
     def stop(self) -> None:
         self.done.set()
         self.thread.join()
 
     def peaks(self) -> dict[str, float]:
-        workers = {pid for pid, (_, parent) in self.seen.items() if pid != self.driver and parent not in self.seen}
+        workers = {pid for pid, (_, parent) in self.seen.items()
+                   if pid != self.driver and pid not in self.servers and (parent not in self.seen or parent in self.servers)}
         loaders = {pid for pid, (_, parent) in self.seen.items() if parent in workers}
         top = lambda pids: round(max((self.seen[p][0] for p in pids), default=0.0))  # noqa: E731
         return {"driver": top({self.driver} & set(self.seen)), "worker": top(workers), "loader": top(loaders),
@@ -496,6 +504,8 @@ def main() -> None:
     parser.add_argument("--weaver-steps", type=int, nargs=2, default=(30, 130), help="the two weaver run lengths")
     parser.add_argument("--no-weaver", action="store_true", help="skip the weaver-core comparison")
     parser.add_argument("--no-two-nodes", action="store_true", help="skip the run across two local Ray nodes")
+    parser.add_argument("--launchers", nargs="+", choices=("ray", "processes"), default=["ray", "processes"],
+                        help="cluster.launcher values to measure (start-up, the demo job, ParT tau ID rounds)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of ParT tau ID: end to end, the model alone and weaver-core (the first "
                         "profiled)")
@@ -517,18 +527,21 @@ def main() -> None:
         data = ensure_data(args.data, args.events, workdir)
         results: dict = {"threads": args.threads, "data": str(data)}
         runs = {}
-        for workers in (1, 2):
-            runs[workers] = train_run(QUICKSTART, data, workdir / f"run-{workers}", workers, args.threads, args.steps,
-                                      args.batch)
-            phases = ", ".join(f"{k} {v:.1f}" for k, v in runs[workers]["startup_phases_s"].items())
-            print(f"multipartau-quickstart, {workers} worker(s): {runs[workers]['jets_per_s']:.0f} jets/s, "
-                  f"start-up {runs[workers]['startup_s']:.1f} s ({phases} s), {shares(runs[workers])}, "
-                  f"peak RSS {memory(runs[workers])}", flush=True)
-        floors = {kind: ray_train_floor(kind) for kind in ("stock", "hepml")}
-        results["ray_train_floor_s"] = floors
-        print(f"Ray Train alone, 2 CPU workers, process start to an empty train function: stock TorchTrainer "
-              f"{floors['stock']:.1f} s, hepml's embedded trainer {floors['hepml']:.1f} s (hepml train to its first "
-              f"step: {runs[2]['startup_s']:.1f} s)", flush=True)
+        for launcher in args.launchers:  # keys: 1, 2 (Ray, as before), "processes 1", "processes 2"
+            for workers in (1, 2):
+                key = workers if launcher == "ray" else f"{launcher} {workers}"
+                runs[key] = train_run(QUICKSTART, data, workdir / f"run-{launcher}-{workers}", workers, args.threads,
+                                      args.steps, args.batch, [f"cluster.launcher={launcher}"])
+                phases = ", ".join(f"{k} {v:.1f}" for k, v in runs[key]["startup_phases_s"].items())
+                print(f"multipartau-quickstart, {workers} worker(s), launcher {launcher}: "
+                      f"{runs[key]['jets_per_s']:.0f} jets/s, start-up {runs[key]['startup_s']:.1f} s ({phases} s), "
+                      f"{shares(runs[key])}, peak RSS {memory(runs[key])}", flush=True)
+        if "ray" in args.launchers:
+            floors = {kind: ray_train_floor(kind) for kind in ("stock", "hepml")}
+            results["ray_train_floor_s"] = floors
+            print(f"Ray Train alone, 2 CPU workers, process start to an empty train function: stock TorchTrainer "
+                  f"{floors['stock']:.1f} s, hepml's embedded trainer {floors['hepml']:.1f} s (hepml train to its "
+                  f"first step: {runs[2]['startup_s']:.1f} s)", flush=True)
         if not args.no_two_nodes:
             with two_node_ray(args.threads) as address:
                 runs["2 nodes"] = train_run(QUICKSTART, data, workdir / "run-2-nodes", 2, args.threads, args.steps,
@@ -542,14 +555,19 @@ def main() -> None:
             "model.dropout=0.0", "model.attn_dropout=0.0", "model.activation_dropout=0.0", "training.precision=fp32",
             "optim.lr=1e-3",
         ]
-        ours = train_run(SINGLE_TASK, data, workdir / "run-single", 1, args.threads, args.steps, args.batch, model_sets,
-                         profile=True)
+
+        def single(launcher: str, profile: bool = False) -> dict:
+            return train_run(SINGLE_TASK, data, workdir / f"run-single-{launcher}", 1, args.threads, args.steps,
+                             args.batch, [*model_sets, f"cluster.launcher={launcher}"], profile=profile)
+
+        first = args.launchers[0]  # its first run is profiled (training.profile) next to the model alone's profile
+        ours = single(first, profile=True)
         alone = model_only(SINGLE_TASK, data, args.threads, args.steps, args.batch, model_sets)
-        print(f"ParT tau ID, hepml train 1 worker: {ours['jets_per_s']:.0f} jets/s, {shares(ours)}; the model alone "
-              f"on the same batches: {alone['jets_per_s']:.0f} jets/s (end to end = "
+        print(f"ParT tau ID, hepml train 1 worker, launcher {first}: {ours['jets_per_s']:.0f} jets/s, {shares(ours)}; "
+              f"the model alone on the same batches: {alone['jets_per_s']:.0f} jets/s (end to end = "
               f"{ours['jets_per_s'] / alone['jets_per_s']:.0%} of it)", flush=True)
         print(phase_table(ours["profile"], alone["profile"]), flush=True)
-        results["part_tau_id"] = {"hepml_dist": ours["jets_per_s"], "model_only": alone["jets_per_s"],
+        results["part_tau_id"] = {"launcher": first, "hepml_dist": ours["jets_per_s"], "model_only": alone["jets_per_s"],
                                   "profile": ours["profile"], "model_only_profile": alone["profile"],
                                   **{k: v for k, v in ours.items() if k.endswith("_share")}}
         weaver = None
@@ -557,26 +575,34 @@ def main() -> None:
             parquet = workdir / "train.parquet"
             write_parquet(data, parquet, (args.weaver_steps[1] + 10) * args.batch)
             weaver = lambda: weaver_rate(parquet, workdir, args.weaver_steps, args.batch, args.threads)  # noqa: E731
-        rounds = [(ours["jets_per_s"], alone["jets_per_s"], weaver() if weaver else None)]
-        for _ in range(args.rounds - 1):  # this machine drifts by up to 1.5x in minutes: repeat the triple
-            again = train_run(SINGLE_TASK, data, workdir / "run-single", 1, args.threads, args.steps, args.batch,
-                              model_sets)
-            rounds.append((again["jets_per_s"], model_only(SINGLE_TASK, data, args.threads, args.steps, args.batch,
-                                                           model_sets)["jets_per_s"], weaver() if weaver else None))
-        ratios = [e2e / model for e2e, model, _ in rounds]
-        results["part_tau_id"]["rounds"] = [{"hepml_dist": e2e, "model_only": model, "weaver-core": theirs}
-                                            for e2e, model, theirs in rounds]
-        print(f"ParT tau ID, end to end / model alone over {len(rounds)} interleaved round(s): "
-              f"{', '.join(f'{r:.0%}' for r in ratios)}; median {statistics.median(ratios):.0%}", flush=True)
+        # each round: end to end with each launcher, the model alone, weaver-core; interleaved, since this machine
+        # drifts by up to 1.5x in minutes
+        rounds = []
+        for index in range(args.rounds):
+            ends = {launcher: (ours if index == 0 and launcher == first else single(launcher))["jets_per_s"]
+                    for launcher in args.launchers}
+            model = alone["jets_per_s"] if index == 0 else model_only(SINGLE_TASK, data, args.threads, args.steps,
+                                                                     args.batch, model_sets)["jets_per_s"]
+            rounds.append({**ends, "model_only": model, "weaver-core": weaver() if weaver else None})
+        results["part_tau_id"]["rounds"] = rounds
+        listed = lambda key: ", ".join(f"{r[key]:.0f}" for r in rounds)  # noqa: E731
+        for launcher in args.launchers:
+            ratios = [r[launcher] / r["model_only"] for r in rounds]
+            print(f"ParT tau ID, launcher {launcher}, end to end / model alone over {len(rounds)} interleaved round(s): "
+                  f"{', '.join(f'{x:.0%}' for x in ratios)}; median {statistics.median(ratios):.0%} "
+                  f"({listed(launcher)} vs {listed('model_only')} jets/s)", flush=True)
+            if weaver:
+                versus = [r[launcher] / r["weaver-core"] for r in rounds]
+                print(f"ParT tau ID, launcher {launcher}, hepml train / weaver-core in the same rounds: "
+                      f"{', '.join(f'{x:.2f}x' for x in versus)}; median {statistics.median(versus):.2f}x (weaver-core "
+                      f"{listed('weaver-core')} jets/s)", flush=True)
         if weaver:
-            versus = [e2e / theirs for e2e, _, theirs in rounds]
-            results["part_tau_id"]["weaver-core"] = statistics.median(theirs for *_, theirs in rounds)
-            print(f"ParT tau ID, hepml train / weaver-core in the same rounds: {', '.join(f'{r:.2f}x' for r in versus)}; "
-                  f"median {statistics.median(versus):.2f}x (weaver-core "
-                  f"{', '.join(f'{theirs:.0f}' for *_, theirs in rounds)} jets/s)", flush=True)
+            results["part_tau_id"]["weaver-core"] = statistics.median(r["weaver-core"] for r in rounds)
         quick_alone = model_only(QUICKSTART, data, args.threads, args.steps, args.batch)["jets_per_s"]
+        versus_alone = "; ".join(f"{key} worker end to end = {runs[key]['jets_per_s'] / quick_alone:.0%} of it"
+                                 for key in (1, "processes 1") if key in runs)
         print(f"multipartau-quickstart, the model alone with {args.threads} threads: {quick_alone:.0f} jets/s "
-              f"(1 worker end to end = {runs[1]['jets_per_s'] / quick_alone:.0%} of it)", flush=True)
+              f"({versus_alone})", flush=True)
         results["multipartau_model_only"] = quick_alone
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))

@@ -26,7 +26,6 @@ from hepml_dist.spec import parse_spec
 from hepml_dist.track.tracker import read_metrics
 from hepml_dist.train import commands, driver, launch, ray_workers
 from hepml_dist.train.distributed import CollectiveTimeoutError, naming_collective_timeouts
-from hepml_dist.train.loop import train_loop_per_worker
 from hepml_dist.train.signals import StopOnSignals, StoppedAtOnce
 from hepml_dist.train.session import STOP_FILE
 
@@ -177,7 +176,7 @@ def alive(pid: int) -> bool:
 
 
 def loop_with_rank1_hanging_at_step4(config):
-    """The training loop, except that rank 1 never enters the step-flags all-reduce of step 4: a rank stuck in its
+    """Ray's training loop, except that rank 1 never enters the step-flags all-reduce of step 4: a rank stuck in its
     forward or its data (a stuck file system, a GPU fault) while the others wait for it."""
     import ray.train
 
@@ -194,13 +193,15 @@ def loop_with_rank1_hanging_at_step4(config):
             return all_reduce(self, device)
 
         step_module.StepFlags.all_reduce = hanging  # this worker process only
-    return train_loop_per_worker(config)
+    from hepml_dist.train.ray_workers import ray_train_loop  # the worker's own, unpatched module
+
+    return ray_train_loop(config)
 
 
 @pytest.mark.integration
 def test_hung_rank_fails_the_run_in_the_timeout_naming_it(ray_session, dataset, tmp_path, monkeypatch):  # noqa: F811
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
-    monkeypatch.setattr(launch, "train_loop_per_worker", loop_with_rank1_hanging_at_step4)
+    monkeypatch.setattr(ray_workers, "ray_train_loop", loop_with_rank1_hanging_at_step4)
     spec = parse_spec(tiny_job(
         dataset, parallel={"num_workers": 2, "collective_timeout_s": 8}, cluster={"max_failures": 0},
         tracking={"mode": "disabled"}, training={"epochs": 3, "eval_interval": 20, "log_interval": 1, "seed": 7},

@@ -4,7 +4,8 @@ Ray Train needs 15-19 s on a 2-core machine before the first line of a job runs:
 start one after the other, and each imports Ray Train (benchmarks/results.md). Here a fork server, started as soon
 as the job is known, imports torch and the training loop once, while the driver checks the job and plans the data.
 Each worker is forked from it, joins a torch process group through a file store in a private folder (gloo over
-127.0.0.1 on CPU; NCCL/RCCL with one GPU per worker), and runs the same `train_loop_per_worker` as under Ray.
+127.0.0.1 on CPU; NCCL/RCCL with one GPU per worker: rank r on GPU r of those visible), and runs the same
+`train_loop_per_worker` as under Ray.
 
 Each worker writes its output to RUN_DIR/logs/worker-<rank>.log; the driver echoes new lines with the rank in
 front, above the progress bar when one is shown. When a worker fails, the driver stops the others and starts the
@@ -15,6 +16,7 @@ every process of a step) does the same. A worker dies with the driver (PR_SET_PD
 """
 
 import ctypes
+import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -98,7 +100,7 @@ def fit(spec: JobSpec, run_dir: Path, progress: bool | None, startup: StartupClo
     limit = spec.cluster.max_failures
     with StopOnSignals(run_dir) as signals, ProgressBar(spec, run_dir, interactive), \
             EchoedLogs(run_dir / "logs", spec.parallel.num_workers) as logs:
-        for attempt in range(sys.maxsize):
+        for attempt in itertools.count():
             try:
                 failures = run_group(spec, config, env, logs.paths)
             except KeyboardInterrupt as err:  # a second signal (StoppedAtOnce): the workers were killed
@@ -191,8 +193,8 @@ def worker_main(rank: int, world: int, store: str, config: dict[str, Any], env: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver turns Ctrl-C into the stop file
     _die_with_parent()
     _write_output_to(log)
-    spec = config["spec"]["parallel"]
-    use_gpu = spec["gpus_per_worker"] > 0
+    parallel = config["spec"]["parallel"]
+    use_gpu = parallel["gpus_per_worker"] > 0
     os.environ.update(env)
     # what torchrun sets, and DeepSpeed reads
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
@@ -200,8 +202,8 @@ def worker_main(rank: int, world: int, store: str, config: dict[str, Any], env: 
         if use_gpu:
             torch.cuda.set_device(rank)
         else:
-            torch.set_num_threads(max(1, int(spec["cpus_per_worker"])))
-        timeout = timedelta(seconds=spec["collective_timeout_s"])
+            torch.set_num_threads(max(1, int(parallel["cpus_per_worker"])))
+        timeout = timedelta(seconds=parallel["collective_timeout_s"])
         dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"file://{store}", rank=rank,
                                 world_size=world, timeout=timeout)
         ctx: WorkerContext = process_group_context(use_gpu)
@@ -226,7 +228,8 @@ def _portable(err: BaseException) -> BaseException:
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when the driver dies (no worker left holding a GPU)."""
+    """Ask Linux to SIGKILL this worker when its parent, the fork server, exits: the server exits with the driver,
+    so no worker is left holding a GPU after the driver was killed."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:  # not Linux / no glibc: the driver's cleanup still stops the workers
