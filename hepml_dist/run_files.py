@@ -7,11 +7,17 @@ at runs (`hepml runs`) import this module alone, so they start in a fraction of 
 
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
+
+from hepml_dist.errors import UserError
+from hepml_dist.spec import JobSpec, SpecError, load_job
 
 CHECKPOINTS = "checkpoints"
 BEST = "best.json"
 FAILURE = "error.json"
+STOP_FILE = ".stop-requested"
+"""Present while the driver asks the workers of a run to checkpoint and stop (hepml_dist.train.signals)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -44,3 +50,24 @@ def read_failure(run_dir: Path) -> str | None:
     """The deterministic training error the workers recorded (`runs.record_failure`), if any."""
     path = Path(run_dir) / FAILURE
     return json.loads(path.read_text())["error"] if path.is_file() else None
+
+
+def request_stop(run_dir: Path) -> None:
+    """Ask the workers of a run to checkpoint and exit (what the driver does on SIGTERM/SIGUSR1)."""
+    Path(run_dir, STOP_FILE).touch()
+
+
+def clear_stop(run_dir: Path) -> None:
+    Path(run_dir, STOP_FILE).unlink(missing_ok=True)
+
+
+def read_run_spec(run_dir: Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """The spec a run directory was trained with (RUN_DIR/spec.yaml), with `--set` overrides applied."""
+    path = Path(run_dir) / "spec.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no spec.yaml, so not a run directory written by `hepml train`")
+    try:
+        spec = load_job(path)
+    except SpecError as err:
+        raise UserError(f"{path}: not a valid job spec ({err.problems[0]})") from None
+    return load_job(path, overrides) if overrides else spec  # an override's own error names its field

@@ -24,7 +24,6 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from hepml_dist.run_files import (  # noqa: F401 - the readers live there (no to
     list_checkpoints,
     read_best,
     read_failure,
+    read_run_spec,
     read_state,
 )
 from hepml_dist.spec import JobSpec, SpecError, dump_spec, load_job
@@ -81,18 +81,6 @@ def run_dir_of(folder: Path) -> Path:
     """The run directory a checkpoint folder belongs to (a folder outside a run is its own run directory)."""
     folder = Path(folder)
     return folder.parent.parent if folder.parent.name == CHECKPOINTS else folder
-
-
-def read_run_spec(run_dir: Path, overrides: Sequence[str] = ()) -> JobSpec:
-    """The spec a run directory was trained with (RUN_DIR/spec.yaml), with `--set` overrides applied."""
-    path = Path(run_dir) / "spec.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no spec.yaml, so not a run directory written by `hepml train`")
-    try:
-        spec = load_job(path)
-    except SpecError as err:
-        raise UserError(f"{path}: not a valid job spec ({err.problems[0]})") from None
-    return load_job(path, overrides) if overrides else spec  # an override's own error names its field
 
 
 def write_run_spec(run_dir: Path, spec: JobSpec) -> None:

@@ -27,6 +27,8 @@ ALLOWED_LAZY = {
     ("evaluate/metrics.py", "sklearn.metrics"),
     # Ray Train (seconds to import) only for runs on Ray: `cluster.launcher: processes` starts without it
     ("train/launch.py", "hepml_dist.train.ray_workers"),
+    # torch: `hepml train` starts the processes launcher's fork server first, which imports it on the other core
+    ("train/commands.py", "hepml_dist.train.launch"),
 }
 # Besides the training package itself, only the launchers and the tuner may import hepml_dist.train.
 MAY_IMPORT_TRAIN = ("hepml_dist.train", "hepml_dist.tune", "hepml_dist.launch", "hepml_dist.cli")

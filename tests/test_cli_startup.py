@@ -33,6 +33,7 @@ print("MODULES", " ".join(sorted({name.split(".")[0] for name in sys.modules})))
 
 @pytest.mark.parametrize("argv", [
     ["--help"], ["validate", "jobs/part-quickstart.yaml"], ["show", "jobs/sophon.yaml"], ["jobs"], ["data", "--help"],
+    ["train", "--help"],
 ], ids=lambda argv: " ".join(argv))
 def test_light_commands_import_no_heavy_module(argv):
     result = subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=ROOT, capture_output=True, text=True,
@@ -40,6 +41,26 @@ def test_light_commands_import_no_heavy_module(argv):
     modules = next(line for line in result.stdout.splitlines() if line.startswith("MODULES")).split()[1:]
     assert "hepml_dist" in modules
     assert not set(HEAVY) & set(modules), f"`hepml {' '.join(argv)}` imported {set(HEAVY) & set(modules)}"
+
+
+FORK_SERVER_PROBE = """
+import sys
+import hepml_dist.train.environment as environment
+def started(spec):
+    print("FORK SERVER STARTED, torch imported:", "torch" in sys.modules, "ray imported:", "ray" in sys.modules)
+    raise SystemExit(0)
+environment.start_fork_server = started
+from hepml_dist.cli import app
+app(sys.argv[1:])
+"""
+
+
+def test_hepml_train_starts_the_fork_server_of_the_processes_launcher_before_it_imports_torch():
+    """So the server's imports (torch, the loop) and the driver's run at the same time on two cores."""
+    result = subprocess.run([sys.executable, "-c", FORK_SERVER_PROBE, "train", "jobs/multipartau-quickstart.yaml",
+                             "--set", "cluster.launcher=processes"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert "FORK SERVER STARTED, torch imported: False ray imported: False" in result.stdout, result.stderr
 
 
 def test_shipped_jobs_resolve_by_name_from_any_folder(tmp_path, monkeypatch):

@@ -105,7 +105,7 @@ def test_cpu_workers_get_one_malloc_arena_unless_the_user_chose(monkeypatch):
     """Ray Train's training thread would otherwise get its own arena, whose heaps are unmapped and mapped again
     every step (hepml_dist/train/driver.py); GPU workers keep glibc's default; a user's own value wins."""
     from hepml_dist.spec import load_job
-    from hepml_dist.train.driver import worker_env
+    from hepml_dist.train.environment import worker_env
 
     cpu = load_job("multipartau-quickstart.yaml")
     gpu = load_job("multipartau.yaml")

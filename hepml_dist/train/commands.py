@@ -1,6 +1,7 @@
 """`hepml train`: run a job on Ray Train (an embedded Ray on 127.0.0.1, or a cluster), or continue a run.
 
-A run stopped by a signal prints the command that resumes it and exits with `signals.EXIT_STATUS` (130 after Ctrl-C,
+With `cluster.launcher: processes` the workers' fork server starts before this module imports torch (the launcher
+is imported once the job is read), so both import at the same time on two cores. A run stopped by a signal prints the command that resumes it and exits with `signals.EXIT_STATUS` (130 after Ctrl-C,
 143 after SIGTERM, 0 after SLURM's SIGUSR1)."""
 
 import shlex
@@ -9,11 +10,11 @@ from typing import Annotated
 
 import typer
 
-from hepml_dist import runs
+from hepml_dist import run_files as runs
 from hepml_dist.cli.options import Overrides
 from hepml_dist.errors import UserError
 from hepml_dist.spec import load_job
-from hepml_dist.train.launch import launch
+from hepml_dist.train.environment import start_fork_server
 from hepml_dist.train.signals import EXIT_STATUS, StoppedAtOnce
 from hepml_dist.train.startup import StartupClock
 
@@ -42,6 +43,10 @@ def train(
         raise UserError("name a job file (hepml train JOB.yaml), or --resume RUN_DIR")
     else:
         spec = load_job(job, overrides or [])
+    if spec.cluster.launcher == "processes":
+        start_fork_server(spec)  # its imports (torch, the loop) now, on the core the driver's own imports leave free
+    from hepml_dist.train.launch import launch  # torch, the loader, the models: after the fork server has started
+
     try:
         startup.mark("cli")
         result = launch(spec, address=address, run_dir=run_dir, progress=progress, startup=startup)

@@ -1,12 +1,10 @@
 """What the driver shows and says while the workers run, whichever launcher started them.
 
-The workers' environment, the progress bar (followed from RUN_DIR/metrics.jsonl), and what a failed worker group
-becomes: a collective timeout names the ranks that waited and the ones that did not answer, and a worker's
+The progress bar (followed from RUN_DIR/metrics.jsonl), and what a failed worker group becomes: a collective timeout names the ranks that waited and the ones that did not answer, and a worker's
 UserError is shown as its message.
 """
 
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -18,33 +16,6 @@ from hepml_dist.models import get_family
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.parallel import ParallelSpec
 from hepml_dist.train.distributed import CollectiveTimeoutError, is_collective_timeout
-
-WORKER_ENV = {
-    # Comet must not probe the machine or the network (see track/tracker.py).
-    "COMET_AUTO_LOG_ENV_DETAILS": "false",
-    "COMET_AUTO_LOG_ENV_HOST": "false",
-    "COMET_AUTO_LOG_GIT_METADATA": "false",
-    "COMET_AUTO_LOG_GIT_PATCH": "false",
-    "COMET_ERROR_TRACKING_ENABLE": "false",
-    "PYTHONUNBUFFERED": "1",
-}
-
-
-def worker_env(spec: JobSpec, embedded: bool) -> dict[str, str]:
-    env = dict(WORKER_ENV)
-    if spec.parallel.accelerators == ["cpu"]:
-        env["DS_ACCELERATOR"] = "cpu"
-        env["OMP_NUM_THREADS"] = str(max(1, int(spec.parallel.cpus_per_worker)))
-        # Ray Train runs the loop in a thread of its own, which gets a glibc malloc arena of its own: 64 MiB heaps
-        # that are unmapped when a step frees its activations and mapped again by the next step. With one arena
-        # the step's memory stays on the main heap (tuned by hepml_dist.data.handover.tune_malloc). Measured on a
-        # ParT CPU worker: munmap 2,871 -> 249 and madvise 1,672 -> 0 calls in 6 s (benchmarks/results.md).
-        env["MALLOC_ARENA_MAX"] = os.environ.get("MALLOC_ARENA_MAX", "1")
-    if not embedded and os.environ.get("COMET_API_KEY"):
-        # Workers of an embedded Ray inherit it; on a cluster it travels in the runtime environment (memory only).
-        env["COMET_API_KEY"] = os.environ["COMET_API_KEY"]
-    return env
-
 
 def explain_failure(err: Exception, parallel: ParallelSpec) -> Exception:
     """A collective timeout names the ranks that waited and the ones that did not answer; a worker's UserError (bad

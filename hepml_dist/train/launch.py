@@ -25,7 +25,8 @@ from hepml_dist.errors import UserError
 from hepml_dist.precision import CPU_FP16_NOTE, require_precision
 from hepml_dist.spec import JobSpec, load_job
 from hepml_dist.train import process_workers
-from hepml_dist.train.session import clear_stop
+from hepml_dist.train.environment import start_fork_server
+from hepml_dist.run_files import clear_stop
 from hepml_dist.train.startup import StartupClock
 
 
@@ -147,7 +148,7 @@ def launch(
     if spec.cluster.launcher == "processes":
         process_workers.check_launch(spec, address, callbacks)
         # the workers' imports start now, on the core that the checks and the data planning below leave free
-        process_workers.start_fork_server(spec)
+        start_fork_server(spec)  # started already by `hepml train`; a caller of launch() starts it here
     if local:
         check_local_gpus(spec)
         check_local_precision(spec)

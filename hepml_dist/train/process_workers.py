@@ -3,7 +3,7 @@
 Ray Train needs 15-19 s on a 2-core machine before the first line of a job runs: its controller and worker actors
 start one after the other, and each imports Ray Train (benchmarks/results.md). Here a fork server, started as soon
 as the job is known, imports torch and the training loop once, while the driver checks the job and plans the data.
-Each worker is forked from it, joins a torch process group through a file store in a private folder (gloo over
+(`hepml train` starts it before it imports torch itself: hepml_dist.train.environment.) Each worker is forked from it, joins a torch process group through a file store in a private folder (gloo over
 127.0.0.1 on CPU; NCCL/RCCL with one GPU per worker: rank r on GPU r of those visible), and runs the same
 `train_loop_per_worker` as under Ray.
 
@@ -40,18 +40,13 @@ from torch.multiprocessing import get_context
 from hepml_dist.errors import UserError
 from hepml_dist.spec import JobSpec
 from hepml_dist.track.tracker import run_info
-from hepml_dist.train.driver import ProgressBar, explain_failure, worker_env
+from hepml_dist.train.driver import ProgressBar, explain_failure
+from hepml_dist.train.environment import processes_env
 from hepml_dist.train.loop import train_loop_per_worker
 from hepml_dist.train.session import WorkerContext, process_group_context
 from hepml_dist.train.signals import StopOnSignals
 from hepml_dist.train.startup import StartupClock
 
-PRELOAD = ["hepml_dist.train.loop", "torch._dynamo"]
-"""What the fork server imports once for every worker: the loop (torch, the models, the loader), and torch._dynamo,
-which the first optimizer of every worker would otherwise import (`torch.optim.Optimizer.__init__` is wrapped in
-`torch._disable_dynamo`), about 1.3 s each."""
-LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
-"""The workers talk over 127.0.0.1 only; set where unset."""
 STOP_GRACE_S = 10.0
 """How long the other workers of a failed group get to exit before they are killed."""
 
@@ -69,23 +64,6 @@ def check_launch(spec: JobSpec, address: str | None, callbacks: list | None) -> 
                         "or none; use 1 or 0, or cluster.launcher=ray to share GPUs between workers")
 
 
-def start_fork_server(spec: JobSpec) -> None:
-    """Start the fork server now (it imports PRELOAD in the background), in the workers' environment: glibc and
-    OpenMP read theirs when a process starts. One server serves every run of this driver process."""
-    env = {**worker_env(spec, embedded=True), **{k: os.environ.get(k, v) for k, v in LOOPBACK_ENV.items()}}
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        multiprocessing.set_forkserver_preload(PRELOAD)
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def fit(spec: JobSpec, run_dir: Path, progress: bool | None, startup: StartupClock | None = None) -> str | None:
     """Run the worker group to its end, restarting it after a failure; returns the signal that stopped it, if one did."""
     interactive = sys.stdout.isatty() if progress is None else progress
@@ -96,7 +74,7 @@ def fit(spec: JobSpec, run_dir: Path, progress: bool | None, startup: StartupClo
         "info": run_info(spec),
         "startup": startup.marks if startup is not None else None,  # rank 0 adds its marks, logs the phases
     }
-    env = {**worker_env(spec, embedded=True), **{k: os.environ.get(k, v) for k, v in LOOPBACK_ENV.items()}}
+    env = processes_env(spec)
     limit = spec.cluster.max_failures
     with StopOnSignals(run_dir) as signals, ProgressBar(spec, run_dir, interactive), \
             EchoedLogs(run_dir / "logs", spec.parallel.num_workers) as logs:

@@ -7,7 +7,6 @@ profiled step, so the wait for each profiled step's batch is inside, and writes 
 and .trace.json (a Chrome trace for ui.perfetto.dev). Each rank profiles itself; nothing here is a collective.
 """
 
-import json
 import time
 from pathlib import Path
 from typing import Any

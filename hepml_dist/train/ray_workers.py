@@ -24,7 +24,8 @@ from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPo
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.parallel import ACCELERATORS, ParallelSpec
 from hepml_dist.track.tracker import run_info
-from hepml_dist.train.driver import ProgressBar, explain_failure, worker_env
+from hepml_dist.train.driver import ProgressBar, explain_failure
+from hepml_dist.train.environment import worker_env
 from hepml_dist.train.loop import train_loop_per_worker
 from hepml_dist.train.ray_setup import WORKER_SETUP_HOOK
 from hepml_dist.train.session import WorkerContext

@@ -18,8 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-STOP_FILE = ".stop-requested"
-
+from hepml_dist.run_files import STOP_FILE, clear_stop, request_stop  # noqa: F401 - their home is run_files (no torch)
 
 @dataclass
 class WorkerContext:
@@ -76,12 +75,3 @@ class StopRequest:
 
     def requested(self) -> bool:
         return self.signalled or self.path.exists()
-
-
-def request_stop(run_dir: Path) -> None:
-    """Ask the workers of a run to checkpoint and exit (what the driver does on SIGTERM/SIGUSR1)."""
-    Path(run_dir, STOP_FILE).touch()
-
-
-def clear_stop(run_dir: Path) -> None:
-    Path(run_dir, STOP_FILE).unlink(missing_ok=True)

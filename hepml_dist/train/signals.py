@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from hepml_dist.train.session import request_stop
+from hepml_dist.run_files import request_stop
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 EXIT_STATUS = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM, "SIGUSR1": 0}
