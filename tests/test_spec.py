@@ -88,7 +88,7 @@ def test_set_reaches_list_items_and_appends():
 def test_resume_applies_set_to_the_runs_own_spec_and_refuses_fixed_fields(tmp_path, monkeypatch):
     from hepml_dist.models import build_model
     from hepml_dist.runs import write_model_checkpoint, write_run_spec
-    from hepml_dist.train import commands
+    from hepml_dist.train import launch
 
     spec = load_job(BASE)
     run = tmp_path / "run"
@@ -96,7 +96,7 @@ def test_resume_applies_set_to_the_runs_own_spec_and_refuses_fixed_fields(tmp_pa
     write_run_spec(run, spec)
     write_model_checkpoint(run / "checkpoints" / "step-00000004", spec, build_model(spec), {"step": 4})
     launched = []
-    monkeypatch.setattr(commands, "launch", lambda spec, **kw: launched.append(spec) or _Ended(kw["run_dir"]))
+    monkeypatch.setattr(launch, "launch", lambda spec, **kw: launched.append(spec) or _Ended(kw["run_dir"]))
     ok = runner.invoke(app, ["train", "--resume", str(run), "--set", "training.epochs=9"])
     assert ok.exit_code == 0, ok.output
     assert launched[-1].training.epochs == 9 and launched[-1].name == spec.name

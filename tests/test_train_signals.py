@@ -90,7 +90,7 @@ def test_cli_exit_status_and_resume_command_after_a_stop(tmp_path, monkeypatch):
         "SIGUSR1": launch.TrainResult(run_dir, 12, False, True, {}, "SIGUSR1"),
     }
     for name, expected in (("SIGTERM", 143), ("SIGUSR1", 0)):
-        monkeypatch.setattr(commands, "launch", lambda spec, **kw: results[name])
+        monkeypatch.setattr(launch, "launch", lambda spec, **kw: results[name])
         done = runner.invoke(commands.app, [str(job), "--address", "head:6379"])
         assert done.exit_code == expected, done.output
         assert f"stopped by {name} at step 12 (checkpoint written)" in done.output
@@ -99,7 +99,7 @@ def test_cli_exit_status_and_resume_command_after_a_stop(tmp_path, monkeypatch):
     def second_signal(spec, **kw):
         raise StoppedAtOnce("SIGINT", tmp_path / "fresh")
 
-    monkeypatch.setattr(commands, "launch", second_signal)
+    monkeypatch.setattr(launch, "launch", second_signal)
     done = runner.invoke(commands.app, [str(job)])
     assert done.exit_code == 130 and "no checkpoint yet: run the same command again" in done.output, done.output
 
