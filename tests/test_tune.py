@@ -39,6 +39,10 @@ def test_unknown_fields_fail_before_any_trial(tmp_path):
     (tmp_path / "space.yaml").write_text("model.num_heads: choice([2, 3])\n")  # 16 dims / 3 heads: invalid job
     result = CliRunner().invoke(app, ["tune", str(job), "--space", str(tmp_path / "space.yaml"), "--trials", "2"])
     assert result.exit_code == 2 and "model.num_heads = 3" in result.output
+    (tmp_path / "space.yaml").write_text("optim.lr: loguniform(1e-4, 1e-2)\n")
+    result = CliRunner().invoke(app, ["tune", str(job), "--space", str(tmp_path / "space.yaml"), "--trials", "2",
+                                      "--set", "cluster.launcher=processes"])
+    assert result.exit_code == 2 and "hepml tune runs its trials on Ray Train" in " ".join(result.output.split())
 
 
 @pytest.mark.integration

@@ -180,6 +180,9 @@ def run_tune(job: Path, space_file: Path, *, trials: int, metric: str = "val_los
     check_space(base, space, str(job))
     if base_spec.data.val is None:
         raise UserError(f"{job}: data.val is not set; a search needs a validation metric ({metric}) per trial")
+    if base_spec.cluster.launcher != "ray":
+        raise UserError(f"{job}: cluster.launcher is {base_spec.cluster.launcher}; hepml tune runs its trials on Ray "
+                        "Train (their scheduling and early stopping are Ray's): --set cluster.launcher=ray")
     tune_dir = Path(tune_dir or runs.default_run_dir(base_spec).with_name(f"{base_spec.name}-tune")).resolve()
     tune_dir.mkdir(parents=True, exist_ok=True)
     out = Path(out or tune_dir / "best.yaml")
