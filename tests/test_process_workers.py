@@ -1,6 +1,7 @@
 """`cluster.launcher: processes`: workers forked from a fork server, without Ray. The same loop as under Ray (the
 weights equal a plain process group's, bit for bit), a killed worker restarts the group from the latest checkpoint,
-a UserError is not retried, Ctrl-C checkpoints and leaves no process behind, and what it cannot do is refused."""
+a UserError is not retried, Ctrl-C checkpoints and leaves no process behind, nothing outlives a killed driver, and
+what it cannot do is refused."""
 
 import multiprocessing.forkserver
 import os
@@ -46,6 +47,13 @@ def test_processes_launcher_runs_the_same_loop_as_a_plain_process_group_without_
     assert "step 16/16" in (logs / "worker-0.log").read_text()
     assert (logs / "worker-1.log").exists()
     assert not (tmp_path / "processes" / "ray").exists()  # no Ray Train bookkeeping: Ray never ran
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def forked_workers() -> list[psutil.Process]:
@@ -123,8 +131,7 @@ def test_ctrl_c_checkpoints_and_leaves_no_worker_behind(dataset, tmp_path):
     assert "(rank 0) [hepml] step 4/50" in output  # the workers' lines, echoed by the driver
     assert len(started) >= 3  # the fork server and two workers
     time.sleep(2)
-    left = [started[pid] for pid in started
-            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    left = [started[pid] for pid in started if alive(pid)]
     assert not left, f"processes of the stopped run still running: {left}"
 
 
@@ -139,3 +146,30 @@ def test_what_the_processes_launcher_cannot_do_is_refused_before_anything_starts
     with pytest.raises(UserError, match="gpus_per_worker 0.5"):
         process_workers.check_launch(shared, None, None)
     process_workers.check_launch(spec, "local", None)  # an embedded run is what it is for
+
+
+def test_workers_and_the_fork_server_go_when_the_driver_is_killed(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    job = write_job(tmp_path / "job.yaml", processes_job(
+        dataset, data={"steps_per_epoch": 25}, training={"epochs": 4, "eval_interval": 25, "log_interval": 1,
+                                                        "seed": 7}))
+    train = subprocess.Popen([*HEPML, "train", str(job), "--run-dir", str(run_dir), "--plain"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(r.get("step", 0) >= 2 for r in read_metrics(run_dir) if "train_loss" in r):
+            assert time.monotonic() < deadline and train.poll() is None, "training did not reach step 2"
+            time.sleep(0.05)
+        started = {p.pid: " ".join(p.cmdline()) for p in psutil.Process(train.pid).children(recursive=True)}
+        train.kill()  # SIGKILL: no clean-up of its own
+        train.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            left = [started[pid] for pid in started if alive(pid)]
+            if not left:
+                break
+            time.sleep(0.2)
+        assert len(started) >= 3 and not left, f"left running after the driver was killed: {left}"
+    finally:
+        if train.poll() is None:
+            os.killpg(train.pid, signal.SIGKILL)

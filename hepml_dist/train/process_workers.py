@@ -12,10 +12,11 @@ front, above the progress bar when one is shown. When a worker fails, the driver
 group again from the latest checkpoint, up to `cluster.max_failures` times, as Ray would; not after a UserError
 (bad data or settings fail the same way again). Ctrl-C reaches the driver, which asks the workers to checkpoint
 through the run's stop file (the workers ignore SIGINT); SIGTERM or SIGUSR1 sent to a worker itself (SLURM signals
-every process of a step) does the same. A worker dies with the driver (PR_SET_PDEATHSIG).
+every process of a step) does the same. A worker kills itself when the driver is gone, even after a SIGKILL: it
+holds the read end of a pipe whose only writer is the driver (the fork server cannot be relied on for this: it
+lives as long as any process it forked).
 """
 
-import ctypes
 import itertools
 import multiprocessing
 import multiprocessing.connection
@@ -110,22 +111,28 @@ def run_group(spec: JobSpec, config: dict[str, Any], env: dict[str, str], logs: 
     world = spec.parallel.num_workers
     context = get_context("forkserver")
     rendezvous = Path(tempfile.mkdtemp(prefix="hepml-rendezvous-"))  # private (0700): the file store lives here
-    processes, receivers = [], []
+    processes, receivers, lifelines = [], [], []
     try:
         for rank in range(world):
             receive, send = context.Pipe(duplex=False)
+            held, lifeline = context.Pipe(duplex=False)  # the driver never writes: its exit closes the pipe
             process = context.Process(target=worker_main, name=f"hepml-worker-{rank}", daemon=False,
-                                      args=(rank, world, str(rendezvous / "store"), config, env, str(logs[rank]), send))
+                                      args=(rank, world, str(rendezvous / "store"), config, env, str(logs[rank]), send,
+                                            held))
             process.start()
             send.close()
+            held.close()
             processes.append(process)
             receivers.append(receive)
+            lifelines.append(lifeline)
         return wait_for_workers(processes, receivers)
     finally:  # normal end, or a second Ctrl-C in the driver: no worker outlives the group
         for process in processes:
             if process.is_alive():
                 process.kill()
             process.join()
+        for lifeline in lifelines:
+            lifeline.close()
         shutil.rmtree(rendezvous, ignore_errors=True)
 
 
@@ -166,10 +173,10 @@ def _failure(outcome: tuple | None, exitcode: int | None) -> BaseException:
 
 
 def worker_main(rank: int, world: int, store: str, config: dict[str, Any], env: dict[str, str], log: str,
-                results) -> None:
+                results, lifeline) -> None:
     """A worker process: output to its log file, the process group, the training loop; the outcome to the driver."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver turns Ctrl-C into the stop file
-    _die_with_parent()
+    threading.Thread(target=_exit_when_the_driver_is_gone, args=(lifeline,), name="hepml-lifeline", daemon=True).start()
     _write_output_to(log)
     parallel = config["spec"]["parallel"]
     use_gpu = parallel["gpus_per_worker"] > 0
@@ -205,13 +212,14 @@ def _portable(err: BaseException) -> BaseException:
         return RuntimeError("".join(traceback.format_exception(err)).strip())
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when its parent, the fork server, exits: the server exits with the driver,
-    so no worker is left holding a GPU after the driver was killed."""
+def _exit_when_the_driver_is_gone(lifeline) -> None:
+    """Block on the read end of the driver's lifeline; end of file means the driver exited: kill this worker (its
+    loader processes follow: they watch their parent)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux / no glibc: the driver's cleanup still stops the workers
+        lifeline.recv()
+    except (EOFError, OSError):
         pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_output_to(log: str) -> None:
