@@ -1,13 +1,14 @@
 """The small files of a run directory that say where a run stands, read without torch.
 
-Checkpoint folders and their state.json, checkpoints/best.json and the failure file (layout: `hepml_dist.runs`, which
-re-exports everything here and adds what needs torch: writing checkpoints, loading models). Commands that only look
-at runs (`hepml runs`) import this module alone, so they start in a fraction of a second.
+Checkpoint folders and their state.json, checkpoints/best.json, the failure file, the stop file and spec.yaml
+(layout: `hepml_dist.runs`, which re-exports everything here and adds what needs torch: writing checkpoints, loading
+models). Commands that only look at runs (`hepml runs`, and `hepml train` until it has started the processes
+launcher's fork server) import this module alone, so they start in a fraction of a second.
 """
 
 import json
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hepml_dist.errors import UserError

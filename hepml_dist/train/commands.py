@@ -1,8 +1,10 @@
-"""`hepml train`: run a job on Ray Train (an embedded Ray on 127.0.0.1, or a cluster), or continue a run.
+"""`hepml train`: run a job on Ray Train (an embedded Ray on 127.0.0.1, or a cluster) or in worker processes of this
+machine (`cluster.launcher: processes`), or continue a run.
 
 With `cluster.launcher: processes` the workers' fork server starts before this module imports torch (the launcher
-is imported once the job is read), so both import at the same time on two cores. A run stopped by a signal prints the command that resumes it and exits with `signals.EXIT_STATUS` (130 after Ctrl-C,
-143 after SIGTERM, 0 after SLURM's SIGUSR1)."""
+is imported once the job is read), so both import at the same time on two cores. A run stopped by a signal prints
+the command that resumes it and exits with `signals.EXIT_STATUS` (130 after Ctrl-C, 143 after SIGTERM, 0 after
+SLURM's SIGUSR1)."""
 
 import shlex
 from pathlib import Path

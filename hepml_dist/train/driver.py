@@ -1,7 +1,7 @@
 """What the driver shows and says while the workers run, whichever launcher started them.
 
-The progress bar (followed from RUN_DIR/metrics.jsonl), and what a failed worker group becomes: a collective timeout names the ranks that waited and the ones that did not answer, and a worker's
-UserError is shown as its message.
+The progress bar (followed from RUN_DIR/metrics.jsonl), and what a failed worker group becomes: a collective timeout
+names the ranks that waited and the ones that did not answer, and a worker's UserError is shown as its message.
 """
 
 import json
@@ -16,6 +16,7 @@ from hepml_dist.models import get_family
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.parallel import ParallelSpec
 from hepml_dist.train.distributed import CollectiveTimeoutError, is_collective_timeout
+
 
 def explain_failure(err: Exception, parallel: ParallelSpec) -> Exception:
     """A collective timeout names the ranks that waited and the ones that did not answer; a worker's UserError (bad
@@ -33,7 +34,7 @@ def explain_failure(err: Exception, parallel: ParallelSpec) -> Exception:
 
 def _collective_timeout(timed_out: dict[int, Exception], parallel: ParallelSpec) -> UserError:
     """The ranks whose collective timed out waited for the others; those that reported nothing (still inside their
-    step when Ray stopped the group) are the likely cause."""
+    step when the group was stopped) are the likely cause."""
     waited = sorted(timed_out)
     silent = [r for r in range(parallel.num_workers) if r not in timed_out]
     steps = sorted({f.step for f in timed_out.values() if isinstance(f, CollectiveTimeoutError)})

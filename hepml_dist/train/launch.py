@@ -23,10 +23,10 @@ from hepml_dist.data.reader import is_local
 from hepml_dist.data.shards import ShardResolver
 from hepml_dist.errors import UserError
 from hepml_dist.precision import CPU_FP16_NOTE, require_precision
+from hepml_dist.run_files import clear_stop
 from hepml_dist.spec import JobSpec, load_job
 from hepml_dist.train import process_workers
 from hepml_dist.train.environment import start_fork_server
-from hepml_dist.run_files import clear_stop
 from hepml_dist.train.startup import StartupClock
 
 

@@ -2,9 +2,10 @@
 
 Ray Train needs 15-19 s on a 2-core machine before the first line of a job runs: its controller and worker actors
 start one after the other, and each imports Ray Train (benchmarks/results.md). Here a fork server, started as soon
-as the job is known, imports torch and the training loop once, while the driver checks the job and plans the data.
-(`hepml train` starts it before it imports torch itself: hepml_dist.train.environment.) Each worker is forked from it, joins a torch process group through a file store in a private folder (gloo over
-127.0.0.1 on CPU; NCCL/RCCL with one GPU per worker: rank r on GPU r of those visible), and runs the same
+as the job is known (`hepml train` starts it before it imports torch itself: hepml_dist.train.environment), imports
+torch and the training loop once, while the driver imports its own modules, checks the job and plans the data. Each
+worker is forked from it, joins a torch process group through a file store in a private folder (gloo over 127.0.0.1
+on CPU; NCCL/RCCL with one GPU per worker: rank r on GPU r of those visible), and runs the same
 `train_loop_per_worker` as under Ray.
 
 Each worker writes its output to RUN_DIR/logs/worker-<rank>.log; the driver echoes new lines with the rank in
@@ -66,7 +67,7 @@ def check_launch(spec: JobSpec, address: str | None, callbacks: list | None) -> 
 
 
 def fit(spec: JobSpec, run_dir: Path, progress: bool | None, startup: StartupClock | None = None) -> str | None:
-    """Run the worker group to its end, restarting it after a failure; returns the signal that stopped it, if one did."""
+    """Run the worker group to its end, restarting it after a failure; returns the signal that stopped it, if any."""
     interactive = sys.stdout.isatty() if progress is None else progress
     config = {
         "spec": spec.model_dump(mode="json"),
