@@ -3,6 +3,7 @@
 The same loop runs inside Ray Train (`cluster.launcher: ray`; the context comes from hepml_dist.train.ray_workers)
 or in a plain torch.distributed process group (`cluster.launcher: processes`, tests, torchrun). This module does not
 import Ray: a run without it never pays Ray Train's import.
+
 Stop requests (SLURM pre-emption) arrive as SIGTERM/SIGUSR1: the driver turns them into a stop file in the run
 directory (Ray runs the loop in a thread, where signal handlers cannot be installed); a worker that owns its main
 thread also catches the signals itself. Ranks agree on stopping through the step flags (hepml_dist.train.step).
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from hepml_dist.run_files import STOP_FILE, clear_stop, request_stop  # noqa: F401 - their home is run_files (no torch)
+
 
 @dataclass
 class WorkerContext:
