@@ -11,7 +11,10 @@ Sections (each a Markdown table; whatever cannot run on this machine is a row sa
   ddp     DDP over NCCL (RCCL on ROCm) with 1 and all visible GPUs, one spawned process each: jets/s, scaling;
   zero    DeepSpeed ZeRO-2 and ZeRO-3 on ParT through the project's make_engine, one rank;
   loader  ShardStream (open_stream) on a generated jet dataset feeding training steps: jets/s and the share of
-          wall time spent waiting for the next batch.
+          wall time spent waiting for the next batch;
+  launch  `hepml train` of a tiny ParT on generated jets with each launcher (`cluster.launcher`: processes, one
+          worker per GPU over NCCL/RCCL, up to 2; and ray), to its end: the start-up to the first optimizer step
+          with its phases, and whether the run finished. The smoke run tries the processes launcher on 2 CPU workers.
 
 Synthetic batches come from benchmarks/models.py (realistic jet-length spread), so the numbers are compute only,
 except in the loader section. Every figure is taken after warm-up steps and with the device synchronised.
@@ -45,6 +48,7 @@ import os
 import platform
 import shlex
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -745,6 +749,63 @@ def loader_run(plan: Plan, device: torch.device) -> dict[str, str]:
     return {"jets/s": rate(jets / seconds), "waiting for data": fmt(100 * share, 1, " %"), "verdict": verdict}
 
 
+LAUNCH_STEPS = 20
+
+
+def launch_section(plan: Plan, device: torch.device, clock: Clock) -> Table:
+    table = Table("hepml train with each launcher", ["launcher", "workers", "device", "steps", "start-up s", "phases",
+                                                     "verdict"],
+                  "`hepml train` in a subprocess: a tiny ParT on tests/train_helpers.write_jet_dataset jets, "
+                  f"{LAUNCH_STEPS} optimizer steps; the start-up is the run's own `startup` record "
+                  "(hepml_dist/train/startup.py), from the process start to the end of the first optimizer step.")
+    on_gpu = device.type == "cuda"
+    workers = max(1, min(torch.cuda.device_count(), 2)) if on_gpu else 2
+    launchers = ("processes",) if plan.smoke else ("processes", "ray")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from train_helpers import write_jet_dataset
+
+    with tempfile.TemporaryDirectory(prefix="hepml-gpu-launch-") as tmp:
+        data_dir = write_jet_dataset(Path(tmp) / "data", examples=2000)
+        for launcher in launchers:
+            row = table.add({"launcher": launcher, "workers": workers, "device": device.type, "steps": LAUNCH_STEPS,
+                             "start-up s": "skipped"})
+            if clock.left() < 45:
+                row["verdict"] = "skipped: time budget spent"
+                continue
+            try:
+                row.update(launch_run(launcher, workers, on_gpu, data_dir, Path(tmp) / f"run-{launcher}"))
+            except Exception as error:  # noqa: BLE001
+                traceback.print_exc()
+                row.update({"start-up s": "error", "verdict": short_error(error)})
+    return table
+
+
+def launch_run(launcher: str, workers: int, on_gpu: bool, data_dir: Path, run_dir: Path) -> dict[str, str]:
+    from train_helpers import tiny_job, write_job
+
+    from hepml_dist.run_files import latest_checkpoint, read_state
+
+    # a list of one vendor's types places workers on any GPU of that vendor (an H200 is neither A100 nor H100)
+    accelerators = (["MI250X", "MI300X"] if torch.version.hip else ["A100", "H100"]) if on_gpu else "cpu"
+    job = tiny_job(data_dir, training={"epochs": None, "steps": LAUNCH_STEPS, "eval_interval": LAUNCH_STEPS,
+                                       "log_interval": 5},
+                   data={"loader_workers": 1}, tracking={"mode": "disabled"}, cluster={"launcher": launcher},
+                   parallel={"num_workers": workers, "gpus_per_worker": 1 if on_gpu else 0,
+                             "cpus_per_worker": 1, "accelerator": accelerators})
+    path = write_job(run_dir.parent / f"{launcher}.yaml", job)
+    done = subprocess.run([sys.executable, "-m", "hepml_dist", "train", str(path), "--run-dir", str(run_dir),
+                           "--plain"], capture_output=True, text=True, timeout=240)
+    if done.returncode != 0:
+        raise RuntimeError(f"hepml train exited {done.returncode}: {(done.stdout + done.stderr)[-1500:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    startup = next(r for r in records if "startup/total_s" in r)
+    phases = ", ".join(f"{k.split('/')[1][:-2]} {v:.1f}" for k, v in startup.items()
+                       if k.startswith("startup/") and k != "startup/total_s")
+    state = read_state(latest_checkpoint(run_dir))
+    verdict = f"finished at step {state['step']}" if state.get("finished") else f"ended at step {state['step']}"
+    return {"start-up s": fmt(startup["startup/total_s"], 1), "phases": phases, "verdict": verdict}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -753,7 +814,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny models and few steps (CI, or a GPU pre-flight)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results file (default: benchmarks/results-gpu.md; --smoke: a temporary file)")
-    parser.add_argument("--only", nargs="+", choices=["train", "ddp", "zero", "loader"], default=None,
+    parser.add_argument("--only", nargs="+", choices=["train", "ddp", "zero", "loader", "launch"], default=None,
                         help="run only these sections (the environment is always written)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -782,7 +843,7 @@ def main() -> None:
     clock = Clock(plan.budget_s)
     info = machine()
     peak = peak_tflops(device, args.peak_tflops)
-    wanted = set(args.only or ["train", "ddp", "zero", "loader"])
+    wanted = set(args.only or ["train", "ddp", "zero", "loader", "launch"])
     tables = [env_section(device, plan, args, info)]
 
     def save(done: bool = False) -> None:  # after every section: a run stopped midway keeps what it measured
@@ -805,7 +866,8 @@ def main() -> None:
         table, rows = train_table(plan)
         tables.append(table)
         section("train, eager", lambda: train_eager(rows, plan, device, flops, peak, clock))
-    for name, run in (("ddp", ddp_section), ("zero", zero_section), ("loader", loader_section)):
+    for name, run in (("ddp", ddp_section), ("zero", zero_section), ("loader", loader_section),
+                      ("launch", launch_section)):
         if name in wanted:
             section(name, lambda run=run: run(plan, device, clock))
     if "train" in wanted:

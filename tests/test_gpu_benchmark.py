@@ -80,6 +80,10 @@ def test_every_section_has_its_rows(results):
     assert jets_per_s(loader) > 0
     assert re.fullmatch(r"[\d.]+ %", loader["waiting for data"])
 
+    (launch,) = table_with(tables, "launcher")  # the smoke run: the processes launcher, 2 CPU workers
+    assert launch["launcher"] == "processes" and launch["verdict"] == "finished at step 20", launch
+    assert float(launch["start-up s"]) > 0 and "workers" in launch["phases"] and "ray" not in launch["phases"]
+
 
 def test_rows_not_measured_say_why(results):
     _, tables = results
