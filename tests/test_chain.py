@@ -25,7 +25,7 @@ from hepml_dist.models import build_model
 from hepml_dist.runs import latest_checkpoint, load_model_state, write_model_checkpoint
 from hepml_dist.spec import load_job
 from hepml_dist.train.loop import initial_model
-from hepml_dist.train.session import worker_context
+from hepml_dist.train.session import process_group_context
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -189,7 +189,7 @@ def test_a_tiny_chain_runs_skips_on_rerun_and_keeps_the_pretrained_backbone_froz
     finetune = load_job(ROOT / "jobs/omnijet-tau-tagging-finetune.yaml",
                         [*override_strings(TINY), f"training.init_from={work / 'runs/pretrain'}", "training.epochs=40"])
     torch.manual_seed(1)
-    start = initial_model(finetune, worker_context(False)).state_dict()
+    start = initial_model(finetune, process_group_context()).state_dict()
     assert all(torch.equal(pretrained[k], start[k]) for k in backbone)
 
     again = runner.invoke(app, ["chain", "run", str(chain), "--workdir", str(work)])
