@@ -14,7 +14,16 @@ import time
 
 import psutil
 import pytest
-from train_helpers import final_weights, max_difference, run_without_ray, tiny_job, write_jet_dataset, write_job
+from train_helpers import (
+    alive,
+    final_weights,
+    max_difference,
+    run_without_ray,
+    tiny_job,
+    wait_for_step,
+    write_jet_dataset,
+    write_job,
+)
 
 from hepml_dist.errors import UserError
 from hepml_dist.runs import latest_checkpoint, read_state
@@ -47,13 +56,6 @@ def test_processes_launcher_runs_the_same_loop_as_a_plain_process_group_without_
     assert "step 16/16" in (logs / "worker-0.log").read_text()
     assert (logs / "worker-1.log").exists()
     assert not (tmp_path / "processes" / "ray").exists()  # no Ray Train bookkeeping: Ray never ran
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def forked_workers() -> list[psutil.Process]:
@@ -111,10 +113,7 @@ def test_ctrl_c_checkpoints_and_leaves_no_worker_behind(dataset, tmp_path):
     train = subprocess.Popen([*HEPML, "train", str(job), "--run-dir", str(run_dir), "--plain"], stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while not any(r.get("step", 0) >= 4 for r in read_metrics(run_dir) if "train_loss" in r):
-            assert time.monotonic() < deadline and train.poll() is None, "training did not reach step 4"
-            time.sleep(0.05)
+        wait_for_step(run_dir, 4, train)
         started = {p.pid: " ".join(p.cmdline()) for p in psutil.Process(train.pid).children(recursive=True)}
         os.killpg(train.pid, signal.SIGINT)
         rc = train.wait(timeout=60)
@@ -156,10 +155,7 @@ def test_workers_and_the_fork_server_go_when_the_driver_is_killed(dataset, tmp_p
     train = subprocess.Popen([*HEPML, "train", str(job), "--run-dir", str(run_dir), "--plain"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while not any(r.get("step", 0) >= 2 for r in read_metrics(run_dir) if "train_loss" in r):
-            assert time.monotonic() < deadline and train.poll() is None, "training did not reach step 2"
-            time.sleep(0.05)
+        wait_for_step(run_dir, 2, train)
         started = {p.pid: " ".join(p.cmdline()) for p in psutil.Process(train.pid).children(recursive=True)}
         train.kill()  # SIGKILL: no clean-up of its own
         train.wait(timeout=10)

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
-from train_helpers import ray_session, tiny_job, write_jet_dataset, write_job  # noqa: F401
+from train_helpers import alive, ray_session, tiny_job, wait_for_step, write_jet_dataset, write_job  # noqa: F401
 from typer.testing import CliRunner
 
 from hepml_dist.cli import app
@@ -151,25 +151,9 @@ def test_ctrl_c_checkpoints_stops_ray_and_prints_a_resume_command(ray_session, d
     assert [r["resumed_from"] for r in read_metrics(run_dir) if "resumed_from" in r] == [step]
 
 
-def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        if any(r.get("step", 0) >= step for r in read_metrics(run_dir) if "train_loss" in r):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"training did not reach step {step} (exit status {process.poll()})")
-
-
 def train_process_tree(pid: int) -> list[tuple[int, list[str]]]:
     """The driver's descendants: the embedded Ray's GCS, raylet, and its workers."""
     return [(p.pid, p.cmdline()) for p in psutil.Process(pid).children(recursive=True)]
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 # ---- a rank that stops answering ------------------------------------------------------------------------------

@@ -1,14 +1,18 @@
 """Shared by the training-engine tests: small separable jet datasets written with the real shard writer, and a
 tiny ParT job on them (a quickstart-like job sized for seconds on 2 CPU cores)."""
 
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
 from hepml_dist.data.writer import DatasetWriter
+from hepml_dist.track.tracker import read_metrics
 
 MAX_PARTICLES = 12
 
@@ -178,3 +182,19 @@ def ray_session():
                  runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
     yield ray
     ray.shutdown()
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(r.get("step", 0) >= step for r in read_metrics(run_dir) if "train_loss" in r):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"training did not reach step {step} (exit status {process.poll()})")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

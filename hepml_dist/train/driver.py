@@ -7,6 +7,7 @@ names the ranks that waited and the ones that did not answer, and a worker's Use
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -15,7 +16,20 @@ from hepml_dist.errors import UserError
 from hepml_dist.models import get_family
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.parallel import ParallelSpec
+from hepml_dist.track.tracker import run_info
 from hepml_dist.train.distributed import CollectiveTimeoutError, is_collective_timeout
+from hepml_dist.train.startup import StartupClock
+
+
+def loop_config(spec: JobSpec, run_dir: Path, interactive: bool, startup: StartupClock | None) -> dict[str, Any]:
+    """What every worker's `train_loop_per_worker` receives, whichever launcher started it."""
+    return {
+        "spec": spec.model_dump(mode="json"),
+        "run_dir": str(run_dir),
+        "plain_logs": not interactive,
+        "info": run_info(spec),
+        "startup": startup.marks if startup is not None else None,  # rank 0 adds its marks, logs the phases
+    }
 
 
 def explain_failure(err: Exception, parallel: ParallelSpec) -> Exception:

@@ -41,8 +41,7 @@ from torch.multiprocessing import get_context
 
 from hepml_dist.errors import UserError
 from hepml_dist.spec import JobSpec
-from hepml_dist.track.tracker import run_info
-from hepml_dist.train.driver import ProgressBar, explain_failure
+from hepml_dist.train.driver import ProgressBar, explain_failure, loop_config
 from hepml_dist.train.environment import processes_env
 from hepml_dist.train.loop import train_loop_per_worker
 from hepml_dist.train.session import WorkerContext, process_group_context
@@ -69,13 +68,7 @@ def check_launch(spec: JobSpec, address: str | None, callbacks: list | None) -> 
 def fit(spec: JobSpec, run_dir: Path, progress: bool | None, startup: StartupClock | None = None) -> str | None:
     """Run the worker group to its end, restarting it after a failure; returns the signal that stopped it, if any."""
     interactive = sys.stdout.isatty() if progress is None else progress
-    config = {
-        "spec": spec.model_dump(mode="json"),
-        "run_dir": str(run_dir),
-        "plain_logs": not interactive,
-        "info": run_info(spec),
-        "startup": startup.marks if startup is not None else None,  # rank 0 adds its marks, logs the phases
-    }
+    config = loop_config(spec, run_dir, interactive, startup)
     env = processes_env(spec)
     limit = spec.cluster.max_failures
     with StopOnSignals(run_dir) as signals, ProgressBar(spec, run_dir, interactive), \

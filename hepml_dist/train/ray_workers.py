@@ -23,8 +23,7 @@ from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPo
 
 from hepml_dist.spec import JobSpec
 from hepml_dist.spec.parallel import ACCELERATORS, ParallelSpec
-from hepml_dist.track.tracker import run_info
-from hepml_dist.train.driver import ProgressBar, explain_failure
+from hepml_dist.train.driver import ProgressBar, explain_failure, loop_config
 from hepml_dist.train.environment import worker_env
 from hepml_dist.train.loop import train_loop_per_worker
 from hepml_dist.train.ray_setup import WORKER_SETUP_HOOK
@@ -145,13 +144,7 @@ def fit(spec: JobSpec, run_dir: Path, embedded: bool, progress: bool | None, cal
     trainer = _Trainer(
         ray_train_loop,
         embedded=embedded,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "run_dir": str(run_dir),
-            "plain_logs": not interactive,
-            "info": run_info(spec),
-            "startup": startup.marks if startup is not None else None,  # rank 0 adds its marks, logs the phases
-        },
+        train_loop_config=loop_config(spec, run_dir, interactive, startup),
         torch_config=TorchConfig(timeout_s=spec.parallel.collective_timeout_s),
         scaling_config=scaling_config(spec.parallel),
         run_config=RunConfig(
