@@ -74,6 +74,17 @@ def test_progress_bar_follows_metrics_jsonl_with_step_loss_rate_and_eta(tmp_path
         task = bar.progress.tasks[0]
         assert (task.completed, task.total) == (30, 100)
         assert task.fields["info"] == "epoch 1  loss 0.4321  1234 events/s"  # AOT counts events, not jets
+        # a record caught half-written is read whole at a later poll, not skipped
+        record = json.dumps({"step": 60, "epoch": 1, "train_loss": 0.2, "jets_per_s": 99.0}) + "\n"
+        with (tmp_path / "metrics.jsonl").open("a") as f:
+            f.write(record[:20])
+            f.flush()
+            time.sleep(1.2)  # more than two polls of the bar
+            f.write(record[20:])
+        deadline = time.monotonic() + 10
+        while bar.progress.tasks[0].completed != 60 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert bar.progress.tasks[0].completed == 60
     assert "30/100" in screen.getvalue() and "events/s" in screen.getvalue()
     # without a terminal: no bar (the workers' plain log lines are the progress)
     with ProgressBar(spec, tmp_path, enabled=False) as off:

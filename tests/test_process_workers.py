@@ -5,7 +5,6 @@ what it cannot do is refused."""
 
 import multiprocessing.forkserver
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,7 +15,9 @@ import psutil
 import pytest
 from train_helpers import (
     alive,
+    ctrl_c_at_step,
     final_weights,
+    left_running,
     max_difference,
     run_without_ray,
     tiny_job,
@@ -26,7 +27,6 @@ from train_helpers import (
 )
 
 from hepml_dist.errors import UserError
-from hepml_dist.runs import latest_checkpoint, read_state
 from hepml_dist.spec import parse_spec
 from hepml_dist.track.tracker import read_metrics
 from hepml_dist.train import process_workers
@@ -108,29 +108,11 @@ def test_ctrl_c_checkpoints_and_leaves_no_worker_behind(dataset, tmp_path):
     job = write_job(tmp_path / "job.yaml", processes_job(
         dataset, data={"steps_per_epoch": 25}, training={"epochs": 2, "eval_interval": 25, "log_interval": 1,
                                                         "seed": 7}))
-    log = (tmp_path / "train.log").open("w+")
-    # a session of its own, signalled as a terminal signals its foreground group on Ctrl-C: every process of it
-    train = subprocess.Popen([*HEPML, "train", str(job), "--run-dir", str(run_dir), "--plain"], stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_step(run_dir, 4, train)
-        started = {p.pid: " ".join(p.cmdline()) for p in psutil.Process(train.pid).children(recursive=True)}
-        os.killpg(train.pid, signal.SIGINT)
-        rc = train.wait(timeout=60)
-    finally:
-        if train.poll() is None:
-            os.killpg(train.pid, signal.SIGKILL)
-    log.seek(0)
-    output = log.read()
-    assert rc == 130, output
-    stopped = re.search(r"stopped by SIGINT at step (\d+) \(checkpoint written\); to resume: (.+)", output)
-    assert stopped, output
-    state = read_state(latest_checkpoint(run_dir))
-    assert state["step"] == int(stopped.group(1)) and state["stopped"] and not state["finished"]
-    assert "(rank 0) [hepml] step 4/50" in output  # the workers' lines, echoed by the driver
-    assert len(started) >= 3  # the fork server and two workers
-    time.sleep(2)
-    left = [started[pid] for pid in started if alive(pid)]
+    stopped = ctrl_c_at_step([*HEPML, "train", str(job), "--run-dir", str(run_dir), "--plain"], run_dir,
+                             tmp_path / "train.log")
+    assert "(rank 0) [hepml] step 4/50" in stopped.output  # the workers' lines, echoed by the driver
+    assert len(stopped.started) >= 3  # the fork server and two workers
+    left = left_running(stopped.started)
     assert not left, f"processes of the stopped run still running: {left}"
 
 

@@ -5,23 +5,26 @@ naming the rank that waited and the one that hung."""
 
 import os
 import pickle
-import re
-import shlex
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import ray
-from train_helpers import alive, ray_session, tiny_job, wait_for_step, write_jet_dataset, write_job  # noqa: F401
+from train_helpers import (  # noqa: F401
+    ctrl_c_at_step,
+    left_running,
+    ray_session,
+    tiny_job,
+    write_jet_dataset,
+    write_job,
+)
 from typer.testing import CliRunner
 
 from hepml_dist.cli import app
 from hepml_dist.errors import UserError
-from hepml_dist.runs import latest_checkpoint, load_trained, read_state
+from hepml_dist.runs import load_trained
 from hepml_dist.spec import parse_spec
 from hepml_dist.track.tracker import read_metrics
 from hepml_dist.train import commands, driver, launch, ray_workers
@@ -113,47 +116,24 @@ def test_ctrl_c_checkpoints_stops_ray_and_prints_a_resume_command(ray_session, d
     job = write_job(tmp_path / "job.yaml", tiny_job(
         dataset, data={"steps_per_epoch": 25}, tracking={"mode": "disabled"},
         training={"epochs": 2, "eval_interval": 25, "log_interval": 1, "seed": 7}))
-    log = (tmp_path / "train.log").open("w+")
     # The driver sees a signal when Ray's wait next checks for one, every second by default: longer than the 46 steps
     # left after step 4 take on an idle machine.
     env = {**os.environ, "RAY_get_check_signal_interval_milliseconds": "50"}
-    # A session of its own, signalled as a terminal's Ctrl-C signals its foreground group: every process of it.
-    train = subprocess.Popen([*HEPML, "train", str(job), "--run-dir", str(run_dir)], stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    try:
-        wait_for_step(run_dir, 4, train)
-        started = train_process_tree(train.pid)
-        os.killpg(train.pid, signal.SIGINT)
-        rc = train.wait(timeout=60)
-    finally:
-        if train.poll() is None:
-            os.killpg(train.pid, signal.SIGKILL)
-    log.seek(0)
-    output = log.read()
-    assert rc == 130, output
-    stopped = re.search(r"stopped by SIGINT at step (\d+) \(checkpoint written\); to resume: (.+)", output)
-    assert stopped, output
-    step = int(stopped.group(1))
-    assert 4 <= step < 50
-    state = read_state(latest_checkpoint(run_dir))
-    assert state["step"] == step and state["stopped"] and not state["finished"]
+    stopped = ctrl_c_at_step([*HEPML, "train", str(job), "--run-dir", str(run_dir)], run_dir, tmp_path / "train.log",
+                             env=env)
+    assert stopped.step < 50
     spec, model = load_trained(run_dir)
     assert spec.name == "tiny" and sum(p.numel() for p in model.parameters()) > 0
-    assert any("raylet" in " ".join(cmdline) for _, cmdline in started)
-    left = [cmdline for pid, cmdline in started if alive(pid)]
+    assert any("raylet" in command for command in stopped.started.values())
+    left = left_running(stopped.started, grace_s=0.0)
     assert not left, f"processes of the stopped run still running: {left}"
 
-    command = shlex.split(stopped.group(2))
-    assert command[:3] == ["hepml", "train", "--resume"]
-    resumed = CliRunner().invoke(app, command[1:])  # in this process, on the tests' Ray: a second start costs seconds
+    assert stopped.resume[:3] == ["hepml", "train", "--resume"]
+    # in this process, on the tests' Ray: a second start costs seconds
+    resumed = CliRunner().invoke(app, stopped.resume[1:])
     assert resumed.exit_code == 0, resumed.output
     assert "finished at step 50" in resumed.output
-    assert [r["resumed_from"] for r in read_metrics(run_dir) if "resumed_from" in r] == [step]
-
-
-def train_process_tree(pid: int) -> list[tuple[int, list[str]]]:
-    """The driver's descendants: the embedded Ray's GCS, raylet, and its workers."""
-    return [(p.pid, p.cmdline()) for p in psutil.Process(pid).children(recursive=True)]
+    assert [r["resumed_from"] for r in read_metrics(run_dir) if "resumed_from" in r] == [stopped.step]
 
 
 # ---- a rank that stops answering ------------------------------------------------------------------------------

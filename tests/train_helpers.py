@@ -1,10 +1,14 @@
 """Shared by the training-engine tests: small separable jet datasets written with the real shard writer, and a
 tiny ParT job on them (a quickstart-like job sized for seconds on 2 CPU cores)."""
 
+import os
+import re
+import shlex
+import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psutil
@@ -12,6 +16,7 @@ import pytest
 import yaml
 
 from hepml_dist.data.writer import DatasetWriter
+from hepml_dist.runs import latest_checkpoint, read_state
 from hepml_dist.track.tracker import read_metrics
 
 MAX_PARTICLES = 12
@@ -198,3 +203,43 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def ctrl_c_at_step(command: list[str], run_dir: Path, log_path: Path, step: int = 4,
+                   env: dict[str, str] | None = None) -> "Interrupted":
+    """Runs `hepml train` in a session of its own, and at `step` sends SIGINT to the whole session, as a terminal's
+    Ctrl-C signals its foreground group. Asserts what every launcher must do then: exit status 130, the "stopped
+    by SIGINT ... to resume" line, and a checkpoint of that step marked stopped."""
+    with log_path.open("w+") as log:
+        train = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            wait_for_step(run_dir, step, train)
+            started = {p.pid: " ".join(p.cmdline()) for p in psutil.Process(train.pid).children(recursive=True)}
+            os.killpg(train.pid, signal.SIGINT)
+            rc = train.wait(timeout=60)
+        finally:
+            if train.poll() is None:
+                os.killpg(train.pid, signal.SIGKILL)
+        log.seek(0)
+        output = log.read()
+    assert rc == 130, output
+    stopped = re.search(r"stopped by SIGINT at step (\d+) \(checkpoint written\); to resume: (.+)", output)
+    assert stopped, output
+    state = read_state(latest_checkpoint(run_dir))
+    assert state["step"] == int(stopped.group(1)) >= step and state["stopped"] and not state["finished"]
+    return Interrupted(output, started, state["step"], shlex.split(stopped.group(2)))
+
+
+class Interrupted(NamedTuple):
+    """What `ctrl_c_at_step` saw."""
+
+    output: str
+    started: dict[int, str]  # the processes the run had started: pid, command line
+    step: int  # the step of the checkpoint written on the way out
+    resume: list[str]  # the resume command printed
+
+
+def left_running(started: dict[int, str], grace_s: float = 2.0) -> list[str]:
+    """The command lines of `started` still running after `grace_s`."""
+    time.sleep(grace_s)
+    return [command for pid, command in started.items() if alive(pid)]

@@ -1,7 +1,8 @@
 """What the driver shows and says while the workers run, whichever launcher started them.
 
-The progress bar (followed from RUN_DIR/metrics.jsonl), and what a failed worker group becomes: a collective timeout
-names the ranks that waited and the ones that did not answer, and a worker's UserError is shown as its message.
+The progress bar (followed from RUN_DIR/metrics.jsonl, a whole line at a time), and what a failed worker group
+becomes: a collective timeout names the ranks that waited and the ones that did not answer, and a worker's UserError
+is shown as its message.
 """
 
 import json
@@ -96,12 +97,7 @@ class ProgressBar:
 
     def _follow(self):
         while not self.done.wait(0.5):
-            if not self.path.is_file():
-                continue
-            with self.path.open() as f:
-                f.seek(min(self.offset, self.path.stat().st_size))
-                lines = f.readlines()
-                self.offset = f.tell()
+            lines, self.offset = complete_lines(self.path, self.offset)
             for line in lines:
                 try:
                     record = json.loads(line)
@@ -119,3 +115,16 @@ class ProgressBar:
             self.done.set()
             self.thread.join(timeout=2)
             self.progress.stop()
+
+
+def complete_lines(path: Path, offset: int) -> tuple[list[str], int]:
+    """The lines completed in a file another process appends to, after byte `offset`, and the offset after the last
+    of them: a line still being written is left for the next call, not read in two pieces."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode(errors="replace").splitlines(), offset + end

@@ -30,7 +30,6 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from torch.multiprocessing import get_context
 
 from hepml_dist.errors import UserError
 from hepml_dist.spec import JobSpec
-from hepml_dist.train.driver import ProgressBar, explain_failure, loop_config
+from hepml_dist.train.driver import ProgressBar, complete_lines, explain_failure, loop_config
 from hepml_dist.train.environment import processes_env
 from hepml_dist.train.loop import train_loop_per_worker
 from hepml_dist.train.session import WorkerContext, process_group_context
@@ -253,15 +252,6 @@ class EchoedLogs:
 
     def _echo(self) -> None:
         for rank, path in enumerate(self.paths):
-            for line in self._new_lines(rank, path):
+            lines, self.offsets[rank] = complete_lines(path, self.offsets[rank])
+            for line in lines:
                 print(f"(rank {rank}) {line}", flush=True)
-
-    def _new_lines(self, rank: int, path: Path) -> Iterator[str]:
-        if not path.exists():
-            return
-        with path.open("rb") as f:
-            f.seek(self.offsets[rank])
-            data = f.read()
-        end = data.rfind(b"\n") + 1  # whole lines only; the rest comes at the next poll
-        self.offsets[rank] += end
-        yield from data[:end].decode(errors="replace").splitlines()
