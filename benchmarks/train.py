@@ -16,10 +16,12 @@ Measured:
     all-reduce, optimizer), waiting for the loader, and the rest (`step_share`, `data_wait_share` of the log
     records, hepml_dist/train/step.py);
   * ParT tau ID end to end with each launcher in the same rounds;
-  * the model alone: the same model, losses and the job's own optimizer on the same batches (read into memory
-    first), threads and batch size, with no loader, Ray or logging around it. End to end over model-only is what
-    the service costs; the pair, and weaver-core next to it, is run `--rounds` times, interleaved, since this kind
-    of machine drifts by up to 1.5x within minutes;
+  * the model alone: the same model, losses and the job's own optimizer step (gradient clipping, the optimizer,
+    the learning-rate schedule) on the same batches (read into memory first), threads and batch size, with no
+    loader, Ray or logging around it. End to end over model-only is what the service costs; the pair, and
+    weaver-core next to it, is run `--rounds` times, interleaved, since this kind of machine drifts by up to 1.5x
+    within minutes; the median ratio is given with a bootstrap interval. Each round also runs the model alone
+    with the optimizer alone (no clipping, no schedule: the baseline before 2026-12-05), for comparison;
   * where each millisecond of a ParT tau-ID step goes: rank 0's `training.profile` of its last 10 steps (outside
     the throughput window) next to the model alone's profile under the same phase labels;
   * peak resident memory of the driver, each training worker and its loader process (VmHWM, sampled);
@@ -43,6 +45,7 @@ import contextlib
 import functools
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -198,21 +201,24 @@ def shares(run: dict) -> str:
 
 
 def model_only(job: Path, data: Path, threads: int, steps: int, batch: int, extra: list[str] = (),
-               warmup: int = 10) -> dict:
-    """jets/s of the same model, losses and optimizer on the same batches, threads and batch size, with no service
-    around it: the batches are read into memory first, then `steps` optimizer steps are timed (in a subprocess, so
-    that its thread settings are its own)."""
+               warmup: int = 10, bare: bool = False) -> dict:
+    """jets/s of the same model, losses and optimizer step on the same batches, threads and batch size, with no
+    service around it: the batches are read into memory first, then `steps` optimizer steps are timed (in a
+    subprocess, so that its thread settings are its own). The optimizer step is the job's whole update: gradient
+    clipping (optim.clip_grad_norm), the optimizer, the learning-rate schedule; `bare`: the optimizer alone, the
+    baseline of the runs before 2026-12-05 08:30 UTC."""
     sets = job_sets(data, 1, threads, steps, batch, extra)
     command = [sys.executable, __file__, "--model-only", str(job), "--threads", str(threads), "--steps", str(steps),
-               "--warmup", str(warmup), *[a for s in sets for a in ("--set", s)]]
+               "--warmup", str(warmup), *(["--bare-optimizer"] if bare else []), *[a for s in sets for a in ("--set", s)]]
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
     if done.returncode != 0:
         raise RuntimeError(f"model-only run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def model_only_worker(job: str, sets: list[str], threads: int, steps: int, warmup: int) -> None:
-    """Prints jets/s of `steps` forward + backward + AdamW steps on in-memory batches of the job's training split."""
+def model_only_worker(job: str, sets: list[str], threads: int, steps: int, warmup: int, bare: bool) -> None:
+    """Prints jets/s of `steps` forward + backward + optimizer steps on in-memory batches of the job's training
+    split (see model_only)."""
     import itertools
 
     import torch
@@ -220,7 +226,7 @@ def model_only_worker(job: str, sets: list[str], threads: int, steps: int, warmu
     from hepml_dist.data.loader import open_stream
     from hepml_dist.models import build_model, get_family
     from hepml_dist.spec import load_job
-    from hepml_dist.train.optim import build_optimizer
+    from hepml_dist.train.optim import build_optimizer, build_scheduler
     from hepml_dist.train.profile import phase, summarize
 
     torch.set_num_threads(threads)
@@ -232,6 +238,9 @@ def model_only_worker(job: str, sets: list[str], threads: int, steps: int, warmu
     model = build_model(spec).train()
     family = get_family(spec.model.family)
     optimizer = build_optimizer(model, spec.optim)  # the job's own (fused AdamW on CPU), as `hepml train` builds it
+    scheduler = build_scheduler(optimizer, spec.schedule, warmup + steps + PROFILE_STEPS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = None if bare else spec.optim.clip_grad_norm
 
     def step(batch: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -242,7 +251,11 @@ def model_only_worker(job: str, sets: list[str], threads: int, steps: int, warmu
         with phase("backward"):
             total.backward()
         with phase("optimizer"):
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
+            if not bare:
+                scheduler.step()
 
     for i, batch in enumerate(batches):
         if i == warmup:
@@ -307,6 +320,14 @@ def ray_train_floor_worker(kind: str) -> None:
 def memory(run: dict) -> str:
     peaks = run["peak_rss_mib"]
     return f"driver {peaks['driver']} MiB, worker {peaks['worker']} MiB, loader process {peaks['loader']} MiB"
+
+
+def median_interval(values: list[float], resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """A 95 % percentile-bootstrap interval of the median of `values` (rounds are independent draws of a machine
+    whose speed drifts)."""
+    draw = random.Random(seed)
+    medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def phase_table(service: dict, alone: dict) -> str:
@@ -513,13 +534,14 @@ def main() -> None:
     parser.add_argument("--model-only", metavar="JOB", default=None, help=argparse.SUPPRESS)  # model_only()'s child
     parser.add_argument("--warmup", type=int, default=10, help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--bare-optimizer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ray-floor", choices=("stock", "hepml"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ray_floor:
         ray_train_floor_worker(args.ray_floor)
         return
     if args.model_only:
-        model_only_worker(args.model_only, args.set, args.threads, args.steps, args.warmup)
+        model_only_worker(args.model_only, args.set, args.threads, args.steps, args.warmup, args.bare_optimizer)
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="hepml-bench-train-"))
@@ -583,14 +605,21 @@ def main() -> None:
                     for launcher in args.launchers}
             model = alone["jets_per_s"] if index == 0 else model_only(SINGLE_TASK, data, args.threads, args.steps,
                                                                      args.batch, model_sets)["jets_per_s"]
-            rounds.append({**ends, "model_only": model, "weaver-core": weaver() if weaver else None})
+            bare = model_only(SINGLE_TASK, data, args.threads, args.steps, args.batch, model_sets, bare=True)
+            rounds.append({**ends, "model_only": model, "model_only_bare": bare["jets_per_s"],
+                           "weaver-core": weaver() if weaver else None})
         results["part_tau_id"]["rounds"] = rounds
         listed = lambda key: ", ".join(f"{r[key]:.0f}" for r in rounds)  # noqa: E731
         for launcher in args.launchers:
-            ratios = [r[launcher] / r["model_only"] for r in rounds]
-            print(f"ParT tau ID, launcher {launcher}, end to end / model alone over {len(rounds)} interleaved round(s): "
-                  f"{', '.join(f'{x:.0%}' for x in ratios)}; median {statistics.median(ratios):.0%} "
-                  f"({listed(launcher)} vs {listed('model_only')} jets/s)", flush=True)
+            for baseline, what in (("model_only", "model alone"), ("model_only_bare", "model alone, bare optimizer")):
+                ratios = [r[launcher] / r[baseline] for r in rounds]
+                low, high = median_interval(ratios)
+                results["part_tau_id"][f"{launcher}/{baseline}"] = {"median": statistics.median(ratios),
+                                                                     "interval_95": [low, high]}
+                print(f"ParT tau ID, launcher {launcher}, end to end / {what} over {len(rounds)} interleaved "
+                      f"round(s): {', '.join(f'{x:.0%}' for x in ratios)}; median {statistics.median(ratios):.1%} "
+                      f"(95 % bootstrap interval {low:.1%}-{high:.1%}; {listed(launcher)} vs {listed(baseline)} jets/s)",
+                      flush=True)
             if weaver:
                 versus = [r[launcher] / r["weaver-core"] for r in rounds]
                 print(f"ParT tau ID, launcher {launcher}, hepml train / weaver-core in the same rounds: "

