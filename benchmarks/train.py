@@ -20,7 +20,8 @@ Measured:
     the learning-rate schedule) on the same batches (read into memory first), threads and batch size, with no
     loader, Ray or logging around it. End to end over model-only is what the service costs; the pair, and
     weaver-core next to it, is run `--rounds` times, interleaved, since this kind of machine drifts by up to 1.5x
-    within minutes; the median ratio is given with a bootstrap interval. Each round also runs the model alone
+    within minutes, in an order rotated from round to round (a run's speed also depends on what ran just before
+    it); the median ratio is given with a bootstrap interval. Each round also runs the model alone
     with the optimizer alone (no clipping, no schedule: the baseline before 2026-12-05), for comparison;
   * where each millisecond of a ParT tau-ID step goes: rank 0's `training.profile` of its last 10 steps (outside
     the throughput window) next to the model alone's profile under the same phase labels;
@@ -597,17 +598,25 @@ def main() -> None:
             parquet = workdir / "train.parquet"
             write_parquet(data, parquet, (args.weaver_steps[1] + 10) * args.batch)
             weaver = lambda: weaver_rate(parquet, workdir, args.weaver_steps, args.batch, args.threads)  # noqa: E731
-        # each round: end to end with each launcher, the model alone, weaver-core; interleaved, since this machine
-        # drifts by up to 1.5x in minutes
+        # each round: end to end with each launcher, the model alone (both baselines), weaver-core; interleaved,
+        # since this machine drifts by up to 1.5x in minutes, and in an order rotated from round to round, since a
+        # run's speed also depends on what ran just before it
+        measures = {launcher: functools.partial(lambda name: single(name)["jets_per_s"], launcher)
+                    for launcher in args.launchers}
+        measures["model_only"] = lambda: model_only(SINGLE_TASK, data, args.threads, args.steps, args.batch,
+                                                    model_sets)["jets_per_s"]
+        measures["model_only_bare"] = lambda: model_only(SINGLE_TASK, data, args.threads, args.steps, args.batch,
+                                                         model_sets, bare=True)["jets_per_s"]
+        if weaver:
+            measures["weaver-core"] = weaver
+        measured_first = {first: ours["jets_per_s"], "model_only": alone["jets_per_s"]}  # round 1's, above
         rounds = []
         for index in range(args.rounds):
-            ends = {launcher: (ours if index == 0 and launcher == first else single(launcher))["jets_per_s"]
-                    for launcher in args.launchers}
-            model = alone["jets_per_s"] if index == 0 else model_only(SINGLE_TASK, data, args.threads, args.steps,
-                                                                     args.batch, model_sets)["jets_per_s"]
-            bare = model_only(SINGLE_TASK, data, args.threads, args.steps, args.batch, model_sets, bare=True)
-            rounds.append({**ends, "model_only": model, "model_only_bare": bare["jets_per_s"],
-                           "weaver-core": weaver() if weaver else None})
+            shift = index % len(measures)
+            order = [*list(measures)[shift:], *list(measures)[:shift]]
+            row = {name: measured_first[name] if index == 0 and name in measured_first else measures[name]()
+                   for name in order}
+            rounds.append({**row, "order": order})
         results["part_tau_id"]["rounds"] = rounds
         listed = lambda key: ", ".join(f"{r[key]:.0f}" for r in rounds)  # noqa: E731
         for launcher in args.launchers:

@@ -171,3 +171,22 @@ def test_embedded_worker_setup_quiets_ray_train_loggers_without_importing_ray_tr
             "from ray.train.v2._internal.execution.controller import placement_group_cleaner as cleaner; "
             "assert cleaner.logger.level == logging.ERROR, cleaner.logger.name")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_complete_lines_waits_for_the_end_of_a_line_and_follows_a_file_cut_shorter(tmp_path):
+    from hepml_dist.train.driver import complete_lines
+
+    path = tmp_path / "metrics.jsonl"
+    assert complete_lines(path, 0) == ([], 0)  # not written yet
+    path.write_bytes(b'{"step": 1}\n{"st')
+    lines, offset = complete_lines(path, 0)
+    assert (lines, offset) == (['{"step": 1}'], 12)
+    with path.open("ab") as f:
+        f.write(b'ep": 2}\n')
+    assert complete_lines(path, offset) == (['{"step": 2}'], 24)
+    path.write_bytes(b'{"step": 1}\n')  # rewritten shorter: a restart dropped the records after its checkpoint
+    lines, offset = complete_lines(path, 24)
+    assert (lines, offset) == ([], 12)
+    with path.open("ab") as f:
+        f.write(b'{"step": 2}\n')
+    assert complete_lines(path, offset) == (['{"step": 2}'], 24)

@@ -6,6 +6,7 @@ is shown as its message.
 """
 
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -119,9 +120,11 @@ class ProgressBar:
 
 def complete_lines(path: Path, offset: int) -> tuple[list[str], int]:
     """The lines completed in a file another process appends to, after byte `offset`, and the offset after the last
-    of them: a line still being written is left for the next call, not read in two pieces."""
+    of them: a line still being written is left for the next call, not read in two pieces. A file cut shorter than
+    `offset` (a restarted run drops the records after its checkpoint) is followed from its new end."""
     try:
         with path.open("rb") as f:
+            offset = min(offset, os.fstat(f.fileno()).st_size)
             f.seek(offset)
             data = f.read()
     except FileNotFoundError:
