@@ -22,7 +22,7 @@ Measured:
     weaver-core next to it, is run `--rounds` times, interleaved, since this kind of machine drifts by up to 1.5x
     within minutes, in an order rotated from round to round (a run's speed also depends on what ran just before
     it); the median ratio is given with a bootstrap interval. Each round also runs the model alone
-    with the optimizer alone (no clipping, no schedule: the baseline before 2026-12-05), for comparison;
+    with the optimizer alone (no clipping, no schedule: the baseline until 2026-12-05 08:00 UTC), for comparison;
   * where each millisecond of a ParT tau-ID step goes: rank 0's `training.profile` of its last 10 steps (outside
     the throughput window) next to the model alone's profile under the same phase labels;
   * peak resident memory of the driver, each training worker and its loader process (VmHWM, sampled);
@@ -207,10 +207,11 @@ def model_only(job: Path, data: Path, threads: int, steps: int, batch: int, extr
     service around it: the batches are read into memory first, then `steps` optimizer steps are timed (in a
     subprocess, so that its thread settings are its own). The optimizer step is the job's whole update: gradient
     clipping (optim.clip_grad_norm), the optimizer, the learning-rate schedule; `bare`: the optimizer alone, the
-    baseline of the runs before 2026-12-05 08:30 UTC."""
+    baseline of the runs until 2026-12-05 08:00 UTC."""
     sets = job_sets(data, 1, threads, steps, batch, extra)
     command = [sys.executable, __file__, "--model-only", str(job), "--threads", str(threads), "--steps", str(steps),
-               "--warmup", str(warmup), *(["--bare-optimizer"] if bare else []), *[a for s in sets for a in ("--set", s)]]
+               "--warmup", str(warmup), *(["--bare-optimizer"] if bare else []),
+               *[a for s in sets for a in ("--set", s)]]
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
     if done.returncode != 0:
         raise RuntimeError(f"model-only run failed:\n{done.stderr[-3000:]}")
@@ -627,8 +628,8 @@ def main() -> None:
                                                                      "interval_95": [low, high]}
                 print(f"ParT tau ID, launcher {launcher}, end to end / {what} over {len(rounds)} interleaved "
                       f"round(s): {', '.join(f'{x:.0%}' for x in ratios)}; median {statistics.median(ratios):.1%} "
-                      f"(95 % bootstrap interval {low:.1%}-{high:.1%}; {listed(launcher)} vs {listed(baseline)} jets/s)",
-                      flush=True)
+                      f"(95 % bootstrap interval {low:.1%}-{high:.1%}; {listed(launcher)} vs {listed(baseline)} "
+                      "jets/s)", flush=True)
             if weaver:
                 versus = [r[launcher] / r["weaver-core"] for r in rounds]
                 print(f"ParT tau ID, launcher {launcher}, hepml train / weaver-core in the same rounds: "
