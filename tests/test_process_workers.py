@@ -14,7 +14,6 @@ import time
 import psutil
 import pytest
 from train_helpers import (
-    alive,
     ctrl_c_at_step,
     final_weights,
     left_running,
@@ -141,12 +140,7 @@ def test_workers_and_the_fork_server_go_when_the_driver_is_killed(dataset, tmp_p
         started = {p.pid: " ".join(p.cmdline()) for p in psutil.Process(train.pid).children(recursive=True)}
         train.kill()  # SIGKILL: no clean-up of its own
         train.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            left = [started[pid] for pid in started if alive(pid)]
-            if not left:
-                break
-            time.sleep(0.2)
+        left = left_running(started, grace_s=15)
         assert len(started) >= 3 and not left, f"left running after the driver was killed: {left}"
     finally:
         if train.poll() is None:

@@ -240,6 +240,10 @@ class Interrupted(NamedTuple):
 
 
 def left_running(started: dict[int, str], grace_s: float = 2.0) -> list[str]:
-    """The command lines of `started` still running after `grace_s`."""
-    time.sleep(grace_s)
-    return [command for pid, command in started.items() if alive(pid)]
+    """The command lines of `started` still running once they are all gone or `grace_s` has passed (0: now)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = [command for pid, command in started.items() if alive(pid)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.2)
