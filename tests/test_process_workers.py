@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -29,6 +30,7 @@ from hepml_dist.errors import UserError
 from hepml_dist.spec import parse_spec
 from hepml_dist.track.tracker import read_metrics
 from hepml_dist.train import process_workers
+from hepml_dist.train.environment import choose_launcher
 from hepml_dist.train.launch import launch
 
 pytestmark = pytest.mark.integration
@@ -103,12 +105,15 @@ def test_a_user_error_in_a_worker_is_not_retried_and_names_the_rank(dataset, tmp
 
 
 def test_ctrl_c_checkpoints_and_leaves_no_worker_behind(dataset, tmp_path):
+    """Through `hepml train` with the default launcher, `auto`, which takes the processes launcher on one machine."""
     run_dir = tmp_path / "run"
     job = write_job(tmp_path / "job.yaml", processes_job(
         dataset, data={"steps_per_epoch": 25}, training={"epochs": 2, "eval_interval": 25, "log_interval": 1,
-                                                        "seed": 7}))
+                                                        "seed": 7}, cluster={"launcher": "auto"}))
     stopped = ctrl_c_at_step([*HEPML, "train", str(job), "--run-dir", str(run_dir), "--plain"], run_dir,
-                             tmp_path / "train.log")
+                             tmp_path / "train.log",
+                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert "[hepml] launcher processes (cluster.launcher auto: one machine, no Ray cluster)" in stopped.output
     assert "(rank 0) [hepml] step 4/50" in stopped.output  # the workers' lines, echoed by the driver
     assert len(stopped.started) >= 3  # the fork server and two workers
     left = left_running(stopped.started)
@@ -126,6 +131,32 @@ def test_what_the_processes_launcher_cannot_do_is_refused_before_anything_starts
     with pytest.raises(UserError, match="gpus_per_worker 0.5"):
         process_workers.check_launch(shared, None, None)
     process_workers.check_launch(spec, "local", None)  # an embedded run is what it is for
+
+
+def test_auto_takes_the_processes_launcher_unless_the_job_needs_ray(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_running = False  # earlier tests of this session may have left Ray running in this process
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: ray_running))
+    auto = parse_spec(tiny_job(tmp_path, cluster={"launcher": "auto"}, parallel={"num_workers": 2}))
+    assert parse_spec({k: v for k, v in tiny_job(tmp_path).items() if k != "cluster"}).cluster.launcher == "auto"
+    assert choose_launcher(auto) == ("processes", None, "cluster.launcher auto: one machine, no Ray cluster")
+    assert choose_launcher(auto, "local").name == "processes"
+    joined = choose_launcher(auto, "head:6379")
+    assert joined[:2] == ("ray", "head:6379") and "a Ray cluster to join (head:6379)" in joined.reason
+    in_spec = auto.model_copy(update={"cluster": auto.cluster.model_copy(update={"address": "auto"})})
+    assert choose_launcher(in_spec)[:2] == ("ray", "auto")
+    assert "hepml tune" in choose_launcher(auto, tune=True).reason
+    shared = parse_spec(tiny_job(tmp_path, cluster={"launcher": "auto"},
+                                 parallel={"num_workers": 2, "gpus_per_worker": 0.5, "accelerator": "A100"}))
+    assert choose_launcher(shared)[0] == "ray" and "gpus_per_worker 0.5" in choose_launcher(shared).reason
+    ray_running = True  # e.g. a notebook that called ray.init(): its Ray is used
+    assert choose_launcher(auto) == ("ray", None, "cluster.launcher auto: Ray already runs in this process")
+    # Ray itself follows $RAY_ADDRESS when no address is given, so `auto` and `ray` do as well; `processes` does not
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert choose_launcher(auto)[:2] == ("ray", "head:6379")
+    assert choose_launcher(parse_spec(tiny_job(tmp_path)))[:2] == ("ray", "head:6379")
+    assert choose_launcher(parse_spec(tiny_job(tmp_path, cluster={"launcher": "processes"})))[:2] == ("processes", None)
+    assert choose_launcher(auto, "other:6379").address == "other:6379"  # an explicit address wins
 
 
 def test_workers_and_the_fork_server_go_when_the_driver_is_killed(dataset, tmp_path):

@@ -89,6 +89,9 @@ def tiny_job(data_dir: Path, **overrides: Any) -> dict[str, Any]:
         "parallel": {"num_workers": 1},
         "checkpoint": {"keep_last": 2, "keep_best_by": "val_is_signal_auc", "best_mode": "max"},
         "tracking": {"mode": "offline"},
+        # `auto` would take the processes launcher here; these tests exercise Ray Train, the path every cluster run
+        # takes. The processes launcher's own tests (test_process_workers.py) set theirs.
+        "cluster": {"launcher": "ray"},
     }
     return merge(job, overrides)
 

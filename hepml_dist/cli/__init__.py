@@ -25,7 +25,7 @@ COMMANDS: dict[str, LazyCommand] = {
     "show": LazyCommand("hepml_dist.spec.commands", "Print the fully resolved job (extends and overrides applied) as YAML."),
     "jobs": LazyCommand("hepml_dist.spec.commands", "Table of the jobs in a folder: model family, tasks and parallel strategy."),
     "sample": LazyCommand("hepml_dist.omnijet.commands", "Sample jets from a trained OmniJet-alpha backbone and decode them to constituents (pT, Delta eta, Delta phi)."),
-    "train": LazyCommand("hepml_dist.train.commands", "Train a job on Ray (DDP or DeepSpeed workers). Re-running the same job resumes from its last checkpoint."),
+    "train": LazyCommand("hepml_dist.train.commands", "Train a job: DDP or DeepSpeed workers on this machine or a Ray cluster. Re-running it resumes the run."),
     "evaluate": LazyCommand("hepml_dist.evaluate.commands", "Metrics (metrics.json) and plots (plots/*.png) of a trained run on a split."),
     "submit": LazyCommand("hepml_dist.launch.commands", "Submit a job to a running Ray cluster through the Jobs API; prints the submission id."),
     "status": LazyCommand("hepml_dist.launch.commands", "Status of a submitted job: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."),

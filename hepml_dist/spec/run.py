@@ -59,12 +59,15 @@ class SlurmSpec(Section):
 class ClusterSpec(Section):
     """Where the job runs."""
 
-    launcher: Literal["ray", "processes"] = "ray"
+    launcher: Literal["auto", "ray", "processes"] = "auto"
     """How the workers start. `ray`: Ray Train workers, on an embedded Ray or the cluster at `address`.
     `processes`: plain processes on this machine joined by torch.distributed over 127.0.0.1, without Ray: the first
-    step comes 10 s or more sooner on a small machine (benchmarks/results.md); one machine only, no `hepml tune`."""
+    step comes 15 s sooner on a small machine (benchmarks/results.md); one machine only, no `hepml tune`, one whole
+    GPU per worker or none. `auto`: `processes` where it can run the job, else `ray` (a cluster address given here,
+    with --address or in $RAY_ADDRESS; `hepml tune`; shared GPUs); the run's log says which and why."""
     address: str = "local"
-    """`local` starts an embedded Ray on 127.0.0.1; otherwise a Ray address (`ray://host:10001`, `host:6379`)."""
+    """`local`: this machine (for Ray, an embedded Ray on 127.0.0.1, unless $RAY_ADDRESS names a cluster); otherwise
+    the Ray cluster to join (`ray://host:10001`, `host:6379`, `auto`), with the Ray launcher."""
     storage_path: str | None = None
     """Directory (shared by all nodes) for run directories; None uses ./runs."""
     max_failures: int = Field(1, ge=-1)

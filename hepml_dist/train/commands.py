@@ -1,8 +1,8 @@
-"""`hepml train`: run a job on Ray Train (an embedded Ray on 127.0.0.1, or a cluster) or in worker processes of this
-machine (`cluster.launcher: processes`), or continue a run.
+"""`hepml train`: run a job in worker processes of this machine or on Ray Train (an embedded Ray on 127.0.0.1, or a
+cluster), as `cluster.launcher` says (`auto`: processes unless the job needs Ray), or continue a run.
 
-With `cluster.launcher: processes` the workers' fork server starts before this module imports torch (the launcher
-is imported once the job is read), so both import at the same time on two cores. A run stopped by a signal prints
+When the job runs on the `processes` launcher the workers' fork server starts before this module imports torch (the
+launcher is imported once the job is read), so both import at the same time on two cores. A run stopped by a signal prints
 the command that resumes it and exits with `signals.EXIT_STATUS` (130 after Ctrl-C, 143 after SIGTERM, 0 after
 SLURM's SIGUSR1)."""
 
@@ -16,7 +16,7 @@ from hepml_dist import run_files as runs
 from hepml_dist.cli.options import Overrides
 from hepml_dist.errors import UserError
 from hepml_dist.spec import load_job
-from hepml_dist.train.environment import start_fork_server
+from hepml_dist.train.environment import choose_launcher, start_fork_server
 from hepml_dist.train.signals import EXIT_STATUS, StoppedAtOnce
 from hepml_dist.train.startup import StartupClock
 
@@ -27,12 +27,12 @@ app = typer.Typer()
 def train(
     job: Annotated[Path | None, typer.Argument(help="Job file (optional with --resume: the run's own spec is used).")] = None,
     overrides: Overrides = None,
-    address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join (`auto`, host:6379); default: an embedded Ray on 127.0.0.1.")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster to join (`auto`, host:6379); the job then runs on Ray. Default: this machine, or $RAY_ADDRESS if set (not with cluster.launcher processes).")] = None,
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: <cluster.storage_path or ./runs>/<job name>).")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this directory from its latest checkpoint.")] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--plain", help="Progress bar or plain log lines (default: bar on a terminal).")] = None,
 ) -> None:
-    """Train a job on Ray (DDP or DeepSpeed workers). Re-running the same job resumes from its last checkpoint."""
+    """Train a job: DDP or DeepSpeed workers on this machine or a Ray cluster. Re-running it resumes the run."""
     startup = StartupClock.from_process_start()
     if resume is not None:
         if runs.latest_checkpoint(resume) is None:
@@ -45,7 +45,7 @@ def train(
         raise UserError("name a job file (hepml train JOB.yaml), or --resume RUN_DIR")
     else:
         spec = load_job(job, overrides or [])
-    if spec.cluster.launcher == "processes":
+    if choose_launcher(spec, address).name == "processes":
         start_fork_server(spec)  # its imports (torch, the loop) now, on the core the driver's own imports leave free
     from hepml_dist.train.launch import launch  # torch, the loader, the models: after the fork server has started
 

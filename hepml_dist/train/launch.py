@@ -1,9 +1,10 @@
 """`launch`: run one job, from a laptop to an existing Ray cluster.
 
 The driver resolves the run directory, writes the resolved spec, makes relative paths absolute (workers do not
-share the driver's working directory), and starts the workers with the job's launcher (`cluster.launcher`):
-Ray Train (hepml_dist.train.ray_workers: an embedded Ray on 127.0.0.1, or a cluster), or plain processes on this
-machine (hepml_dist.train.process_workers: no Ray, a start in seconds). Checkpoints live in RUN_DIR/checkpoints
+share the driver's working directory), and starts the workers with the job's launcher (`cluster.launcher`; `auto`
+picks one in hepml_dist.train.environment.choose_launcher): Ray Train (hepml_dist.train.ray_workers: an embedded Ray
+on 127.0.0.1, or a cluster), or plain processes on this machine (hepml_dist.train.process_workers: no Ray, a start
+in seconds). Checkpoints live in RUN_DIR/checkpoints
 (written by the workers, atomically); every attempt of the worker group, a re-run of the same job, and `--resume`
 continue from the latest one. While it waits, the driver shows a rich progress bar (followed from metrics.jsonl) or,
 without a terminal, the workers' plain log lines; SIGINT/SIGTERM/SIGUSR1 make the workers checkpoint and exit
@@ -26,7 +27,7 @@ from hepml_dist.precision import CPU_FP16_NOTE, require_precision
 from hepml_dist.run_files import clear_stop
 from hepml_dist.spec import JobSpec, load_job
 from hepml_dist.train import process_workers
-from hepml_dist.train.environment import start_fork_server
+from hepml_dist.train.environment import choose_launcher, start_fork_server
 from hepml_dist.train.startup import StartupClock
 
 
@@ -143,9 +144,10 @@ def launch(
     startup: StartupClock | None = None,
 ) -> TrainResult:
     """Train `spec` with its launcher; returns where the run stands (finished, or stopped by a signal)."""
-    address = address or (spec.cluster.address if spec.cluster.address != "local" else None)
-    local = not address or address == "local"
-    if spec.cluster.launcher == "processes":
+    launcher, address, reason = choose_launcher(spec, address, tune=bool(callbacks))
+    print(f"[hepml] launcher {launcher} ({reason})", flush=True)
+    local = address is None
+    if launcher == "processes":
         process_workers.check_launch(spec, address, callbacks)
         # the workers' imports start now, on the core that the checks and the data planning below leave free
         start_fork_server(spec)  # started already by `hepml train`; a caller of launch() starts it here
@@ -167,7 +169,7 @@ def launch(
     if startup is not None:
         startup.mark("plan")
 
-    if spec.cluster.launcher == "processes":
+    if launcher == "processes":
         stop_signal = process_workers.fit(spec, run_dir, progress, startup)
     else:
         stop_signal = _fit_on_ray(spec, address, run_dir, progress, callbacks, startup)

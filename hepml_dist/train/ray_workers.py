@@ -1,5 +1,5 @@
-"""Training workers as Ray Train workers (`cluster.launcher: ray`, the default): an embedded Ray on 127.0.0.1, or
-a cluster joined with `--address`.
+"""Training workers as Ray Train workers (`cluster.launcher: ray`, or `auto` when the job needs Ray): an embedded
+Ray on 127.0.0.1, or a cluster joined with `--address`.
 
 `fit` runs a `TorchTrainer` whose `ScalingConfig` and `RunConfig` come from the spec; Ray Train starts the worker
 group, sets the torch process group up (gloo on CPU, NCCL/RCCL on GPUs), restarts the group from the latest

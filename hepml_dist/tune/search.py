@@ -49,6 +49,7 @@ from hepml_dist.evaluate.plots import search_figure
 from hepml_dist.spec import SpecError, dump_spec, load_job, parse_spec
 from hepml_dist.spec.loader import apply_overrides
 from hepml_dist.track.tracker import read_metrics
+from hepml_dist.train.environment import choose_launcher
 from hepml_dist.train.launch import launch, resolve_steps_per_epoch
 from hepml_dist.train.ray_workers import start_ray
 from hepml_dist.train.session import clear_stop, request_stop
@@ -180,14 +181,14 @@ def run_tune(job: Path, space_file: Path, *, trials: int, metric: str = "val_los
     check_space(base, space, str(job))
     if base_spec.data.val is None:
         raise UserError(f"{job}: data.val is not set; a search needs a validation metric ({metric}) per trial")
-    if base_spec.cluster.launcher != "ray":
+    if base_spec.cluster.launcher == "processes":
         raise UserError(f"{job}: cluster.launcher is {base_spec.cluster.launcher}; hepml tune runs its trials on Ray "
                         "Train (their scheduling and early stopping are Ray's): --set cluster.launcher=ray")
     tune_dir = Path(tune_dir or runs.default_run_dir(base_spec).with_name(f"{base_spec.name}-tune")).resolve()
     tune_dir.mkdir(parents=True, exist_ok=True)
     out = Path(out or tune_dir / "best.yaml")
 
-    started = start_ray(base_spec, address)
+    started = start_ray(base_spec, choose_launcher(base_spec, address, tune=True).address)  # or $RAY_ADDRESS
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # reports at checkpoint-only steps carry no metric
     source, name = str(job), base_spec.name
     trials_dir = tune_dir / "trials"
