@@ -27,6 +27,7 @@ from train_helpers import (
 )
 
 from hepml_dist.errors import UserError
+from hepml_dist.run_files import read_run_spec
 from hepml_dist.spec import parse_spec
 from hepml_dist.track.tracker import read_metrics
 from hepml_dist.train import process_workers
@@ -114,6 +115,7 @@ def test_ctrl_c_checkpoints_and_leaves_no_worker_behind(dataset, tmp_path):
                              tmp_path / "train.log",
                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert "[hepml] launcher processes (cluster.launcher auto: one machine, no Ray cluster)" in stopped.output
+    assert read_run_spec(run_dir).cluster.launcher == "auto"  # chosen again on resume: `--address` would take Ray
     assert "(rank 0) [hepml] step 4/50" in stopped.output  # the workers' lines, echoed by the driver
     assert len(stopped.started) >= 3  # the fork server and two workers
     left = left_running(stopped.started)

@@ -2,9 +2,9 @@
 cluster), as `cluster.launcher` says (`auto`: processes unless the job needs Ray), or continue a run.
 
 When the job runs on the `processes` launcher the workers' fork server starts before this module imports torch (the
-launcher is imported once the job is read), so both import at the same time on two cores. A run stopped by a signal prints
-the command that resumes it and exits with `signals.EXIT_STATUS` (130 after Ctrl-C, 143 after SIGTERM, 0 after
-SLURM's SIGUSR1)."""
+launcher is imported once the job is read), so both import at the same time on two cores. A run stopped by a
+signal prints the command that resumes it and exits with `signals.EXIT_STATUS` (130 after Ctrl-C, 143 after
+SIGTERM, 0 after SLURM's SIGUSR1)."""
 
 import shlex
 from pathlib import Path

@@ -4,11 +4,11 @@ The driver resolves the run directory, writes the resolved spec, makes relative 
 share the driver's working directory), and starts the workers with the job's launcher (`cluster.launcher`; `auto`
 picks one in hepml_dist.train.environment.choose_launcher): Ray Train (hepml_dist.train.ray_workers: an embedded Ray
 on 127.0.0.1, or a cluster), or plain processes on this machine (hepml_dist.train.process_workers: no Ray, a start
-in seconds). Checkpoints live in RUN_DIR/checkpoints
-(written by the workers, atomically); every attempt of the worker group, a re-run of the same job, and `--resume`
-continue from the latest one. While it waits, the driver shows a rich progress bar (followed from metrics.jsonl) or,
-without a terminal, the workers' plain log lines; SIGINT/SIGTERM/SIGUSR1 make the workers checkpoint and exit
-cleanly (train/signals.py), and an embedded Ray is shut down before `launch` returns.
+in seconds). Checkpoints live in RUN_DIR/checkpoints (written by the workers, atomically); every attempt of the
+worker group, a re-run of the same job, and `--resume` continue from the latest one. While it waits, the driver
+shows a rich progress bar (followed from metrics.jsonl) or, without a terminal, the workers' plain log lines;
+SIGINT/SIGTERM/SIGUSR1 make the workers checkpoint and exit cleanly (train/signals.py), and an embedded Ray is shut
+down before `launch` returns.
 """
 
 import warnings
