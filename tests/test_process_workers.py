@@ -1,7 +1,7 @@
-"""`cluster.launcher: processes`: workers forked from a fork server, without Ray. The same loop as under Ray (the
-weights equal a plain process group's, bit for bit), a killed worker restarts the group from the latest checkpoint,
-a UserError is not retried, Ctrl-C checkpoints and leaves no process behind, nothing outlives a killed driver, and
-what it cannot do is refused."""
+"""`cluster.launcher: processes` (and `auto`, the default, which takes it on one machine): workers forked from a fork
+server, without Ray. The same loop as under Ray (the weights equal a plain process group's, bit for bit), a killed
+worker restarts the group from the latest checkpoint, a UserError is not retried, Ctrl-C checkpoints and leaves no
+process behind, nothing outlives a killed driver, and what it cannot do is refused."""
 
 import multiprocessing.forkserver
 import os
